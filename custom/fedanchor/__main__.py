@@ -1,0 +1,4 @@
+"""python -m fedanchor: the same as the fedanchor command."""
+from .cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,182 @@
+"""One configuration place for fedanchor, with nested, named keys.
+
+Every driver (the in-process loop, the FLARE job JSON, the command line) builds a
+``FedAnchorConfig`` through :func:`config_from_dict`, so a key that is misspelt
+or a value that is out of range fails in one place with a message that names it.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+DEFAULT_TRUNK = "all-MiniLM-L6-v2"
+TINY_TRUNK = "tiny"
+
+
+@dataclass
+class TrunkConfig:
+    """The frozen pretrained encoder shared by every site."""
+
+    name: str = DEFAULT_TRUNK  # "all-MiniLM-L6-v2", "tiny", a local folder, or a cached hub name
+    max_text_tokens: int = 64
+    embed_dim: int = 128  # p: width of the shared head's unit vectors
+    tiny_hidden: int = 128  # only for name="tiny": a random-init BERT for fast tests
+    tiny_layers: int = 2
+    tiny_heads: int = 4
+
+
+@dataclass
+class AdapterConfig:
+    """GeoLoRA on the trunk's linear layers (DESIGN.md section 2)."""
+
+    rank: int = 8
+    targets: tuple[str, ...] = ("query", "key", "value", "attention.output.dense")
+    basis_init: str = "svd"  # "svd": top singular vectors of W0; "random": seeded orthonormal
+    seed: int = 0
+
+
+@dataclass
+class AlignmentConfig:
+    """Anchor Gram alignment and the cross-modal anchor term (DESIGN.md section 3)."""
+
+    lambda_cka: float = 1.0
+    lambda_cross: float = 1.0
+    lambda_delta: float = 1e-3
+    temperature: float = 0.1
+    consensus_ema: float = 0.5  # weight of the previous consensus
+    modality_weights: dict[str, float] = field(default_factory=dict)  # beta_m; missing = 1
+    anchor_batch: int = 64  # anchors per local step
+
+
+@dataclass
+class PrivateConfig:
+    """The site's own self-supervised objective on its private data."""
+
+    weight: float = 1.0
+    temperature: float = 0.1
+    augment_strength: float = 1.0
+
+
+@dataclass
+class PrecisionConfig:
+    """Precision-weighted merging (DESIGN.md section 4)."""
+
+    method: str = "iterate_variance"  # "iterate_variance", "fisher" or "uniform"
+    window: int = 8  # last local steps whose iterates (or gradients) estimate the precision
+    sample_exponent: float = 0.5  # gamma in n_k ** gamma
+    site_scalar: bool = True  # pi_k from the embedding spread under sampled cores
+    site_scalar_samples: int = 4
+    site_scalar_anchors: int = 32
+    eps: float = 1e-12
+
+
+@dataclass
+class TrainConfig:
+    """Local training at each site."""
+
+    local_steps: int = 20
+    batch_size: int = 32
+    lr: float = 5e-3
+    projector_lr: float = 1e-3
+    weight_decay: float = 0.0
+    seed: int = 0
+    device: str = "auto"  # "auto", "cpu", "cuda", "cuda:1"
+
+
+@dataclass
+class DataConfig:
+    """The scenario and its seeded split into anchors, test pairs and private sets."""
+
+    scenario: str = "xray"
+    n_anchors: int = 200
+    n_test: int = 500
+    seed: int = 0
+    max_private_per_site: int | None = None
+    sites: dict[str, str] = field(default_factory=dict)  # site name -> modality; empty = scenario default
+
+
+@dataclass
+class FedAnchorConfig:
+    trunk: TrunkConfig = field(default_factory=TrunkConfig)
+    adapter: AdapterConfig = field(default_factory=AdapterConfig)
+    alignment: AlignmentConfig = field(default_factory=AlignmentConfig)
+    private: PrivateConfig = field(default_factory=PrivateConfig)
+    precision: PrecisionConfig = field(default_factory=PrecisionConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    rounds: int = 5
+
+    def validate(self) -> "FedAnchorConfig":
+        checks = [
+            (self.rounds >= 1, f"rounds={self.rounds} must be at least 1"),
+            (self.adapter.rank >= 1, f"adapter.rank={self.adapter.rank} must be at least 1"),
+            (self.adapter.basis_init in ("svd", "random"),
+             f"adapter.basis_init={self.adapter.basis_init!r} is unknown; use 'svd' or 'random'"),
+            (len(self.adapter.targets) > 0, "adapter.targets is empty; name at least one linear layer, e.g. 'query'"),
+            (self.precision.method in ("iterate_variance", "fisher", "uniform"),
+             f"precision.method={self.precision.method!r} is unknown; use 'iterate_variance', 'fisher' or 'uniform'"),
+            (self.precision.window >= 2, f"precision.window={self.precision.window} must be at least 2"),
+            (self.train.local_steps >= self.precision.window or self.precision.method == "uniform",
+             f"train.local_steps={self.train.local_steps} is below precision.window={self.precision.window}; "
+             "raise local_steps or lower the window"),
+            (self.train.batch_size >= 2, f"train.batch_size={self.train.batch_size} must be at least 2 (contrastive views)"),
+            (self.train.lr > 0, f"train.lr={self.train.lr} must be positive"),
+            (self.alignment.anchor_batch >= 4, f"alignment.anchor_batch={self.alignment.anchor_batch} must be at least 4"),
+            (0.0 <= self.alignment.consensus_ema < 1.0,
+             f"alignment.consensus_ema={self.alignment.consensus_ema} must be in [0, 1)"),
+            (self.alignment.temperature > 0, "alignment.temperature must be positive"),
+            (self.data.n_anchors >= 4, f"data.n_anchors={self.data.n_anchors} must be at least 4"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(message)
+        return self
+
+
+def config_to_dict(config: FedAnchorConfig) -> dict[str, Any]:
+    return dataclasses.asdict(config)
+
+
+def config_from_dict(values: Mapping[str, Any] | None = None) -> FedAnchorConfig:
+    """Build a config from nested dicts; unknown keys fail with the valid ones listed."""
+    values = dict(values or {})
+    return _build(FedAnchorConfig, values, path="").validate()
+
+
+def _build(cls: type, values: Mapping[str, Any], path: str) -> Any:
+    if not isinstance(values, Mapping):
+        raise ValueError(f"config section {path or '<root>'!r} must be a mapping, got {type(values).__name__}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - set(fields))
+    if unknown:
+        raise ValueError(
+            f"unknown config key(s) {', '.join(repr(path + k) for k in unknown)}; "
+            f"valid keys under {path or '<root>'!r}: {', '.join(sorted(fields))}"
+        )
+    kwargs: dict[str, Any] = {}
+    for name, value in values.items():
+        default = fields[name].default_factory() if fields[name].default_factory is not dataclasses.MISSING else fields[name].default  # type: ignore[misc]
+        if dataclasses.is_dataclass(default):
+            kwargs[name] = _build(type(default), value, path=f"{path}{name}.")
+        elif isinstance(default, tuple):
+            kwargs[name] = tuple(value)
+        else:
+            kwargs[name] = value
+    return cls(**kwargs)
+
+
+def with_overrides(config: FedAnchorConfig, overrides: Mapping[str, Any]) -> FedAnchorConfig:
+    """Apply dotted overrides such as {"alignment.lambda_cka": 0.0}."""
+    nested = config_to_dict(config)
+    for dotted, value in overrides.items():
+        node = nested
+        parts = dotted.split(".")
+        for part in parts[:-1]:
+            if part not in node or not isinstance(node[part], dict):
+                raise ValueError(f"override {dotted!r}: {part!r} is not a config section")
+            node = node[part]
+        if parts[-1] not in node:
+            raise ValueError(f"override {dotted!r}: unknown key {parts[-1]!r}; valid: {', '.join(sorted(node))}")
+        node[parts[-1]] = value
+    return config_from_dict(nested)

@@ -1,0 +1,130 @@
+"""What crosses the network, as plain data: the global state down, a site's update up.
+
+Both convert to and from a flat ``dict[str, numpy.ndarray]`` plus a JSON-able
+meta dict, which is what a FLARE DXO carries, so the FLARE components never touch
+the maths. DESIGN.md section 5 is the contract:
+
+Up, per site per round: S and its precision, m and its precision, the projector
+of the site's modality, the Gram upper triangle on public anchors, n_k, one
+uncertainty scalar, metrics. Down: U and V (when they change), S, m, the
+projectors, K_bar and the anchor targets.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+import numpy as np
+import torch
+
+PARAM_PREFIX = "param/"
+PRECISION_PREFIX = "precision/"
+GRAM_KEY = "gram_upper"
+CONSENSUS_KEY = "consensus/gram_upper"
+TARGET_PREFIX = "targets/"
+
+
+def adapter_key(layer: str, part: str) -> str:
+    """Name of a shared adapter tensor: part is S, m, U or V."""
+    return f"adapter/{layer}/{part}"
+
+
+def projector_key(modality: str, param: str) -> str:
+    return f"projector/{modality}/{param}"
+
+
+def is_core_or_magnitude(key: str) -> bool:
+    return key.startswith("adapter/") and key.rsplit("/", 1)[-1] in ("S", "m")
+
+
+def _to_numpy(tensors: Mapping[str, torch.Tensor]) -> dict[str, np.ndarray]:
+    return {k: v.detach().cpu().numpy() for k, v in tensors.items()}
+
+
+def _to_torch(arrays: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+    return {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in arrays.items()}
+
+
+@dataclass
+class GlobalState:
+    """The server's state that every site receives at the start of a round."""
+
+    round: int
+    anchor_fingerprint: str
+    tensors: dict[str, torch.Tensor]  # adapter/*, projector/*, consensus/gram_upper, targets/<modality>
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def shared_params(self) -> dict[str, torch.Tensor]:
+        return {k: v for k, v in self.tensors.items() if k.startswith(("adapter/", "projector/"))}
+
+    def consensus(self) -> torch.Tensor | None:
+        return self.tensors.get(CONSENSUS_KEY)
+
+    def targets(self) -> dict[str, torch.Tensor]:
+        return {k[len(TARGET_PREFIX):]: v for k, v in self.tensors.items() if k.startswith(TARGET_PREFIX)}
+
+    def to_arrays(self) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+        meta = {"round": self.round, "anchor_fingerprint": self.anchor_fingerprint, **self.meta}
+        return _to_numpy(self.tensors), meta
+
+    @classmethod
+    def from_arrays(cls, arrays: Mapping[str, Any], meta: Mapping[str, Any]) -> "GlobalState":
+        missing = [k for k in ("round", "anchor_fingerprint") if k not in meta]
+        if missing:
+            raise ValueError(f"global state meta lacks {missing}; was it written by fedanchor?")
+        extra = {k: v for k, v in meta.items() if k not in ("round", "anchor_fingerprint")}
+        return cls(round=int(meta["round"]), anchor_fingerprint=str(meta["anchor_fingerprint"]), tensors=_to_torch(arrays), meta=extra)
+
+
+@dataclass
+class SiteUpdate:
+    """One site's contribution to one round."""
+
+    site: str
+    modality: str
+    round: int
+    anchor_fingerprint: str
+    params: dict[str, torch.Tensor]  # adapter/<layer>/S, adapter/<layer>/m, projector/<own modality>/*
+    precision: dict[str, torch.Tensor]  # Lambda for every S and m key (float64), before the sample-count factor
+    gram_upper: torch.Tensor  # upper triangle of the site's centred, normalised anchor Gram
+    n_samples: int
+    uncertainty: float  # pi_k: inverse embedding spread under sampled cores (1.0 when not estimated)
+    metrics: dict[str, float] = field(default_factory=dict)
+
+    def to_arrays(self) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+        arrays = {PARAM_PREFIX + k: v for k, v in _to_numpy(self.params).items()}
+        arrays.update({PRECISION_PREFIX + k: v for k, v in _to_numpy(self.precision).items()})
+        arrays[GRAM_KEY] = self.gram_upper.detach().cpu().numpy()
+        meta = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in ("params", "precision", "gram_upper")}
+        meta["metrics"] = {k: float(v) for k, v in self.metrics.items()}
+        return arrays, meta
+
+    @classmethod
+    def from_arrays(cls, arrays: Mapping[str, Any], meta: Mapping[str, Any]) -> "SiteUpdate":
+        required = ("site", "modality", "round", "anchor_fingerprint", "n_samples", "uncertainty")
+        missing = [k for k in required if k not in meta]
+        if missing:
+            raise ValueError(f"site update meta lacks {missing}")
+        if GRAM_KEY not in arrays:
+            raise ValueError(f"site update lacks {GRAM_KEY!r}")
+        unknown = [k for k in arrays if k != GRAM_KEY and not k.startswith((PARAM_PREFIX, PRECISION_PREFIX))]
+        if unknown:
+            raise ValueError(f"site update carries unexpected entries {sorted(unknown)[:5]}; only parameters, precisions and the Gram may travel")
+        uncertainty = float(meta["uncertainty"])
+        if not math.isfinite(uncertainty):
+            raise ValueError(f"site update uncertainty {uncertainty} is not finite")
+        tensors = _to_torch(arrays)
+        return cls(
+            site=str(meta["site"]), modality=str(meta["modality"]), round=int(meta["round"]),
+            anchor_fingerprint=str(meta["anchor_fingerprint"]),
+            params={k[len(PARAM_PREFIX):]: v for k, v in tensors.items() if k.startswith(PARAM_PREFIX)},
+            precision={k[len(PRECISION_PREFIX):]: v for k, v in tensors.items() if k.startswith(PRECISION_PREFIX)},
+            gram_upper=tensors[GRAM_KEY], n_samples=int(meta["n_samples"]), uncertainty=uncertainty,
+            metrics={k: float(v) for k, v in dict(meta.get("metrics", {})).items()},
+        )
+
+    def nbytes(self) -> int:
+        arrays, _ = self.to_arrays()
+        return int(sum(a.nbytes for a in arrays.values()))

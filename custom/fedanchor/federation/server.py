@@ -1,0 +1,213 @@
+"""The server's side of a round: check, accumulate, merge by precision, form the consensus, broadcast.
+
+``FederatedServer`` is what the FLARE Aggregator and the in-process loop both
+call. Contributions are folded into running sums as they arrive; nothing is
+averaged silently: an update that does not fit is rejected with its reason, and
+a round without enough valid sites fails loudly instead of writing a zero model.
+"""
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, field
+from typing import Mapping
+
+import numpy as np
+import torch
+
+from ..alignment.gram import GramConsensus, centred_gram, from_upper_triangle, upper_triangle
+from ..config import FedAnchorConfig
+from ..data.scenario import ModalityData, ModalitySpec
+from ..evaluation import cross_modal_metrics
+from ..model.homogeneous import HomogeneousTransformer, build_model
+from ..precision import PrecisionWeightedMerge, sample_weight
+from .messages import CONSENSUS_KEY, TARGET_PREFIX, GlobalState, SiteUpdate, is_core_or_magnitude
+from .site import resolve_device
+from .state import core_params, expected_shapes, load_shared, projector_params, shared_tensors
+
+log = logging.getLogger(__name__)
+
+
+class ContributionRejected(ValueError):
+    """A site's update failed a check; the round goes on without it."""
+
+    def __init__(self, site: str, reason: str):
+        super().__init__(f"update from site {site!r} rejected: {reason}")
+        self.site = site
+        self.reason = reason
+
+
+class RoundFailed(RuntimeError):
+    """Too few valid contributions to form a global model."""
+
+
+@dataclass
+class RoundReport:
+    round: int
+    accepted: list[str] = field(default_factory=list)
+    rejected: dict[str, str] = field(default_factory=dict)
+    site_weights: dict[str, float] = field(default_factory=dict)  # share of the precision-weighted merge
+    site_uncertainty: dict[str, float] = field(default_factory=dict)
+    site_metrics: dict[str, dict[str, float]] = field(default_factory=dict)
+    bytes_up: dict[str, int] = field(default_factory=dict)
+
+
+class FederatedServer:
+    def __init__(self, config: FedAnchorConfig, modalities: Mapping[str, ModalitySpec], anchors: Mapping[str, ModalityData],
+                 anchor_fingerprint: str, feature_stats: Mapping[str, tuple[np.ndarray, np.ndarray]] | None = None,
+                 test: Mapping[str, ModalityData] | None = None, model: HomogeneousTransformer | None = None,
+                 device: str | None = None):
+        missing = [m for m in modalities if m not in anchors]
+        if missing:
+            raise ValueError(f"the server needs public anchors in every modality; missing: {missing}")
+        self.config = config
+        self.modalities = dict(modalities)
+        self.anchors = dict(anchors)
+        self.n_anchors = len(next(iter(anchors.values())))
+        self.anchor_fingerprint = anchor_fingerprint
+        self.test = dict(test or {})
+        self.device = resolve_device(device or config.train.device)
+        self.model = (model or build_model(config, modalities, feature_stats)).to(self.device)
+        self.model.eval()
+        self._shapes = expected_shapes(self.model)
+        self._core_keys = set(core_params(self.model))
+        self._projector_keys = {m: set(projector_params(self.model, m)) for m in self.modalities}
+        self.state: GlobalState | None = None
+        self.report: RoundReport | None = None
+
+    # -- round 0 -------------------------------------------------------------
+    def initial_state(self) -> GlobalState:
+        """The frozen model's state: S = 0, m = rownorm(W0); consensus and targets from the frozen model."""
+        embeddings = self._anchor_embeddings()
+        consensus = GramConsensus(self.config.alignment.modality_weights, ema=0.0)
+        for modality, z in embeddings.items():
+            consensus.add(modality, centred_gram(z.double()))
+        tensors = shared_tensors(self.model)
+        tensors[CONSENSUS_KEY] = upper_triangle(consensus.combine()).float()
+        tensors.update({TARGET_PREFIX + m: z for m, z in embeddings.items()})
+        self.state = GlobalState(round=0, anchor_fingerprint=self.anchor_fingerprint, tensors=tensors)
+        return self.state
+
+    def resume(self, state: GlobalState) -> None:
+        """Continue from a saved global state (after a server restart)."""
+        if state.anchor_fingerprint != self.anchor_fingerprint:
+            raise ValueError(f"checkpoint was made with anchor set {state.anchor_fingerprint[:12]}, this job uses "
+                             f"{self.anchor_fingerprint[:12]}; resume only with the job that wrote it")
+        load_shared(self.model, state.shared_params())
+        self.state = state
+
+    # -- one round -----------------------------------------------------------
+    def start_round(self) -> None:
+        if self.state is None:
+            raise RuntimeError("call initial_state() or resume() before start_round()")
+        self.report = RoundReport(round=self.state.round)
+        self._merge = PrecisionWeightedMerge()
+        self._projector_merges: dict[str, PrecisionWeightedMerge] = {}
+        self._consensus = GramConsensus(self.config.alignment.modality_weights, ema=self.config.alignment.consensus_ema)
+
+    def check(self, update: SiteUpdate) -> None:
+        """Raise ContributionRejected with a reason, or return if the update may count."""
+        site, report = update.site, self.report
+        assert report is not None and self.state is not None
+        def reject(reason: str) -> None:
+            raise ContributionRejected(site, reason)
+        if site in report.accepted:
+            reject("it already contributed to this round")
+        if update.round != self.state.round:
+            reject(f"it is for round {update.round}, the server is in round {self.state.round}")
+        if update.anchor_fingerprint != self.anchor_fingerprint:
+            reject(f"anchor fingerprint {update.anchor_fingerprint[:12]} differs from the job's {self.anchor_fingerprint[:12]}")
+        if update.modality not in self.modalities:
+            reject(f"modality {update.modality!r} is not one of {list(self.modalities)}")
+        expected = self._core_keys | self._projector_keys[update.modality]
+        got = set(update.params)
+        if got != expected:
+            missing, extra = sorted(expected - got), sorted(got - expected)
+            reject(f"parameter keys differ from the model: missing {missing[:3]}{'...' if len(missing) > 3 else ''}, "
+                   f"extra {extra[:3]}{'...' if len(extra) > 3 else ''}")
+        if set(update.precision) != self._core_keys:
+            reject("precision keys must be exactly the S and m keys")
+        for key, value in list(update.params.items()) + [("precision/" + k, v) for k, v in update.precision.items()]:
+            shape = self._shapes[key.removeprefix("precision/")]
+            if tuple(value.shape) != shape:
+                reject(f"{key!r} has shape {tuple(value.shape)}, expected {shape}")
+            if not value.is_floating_point():
+                reject(f"{key!r} has dtype {value.dtype}, expected a floating type")
+            if not bool(torch.isfinite(value).all()):
+                reject(f"{key!r} holds NaN or Inf")
+        if any(bool((v <= 0).any()) for v in update.precision.values()):
+            reject("a precision is zero or negative")
+        if update.gram_upper.numel() != self.n_anchors * (self.n_anchors + 1) // 2:
+            reject(f"Gram upper triangle has {update.gram_upper.numel()} values, expected {self.n_anchors * (self.n_anchors + 1) // 2} "
+                   f"for {self.n_anchors} anchors")
+        if not bool(torch.isfinite(update.gram_upper).all()):
+            reject("Gram matrix holds NaN or Inf")
+        if update.n_samples < 1:
+            reject(f"n_samples={update.n_samples}")
+        if not (math.isfinite(update.uncertainty) and update.uncertainty > 0):
+            reject(f"uncertainty scalar {update.uncertainty} is not a positive finite number")
+
+    def accept(self, update: SiteUpdate) -> None:
+        """Check and fold one update into the running sums."""
+        assert self.report is not None
+        try:
+            self.check(update)
+        except ContributionRejected as err:
+            self.report.rejected[update.site] = err.reason
+            log.warning("%s", err)
+            raise
+        cfg = self.config.precision
+        scale = update.uncertainty * sample_weight(update.n_samples, cfg.sample_exponent)
+        cores = {k: v for k, v in update.params.items() if is_core_or_magnitude(k)}
+        weights = {k: scale * update.precision[k].double() for k in cores}
+        self._merge.add(update.site, cores, weights)
+        projector = {k: v for k, v in update.params.items() if not is_core_or_magnitude(k)}
+        if projector:
+            self._projector_merges.setdefault(update.modality, PrecisionWeightedMerge()).add(update.site, projector, scale)
+        self._consensus.add(update.modality, from_upper_triangle(update.gram_upper.double()), scale)
+        self.report.accepted.append(update.site)
+        self.report.site_uncertainty[update.site] = update.uncertainty
+        self.report.site_metrics[update.site] = dict(update.metrics)
+        self.report.bytes_up[update.site] = update.nbytes()
+
+    def finish_round(self, min_sites: int = 1) -> GlobalState:
+        """Merge what was accepted into the next global state."""
+        assert self.report is not None and self.state is not None
+        accepted = len(self.report.accepted)
+        if accepted < max(1, min_sites):
+            reasons = "; ".join(f"{s}: {r}" for s, r in self.report.rejected.items()) or "no site reported"
+            raise RoundFailed(f"round {self.state.round}: {accepted} valid contribution(s), at least {max(1, min_sites)} needed "
+                              f"({reasons}); the global model is left unchanged")
+        tensors = dict(self.state.tensors)
+        tensors.update(self._merge.result())
+        for merge in self._projector_merges.values():
+            tensors.update(merge.result())
+        self.report.site_weights = self._merge.site_shares()
+        load_shared(self.model, {k: v for k, v in tensors.items() if k.startswith(("adapter/", "projector/"))})
+        previous = from_upper_triangle(self.state.tensors[CONSENSUS_KEY].double()) if CONSENSUS_KEY in self.state.tensors else None
+        tensors[CONSENSUS_KEY] = upper_triangle(self._consensus.combine(previous)).float()
+        tensors.update({TARGET_PREFIX + m: z for m, z in self._anchor_embeddings().items()})
+        self.state = GlobalState(round=self.state.round + 1, anchor_fingerprint=self.anchor_fingerprint, tensors=tensors)
+        log.info("round %d merged from %s (weights %s)", self.report.round, self.report.accepted,
+                 {s: round(w, 3) for s, w in self.report.site_weights.items()})
+        return self.state
+
+    # -- views of the model --------------------------------------------------
+    def _anchor_embeddings(self) -> dict[str, torch.Tensor]:
+        return {m: self.model.embed_all(m, self.anchors[m].items) for m in self.modalities}
+
+    def evaluate(self, state: GlobalState | None = None) -> dict[str, float]:
+        """Held-out cross-modal retrieval of the global model (site deltas excluded: they never leave sites)."""
+        if not self.test:
+            return {}
+        if state is not None:
+            load_shared(self.model, state.shared_params())
+        embeddings = {m: self.model.embed_all(m, d.items) for m, d in self.test.items()}
+        labels = {m: np.asarray(d.semantic_labels) for m, d in self.test.items()}
+        metrics = cross_modal_metrics(embeddings, labels)
+        kernel = self.state.consensus() if self.state is not None else None
+        if kernel is not None:
+            k = from_upper_triangle(kernel.double())
+            for m, z in self._anchor_embeddings().items():
+                metrics[f"{m}/anchor_cka_to_consensus"] = float((centred_gram(z.double()) * k).sum())
+        return metrics

@@ -1,0 +1,186 @@
+"""One site's local round: the function that the FLARE Executor and the in-process loop both call.
+
+The site trains the shared cores S and magnitudes m of every GeoLoRA layer, its
+own log-gains delta (kept on its disk), and the projector of its modality, on
+
+    L = L_private + lambda_a (1 - CKA(K_site, K_bar)) + lambda_x L_cross + lambda_d ||delta||^2
+
+and returns a :class:`SiteUpdate` holding only what DESIGN.md section 5 lists.
+"""
+from __future__ import annotations
+
+import logging
+import time
+import zlib
+from typing import Callable, Mapping
+
+import numpy as np
+import torch
+
+from ..alignment.gram import centred_gram, from_upper_triangle, upper_triangle
+from ..alignment.losses import anchor_info_nce, cka_loss, two_view_contrastive
+from ..config import FedAnchorConfig
+from ..data.augment import augment
+from ..data.scenario import ModalityData, ModalitySpec
+from ..model.homogeneous import HomogeneousTransformer, build_model, take_items
+from ..precision import PrecisionTracker
+from .messages import GlobalState, SiteUpdate
+from .state import core_params, load_local, load_shared, local_tensors, projector_params
+
+log = logging.getLogger(__name__)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"train.device={name!r} but no CUDA GPU is visible here; set train.device to 'auto' or 'cpu'")
+    return device
+
+
+class SiteTrainer:
+    """A site's model, private data and own anchors; trains one round at a time."""
+
+    def __init__(self, config: FedAnchorConfig, site: str, private: ModalityData, anchors: ModalityData,
+                 anchor_fingerprint: str, modalities: Mapping[str, ModalitySpec],
+                 feature_stats: Mapping[str, tuple[np.ndarray, np.ndarray]] | None = None,
+                 model: HomogeneousTransformer | None = None, device: str | None = None):
+        self.config = config
+        self.site = site
+        self.spec = private.spec
+        self.modality = private.spec.name
+        if self.modality not in modalities:
+            raise ValueError(f"site {site!r} holds modality {self.modality!r}, which the job does not know; it knows {list(modalities)}")
+        if anchors.spec.name != self.modality:
+            raise ValueError(f"site {site!r} holds {self.modality!r} but was given anchors of {anchors.spec.name!r}")
+        if len(private) < 2:
+            raise ValueError(f"site {site!r} has {len(private)} private samples; it needs at least 2 for the two-view objective")
+        self.private = private
+        self.anchors = anchors
+        self.anchor_fingerprint = anchor_fingerprint
+        self.device = resolve_device(device or config.train.device)
+        self.model = (model or build_model(config, modalities, feature_stats)).to(self.device)
+        self._seed = zlib.crc32(site.encode()) ^ config.train.seed
+
+    def local_state(self) -> dict[str, torch.Tensor]:
+        return local_tensors(self.model)
+
+    def load_local_state(self, tensors: Mapping[str, torch.Tensor]) -> None:
+        load_local(self.model, tensors)
+
+    def _check_state(self, state: GlobalState) -> None:
+        if state.anchor_fingerprint != self.anchor_fingerprint:
+            raise ValueError(
+                f"site {self.site!r}: the job's anchor set {state.anchor_fingerprint[:12]} differs from this site's "
+                f"{self.anchor_fingerprint[:12]}; install the anchor file that the job names"
+            )
+
+    def train_round(self, state: GlobalState, progress: Callable[[int, int, float], None] | None = None) -> SiteUpdate:
+        self._check_state(state)
+        cfg = self.config
+        started = time.perf_counter()
+        model = self.model
+        load_shared(model, state.shared_params())
+        consensus = state.consensus()
+        kernel = from_upper_triangle(consensus.double()).to(self.device) if consensus is not None else None
+        targets = {m: t.to(self.device) for m, t in state.targets().items() if m != self.modality}
+        use_cka = cfg.alignment.lambda_cka > 0 and kernel is not None
+        use_cross = cfg.alignment.lambda_cross > 0 and bool(targets)
+
+        adapters = [p for layer in model.adapters().values() for p in (layer.S, layer.m, layer.delta)]
+        projector = list(projector_params(model, self.modality).values())
+        optimizer = torch.optim.Adam([
+            {"params": adapters, "lr": cfg.train.lr},
+            {"params": projector, "lr": cfg.train.projector_lr},
+        ], weight_decay=cfg.train.weight_decay)
+        tracker = PrecisionTracker(core_params(model), cfg.precision.method, cfg.precision.window)
+        rng = np.random.default_rng([self._seed, state.round])
+        n, n_anchor = len(self.private), len(self.anchors)
+        batch = min(cfg.train.batch_size, n)
+        anchor_batch = min(cfg.alignment.anchor_batch, n_anchor)
+        sums = {"loss": 0.0, "private": 0.0, "cka": 0.0, "cross": 0.0}
+        model.train()
+        for step in range(cfg.train.local_steps):
+            index = rng.choice(n, size=batch, replace=False)
+            items = take_items(self.private.items, index)
+            views = [augment(self.spec, items, rng, cfg.private.augment_strength) for _ in range(2)]
+            parts = [views[0], views[1]]
+            anchor_index = rng.choice(n_anchor, size=anchor_batch, replace=False) if (use_cka or use_cross) else None
+            if anchor_index is not None:
+                parts.append(take_items(self.anchors.items, anchor_index))
+            z = model.embed(self.modality, _concat(parts))
+            z1, z2, za = z[:batch], z[batch:2 * batch], z[2 * batch:]
+            loss_private = two_view_contrastive(z1, z2, cfg.private.temperature)
+            loss = cfg.private.weight * loss_private
+            index_t = torch.as_tensor(anchor_index, device=self.device) if anchor_index is not None else None
+            loss_cka = cka_loss(za, kernel, index_t) if use_cka else z.new_zeros(())
+            loss_cross = (sum(anchor_info_nce(za, t[index_t], cfg.alignment.temperature) for t in targets.values()) / len(targets)
+                          if use_cross else z.new_zeros(()))
+            loss_delta = sum((layer.delta ** 2).sum() for layer in model.adapters().values())
+            loss = loss + cfg.alignment.lambda_cka * loss_cka + cfg.alignment.lambda_cross * loss_cross + cfg.alignment.lambda_delta * loss_delta
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"site {self.site!r} round {state.round} step {step}: the local loss became {loss.item()}; lower train.lr")
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            tracker.record()
+            for key, value in (("loss", loss), ("private", loss_private), ("cka", loss_cka), ("cross", loss_cross)):
+                sums[key] += float(value.detach())
+            if progress is not None:
+                progress(step + 1, cfg.train.local_steps, float(loss))
+
+        anchor_z = model.embed_all(self.modality, self.anchors.items)
+        gram = centred_gram(anchor_z.double())
+        precision = tracker.precision(cfg.precision.eps)
+        uncertainty = 1.0
+        if cfg.precision.site_scalar and cfg.precision.method != "uniform":
+            spread = embedding_spread(model, self.modality, take_items(self.anchors.items, np.arange(min(cfg.precision.site_scalar_anchors, n_anchor))),
+                                      core_params(model), precision, cfg.precision.site_scalar_samples, self._seed + state.round)
+            uncertainty = 1.0 / (spread + cfg.precision.eps)
+        steps = cfg.train.local_steps
+        metrics = {f"loss/{k}": v / steps for k, v in sums.items()}
+        metrics["seconds"] = time.perf_counter() - started
+        if kernel is not None:
+            metrics["cka_to_consensus"] = float((gram * kernel.cpu()).sum())
+        params = {k: v.detach().cpu().clone() for k, v in core_params(model).items()}
+        params.update({k: v.detach().cpu().clone() for k, v in projector_params(model, self.modality).items()})
+        update = SiteUpdate(
+            site=self.site, modality=self.modality, round=state.round, anchor_fingerprint=self.anchor_fingerprint,
+            params=params, precision=precision, gram_upper=upper_triangle(gram).float(), n_samples=n,
+            uncertainty=float(uncertainty), metrics=metrics,
+        )
+        log.info("site %s round %d: loss %.4f (private %.4f, cka %.4f, cross %.4f) in %.1fs", self.site, state.round,
+                 metrics["loss/loss"], metrics["loss/private"], metrics["loss/cka"], metrics["loss/cross"], metrics["seconds"])
+        return update
+
+
+def _concat(parts: list) -> object:
+    if isinstance(parts[0], np.ndarray):
+        return np.concatenate(parts)
+    return [item for part in parts for item in part]
+
+
+@torch.no_grad()
+def embedding_spread(model: HomogeneousTransformer, modality: str, items: object, params: Mapping[str, torch.nn.Parameter],
+                     precision: Mapping[str, torch.Tensor], samples: int, seed: int, max_std: float = 1.0) -> float:
+    """Mean variance of anchor embeddings when cores are sampled around the site's own with variance 1 / Lambda.
+
+    Its inverse is the site scalar pi_k: a site whose coefficients are uncertain
+    in directions that move the embeddings gets less say.
+    """
+    generator = torch.Generator().manual_seed(int(seed) % (2 ** 63))
+    originals = {k: p.detach().clone() for k, p in params.items()}
+    draws = []
+    try:
+        for _ in range(max(samples, 2)):
+            for key, param in params.items():
+                std = precision[key].rsqrt().clamp(max=max_std).to(param.dtype)
+                noise = torch.randn(param.shape, generator=generator, dtype=param.dtype)
+                param.copy_(originals[key] + (noise * std).to(param.device))
+            draws.append(model.embed_all(modality, items).double())
+    finally:
+        for key, param in params.items():
+            param.copy_(originals[key])
+    stacked = torch.stack(draws)  # samples x anchors x p
+    return float(stacked.var(0).sum(-1).mean())

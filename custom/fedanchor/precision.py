@@ -1,0 +1,137 @@
+"""Per-coefficient precision of a site's update, and the precision-weighted merge.
+
+Default estimate: the inverse variance of the site's local iterates over its last
+steps, taken on the step-to-step increments rather than on the raw iterates. A
+short local round is far from stationary, so raw iterates mostly drift, and a
+site whose gradients agree (clean data) drifts furthest: raw iterate variance
+would down-weight the cleanest site. Increments remove the drift and keep the
+jitter, which grows with the noise in the site's gradients (with SGD it is
+lr^2 times the gradient variance; with Adam, near lr^2 for pure noise and near 0
+for a steady direction). The option "fisher" is the diagonal empirical Fisher
+(mean squared gradient), which can up-weight a noisy site; "uniform" is FedAvg.
+
+The merge, for every shared coefficient:
+
+    x_bar = sum_k pi_k Lambda_k x_k / sum_k pi_k Lambda_k
+
+is exact in the shared GeoLoRA basis and is accumulated as sites arrive.
+"""
+from __future__ import annotations
+
+from typing import Mapping
+
+import torch
+
+PRECISION_METHODS = ("iterate_variance", "fisher", "uniform")
+
+
+class PrecisionTracker:
+    """Records the last ``window`` iterates (or gradients) of named parameters during local training."""
+
+    def __init__(self, params: Mapping[str, torch.nn.Parameter], method: str = "iterate_variance", window: int = 8):
+        if method not in PRECISION_METHODS:
+            raise ValueError(f"precision method {method!r} is unknown; use one of {PRECISION_METHODS}")
+        if window < 2:
+            raise ValueError(f"precision window {window} must be at least 2")
+        self.params = dict(params)
+        self.method = method
+        self.window = window
+        self._history: dict[str, list[torch.Tensor]] = {k: [] for k in self.params}
+
+    def record(self) -> None:
+        """Call after each optimiser step (gradients are still in place)."""
+        if self.method == "uniform":
+            return
+        for name, param in self.params.items():
+            if self.method == "fisher":
+                if param.grad is None:
+                    continue
+                value = param.grad.detach().double() ** 2
+            else:
+                value = param.detach().double().clone()
+            history = self._history[name]
+            history.append(value.cpu())
+            # iterate variance needs window + 1 iterates for window increments
+            if len(history) > self.window + 1:
+                history.pop(0)
+
+    def precision(self, eps: float = 1e-12) -> dict[str, torch.Tensor]:
+        """Lambda per coefficient (float64), not yet scaled by the sample count."""
+        out: dict[str, torch.Tensor] = {}
+        for name, param in self.params.items():
+            history = self._history[name]
+            if self.method == "uniform":
+                out[name] = torch.ones_like(param, dtype=torch.float64, device="cpu")
+                continue
+            if len(history) < 2:
+                raise RuntimeError(f"precision of {name!r} needs at least 2 recorded steps, got {len(history)}; "
+                                   "raise train.local_steps or lower precision.window")
+            stacked = torch.stack(history)
+            if self.method == "fisher":
+                out[name] = stacked.mean(0) + eps
+            else:
+                increments = stacked[1:] - stacked[:-1]
+                out[name] = 1.0 / (increments.var(0, unbiased=True) + eps)
+        return out
+
+
+class PrecisionWeightedMerge:
+    """Accumulates sum_k w_k x_k and sum_k w_k per coefficient as contributions arrive."""
+
+    def __init__(self) -> None:
+        self._num: dict[str, torch.Tensor] = {}
+        self._den: dict[str, torch.Tensor] = {}
+        self._site_share_inputs: dict[str, dict[str, torch.Tensor]] = {}
+
+    def add(self, site: str, values: Mapping[str, torch.Tensor], weights: Mapping[str, torch.Tensor] | float) -> None:
+        if site in self._site_share_inputs:
+            raise ValueError(f"site {site!r} contributed twice to one merge")
+        site_weights: dict[str, torch.Tensor] = {}
+        for name, value in values.items():
+            w = weights if isinstance(weights, (int, float)) else weights[name]
+            w = torch.as_tensor(w, dtype=torch.float64).expand(value.shape) if not torch.is_tensor(w) or w.ndim == 0 else w.double()
+            if w.shape != value.shape:
+                raise ValueError(f"weight of {name!r} from {site!r} has shape {tuple(w.shape)}, value {tuple(value.shape)}")
+            if not bool(torch.isfinite(w).all()) or bool((w < 0).any()):
+                raise ValueError(f"weight of {name!r} from {site!r} is negative or not finite")
+            v = value.detach().double().cpu()
+            w = w.cpu()
+            if name in self._num:
+                if self._num[name].shape != v.shape:
+                    raise ValueError(f"{name!r} from {site!r} has shape {tuple(v.shape)}, others {tuple(self._num[name].shape)}")
+                self._num[name] += w * v
+                self._den[name] += w
+            else:
+                self._num[name] = w * v
+                self._den[name] = w.clone()
+            site_weights[name] = w
+        self._site_share_inputs[site] = site_weights
+
+    @property
+    def sites(self) -> list[str]:
+        return list(self._site_share_inputs)
+
+    def result(self) -> dict[str, torch.Tensor]:
+        if not self._num:
+            raise ValueError("nothing to merge: no contribution was added")
+        out = {}
+        for name, num in self._num.items():
+            den = self._den[name]
+            if bool((den <= 0).any()):
+                raise ValueError(f"merge of {name!r} has zero total weight on some coefficients; no site informs them")
+            out[name] = (num / den).float()
+        return out
+
+    def site_shares(self) -> dict[str, float]:
+        """Each site's mean share of the weight over all merged coefficients (sums to 1 over sites)."""
+        shares: dict[str, float] = {}
+        for site, weights in self._site_share_inputs.items():
+            parts = [(w / self._den[name]).flatten() for name, w in weights.items()]
+            shares[site] = float(torch.cat(parts).mean()) if parts else 0.0
+        return shares
+
+
+def sample_weight(n_samples: int, exponent: float) -> float:
+    if n_samples < 1:
+        raise ValueError(f"a site reported n_samples={n_samples}; it must have trained on at least one sample")
+    return float(n_samples) ** exponent
