@@ -114,8 +114,8 @@ class FedAnchorConfig:
             (self.adapter.basis_init in ("svd", "random"),
              f"adapter.basis_init={self.adapter.basis_init!r} is unknown; use 'svd' or 'random'"),
             (len(self.adapter.targets) > 0, "adapter.targets is empty; name at least one linear layer, e.g. 'query'"),
-            (self.precision.method in ("iterate_variance", "fisher", "uniform"),
-             f"precision.method={self.precision.method!r} is unknown; use 'iterate_variance', 'fisher' or 'uniform'"),
+            (self.precision.method in ("iterate_variance", "gradient_variance", "fisher", "uniform"),
+             f"precision.method={self.precision.method!r} is unknown; use 'iterate_variance', 'gradient_variance', 'fisher' or 'uniform'"),
             (self.precision.window >= 2, f"precision.window={self.precision.window} must be at least 2"),
             (self.train.local_steps >= self.precision.window or self.precision.method == "uniform",
              f"train.local_steps={self.train.local_steps} is below precision.window={self.precision.window}; "

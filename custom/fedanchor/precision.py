@@ -22,7 +22,7 @@ from typing import Mapping
 
 import torch
 
-PRECISION_METHODS = ("iterate_variance", "fisher", "uniform")
+PRECISION_METHODS = ("iterate_variance", "gradient_variance", "fisher", "uniform")
 
 
 class PrecisionTracker:
@@ -43,10 +43,10 @@ class PrecisionTracker:
         if self.method == "uniform":
             return
         for name, param in self.params.items():
-            if self.method == "fisher":
+            if self.method in ("fisher", "gradient_variance"):
                 if param.grad is None:
                     continue
-                value = param.grad.detach().double() ** 2
+                value = param.grad.detach().double()
             else:
                 value = param.detach().double().clone()
             history = self._history[name]
@@ -68,7 +68,9 @@ class PrecisionTracker:
                                    "raise train.local_steps or lower precision.window")
             stacked = torch.stack(history)
             if self.method == "fisher":
-                out[name] = stacked.mean(0) + eps
+                out[name] = (stacked ** 2).mean(0) + eps
+            elif self.method == "gradient_variance":
+                out[name] = 1.0 / (stacked.var(0, unbiased=True) + eps)
             else:
                 increments = stacked[1:] - stacked[:-1]
                 out[name] = 1.0 / (increments.var(0, unbiased=True) + eps)

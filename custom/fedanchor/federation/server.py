@@ -52,6 +52,10 @@ class RoundReport:
     bytes_up: dict[str, int] = field(default_factory=dict)
 
 
+def _unit_mean(precision: torch.Tensor) -> torch.Tensor:
+    return precision / precision.mean().clamp_min(1e-300)
+
+
 class FederatedServer:
     def __init__(self, config: FedAnchorConfig, modalities: Mapping[str, ModalitySpec], anchors: Mapping[str, ModalityData],
                  anchor_fingerprint: str, feature_stats: Mapping[str, tuple[np.ndarray, np.ndarray]] | None = None,
@@ -159,7 +163,9 @@ class FederatedServer:
         cfg = self.config.precision
         scale = update.uncertainty * sample_weight(update.n_samples, cfg.sample_exponent)
         cores = {k: v for k, v in update.params.items() if is_core_or_magnitude(k)}
-        weights = {k: scale * update.precision[k].double() for k in cores}
+        # Lambda's absolute scale follows the optimiser's step size, not the data, so it is not comparable across
+        # sites: it only distributes a site's weight over its coefficients; pi_k and n_k set the site's total say.
+        weights = {k: scale * _unit_mean(update.precision[k].double()) for k in cores}
         self._merge.add(update.site, cores, weights)
         projector = {k: v for k, v in update.params.items() if not is_core_or_magnitude(k)}
         if projector:

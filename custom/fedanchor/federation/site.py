@@ -134,12 +134,17 @@ class SiteTrainer:
         gram = centred_gram(anchor_z.double())
         precision = tracker.precision(cfg.precision.eps)
         uncertainty = 1.0
+        metrics: dict[str, float] = {}
         if cfg.precision.site_scalar and cfg.precision.method != "uniform":
-            spread = embedding_spread(model, self.modality, take_items(self.anchors.items, np.arange(min(cfg.precision.site_scalar_anchors, n_anchor))),
-                                      core_params(model), precision, cfg.precision.site_scalar_samples, self._seed + state.round)
-            uncertainty = 1.0 / (spread + cfg.precision.eps)
+            probe = min(cfg.precision.site_scalar_anchors, n_anchor)
+            epistemic = embedding_spread(model, self.modality, take_items(self.anchors.items, np.arange(probe)),
+                                         core_params(model), precision, cfg.precision.site_scalar_samples, self._seed + state.round)
+            aleatoric = view_spread(model, self.spec, self.private.items, min(cfg.precision.site_scalar_anchors, n),
+                                    cfg.private.augment_strength, self._seed + state.round)
+            uncertainty = 1.0 / (epistemic + aleatoric + cfg.precision.eps)
+            metrics.update({"spread/epistemic": epistemic, "spread/aleatoric": aleatoric})
         steps = cfg.train.local_steps
-        metrics = {f"loss/{k}": v / steps for k, v in sums.items()}
+        metrics.update({f"loss/{k}": v / steps for k, v in sums.items()})
         metrics["seconds"] = time.perf_counter() - started
         if kernel is not None:
             metrics["cka_to_consensus"] = float((gram * kernel.cpu()).sum())
@@ -159,6 +164,22 @@ def _concat(parts: list) -> object:
     if isinstance(parts[0], np.ndarray):
         return np.concatenate(parts)
     return [item for part in parts for item in part]
+
+
+@torch.no_grad()
+def view_spread(model: HomogeneousTransformer, spec: ModalitySpec, items: object, count: int, strength: float, seed: int) -> float:
+    """Half the mean squared distance between two augmented views of the same private items.
+
+    The aleatoric part of the site scalar: data that the shared model cannot
+    embed consistently (noise, a gain it has not seen, scrambled content) has a
+    wide spread. Only this one number leaves the site.
+    """
+    rng = np.random.default_rng([seed, 7])
+    index = rng.choice(len(items), size=min(count, len(items)), replace=False)  # type: ignore[arg-type]
+    chosen = take_items(items, index)
+    z1 = model.embed_all(spec.name, augment(spec, chosen, rng, strength)).double()
+    z2 = model.embed_all(spec.name, augment(spec, chosen, rng, strength)).double()
+    return float(((z1 - z2) ** 2).sum(-1).mean() / 2)
 
 
 @torch.no_grad()

@@ -1,0 +1,167 @@
+"""One round end to end in process: site updates, the server's checks, the merge and the broadcast."""
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import tiny_config
+from fedanchor.config import config_from_dict, with_overrides
+from fedanchor.federation import (ContributionRejected, FederatedServer, GlobalState, RoundFailed, SiteTrainer, SiteUpdate,
+                                  make_split, run_in_process)
+from fedanchor.federation.messages import CONSENSUS_KEY, is_core_or_magnitude
+
+
+@pytest.fixture(scope="module")
+def setup():
+    config = tiny_config()
+    split = make_split(config)
+    modalities = {m: d.spec for m, d in split.anchors.items()}
+    server = FederatedServer(config, modalities, split.anchors, split.anchor_fingerprint, split.feature_stats, split.test)
+    sites = {s: SiteTrainer(config, s, d, split.anchors[d.spec.name], split.anchor_fingerprint, modalities, split.feature_stats)
+             for s, d in split.private.items()}
+    state = server.initial_state()
+    updates = {s: t.train_round(state) for s, t in sites.items()}
+    return config, split, server, sites, state, updates
+
+
+def test_updates_carry_only_what_design_section_5_lists(setup):
+    _, split, server, _, _, updates = setup
+    for site, update in updates.items():
+        arrays, meta = update.to_arrays()
+        own = split.site_modality[site]
+        for key in arrays:
+            assert key == "gram_upper" or key.startswith(("param/adapter/", "precision/adapter/", f"param/projector/{own}/")), key
+            assert "delta" not in key, "delta_site must never leave the site"
+        n = len(next(iter(split.anchors.values())))
+        assert arrays["gram_upper"].shape == (n * (n + 1) // 2,)
+        assert set(meta) == {"site", "modality", "round", "anchor_fingerprint", "n_samples", "uncertainty", "metrics"}
+
+
+def test_messages_round_trip_exactly(setup):
+    *_, state, updates = setup
+    for update in updates.values():
+        again = SiteUpdate.from_arrays(*update.to_arrays())
+        assert again.site == update.site and again.uncertainty == update.uncertainty
+        for key in update.params:
+            assert torch.equal(again.params[key], update.params[key])
+    state_again = GlobalState.from_arrays(*state.to_arrays())
+    assert state_again.round == state.round and set(state_again.tensors) == set(state.tensors)
+
+
+def test_round_merges_and_changes_the_global_state(setup):
+    _, _, server, _, state, updates = setup
+    server.state = state
+    server.start_round()
+    for update in updates.values():
+        server.accept(update)
+    new = server.finish_round(min_sites=len(updates))
+    assert new.round == state.round + 1
+    changed = [k for k in state.tensors if is_core_or_magnitude(k) and not torch.equal(new.tensors[k], state.tensors[k])]
+    assert changed, "the merge left every core unchanged"
+    assert not torch.equal(new.tensors[CONSENSUS_KEY], state.tensors[CONSENSUS_KEY])
+    assert sum(server.report.site_weights.values()) == pytest.approx(1.0)
+    metrics = server.evaluate(new)
+    assert any(k.endswith("/recall@1") for k in metrics)
+
+
+def corrupt_nan(u):
+    key = next(k for k in u.params if k.endswith("/S"))
+    u.params[key] = u.params[key].clone().fill_(float("nan"))
+
+
+def corrupt_shape(u):
+    key = next(k for k in u.params if k.endswith("/m"))
+    u.params[key] = u.params[key][:-1]
+
+
+def drop_key(u):
+    u.params.pop(next(iter(u.params)))
+
+
+def extra_key(u):
+    u.params["adapter/trunk.encoder.layer.0.attention.self.query/delta"] = torch.zeros(3)
+
+
+BAD_UPDATES = [
+    ("nan", corrupt_nan, "NaN or Inf"),
+    ("shape", corrupt_shape, "has shape"),
+    ("missing key", drop_key, "keys differ"),
+    ("extra key (delta)", extra_key, "keys differ"),
+    ("fingerprint", lambda u: setattr(u, "anchor_fingerprint", "0" * 64), "anchor fingerprint"),
+    ("round", lambda u: setattr(u, "round", 7), "for round 7"),
+    ("gram", lambda u: setattr(u, "gram_upper", u.gram_upper[:-1]), "upper triangle"),
+    ("uncertainty", lambda u: setattr(u, "uncertainty", -1.0), "uncertainty"),
+    ("int dtype", lambda u: u.params.update({k: v.long() for k, v in u.params.items() if k.endswith("/S")}), "dtype"),
+]
+
+
+@pytest.mark.parametrize("name,mutate,reason", BAD_UPDATES, ids=[b[0] for b in BAD_UPDATES])
+def test_bad_updates_are_rejected_with_a_reason_and_the_round_goes_on(setup, name, mutate, reason):
+    _, _, server, _, state, updates = setup
+    server.state = state
+    server.start_round()
+    bad_site, good_site = list(updates)
+    bad = dataclasses.replace(updates[bad_site], params=dict(updates[bad_site].params))
+    mutate(bad)
+    with pytest.raises(ContributionRejected, match=reason):
+        server.accept(bad)
+    assert bad_site in server.report.rejected
+    server.accept(updates[good_site])
+    assert server.finish_round(min_sites=1).round == state.round + 1
+
+
+def test_a_round_without_enough_valid_sites_fails_loudly(setup):
+    _, _, server, _, state, updates = setup
+    server.state = state
+    server.start_round()
+    server.accept(next(iter(updates.values())))
+    with pytest.raises(RoundFailed, match="at least 2 needed"):
+        server.finish_round(min_sites=2)
+
+
+def test_a_site_refuses_a_job_with_other_anchors(setup):
+    _, _, _, sites, state, _ = setup
+    other = dataclasses.replace(state, anchor_fingerprint="f" * 64)
+    with pytest.raises(ValueError, match="install the anchor file"):
+        next(iter(sites.values())).train_round(other)
+
+
+def test_delta_site_stays_local_and_round_trips(setup):
+    trainer = next(iter(setup[3].values()))
+    local = trainer.local_state()
+    assert local and all(k.endswith("/delta") for k in local)
+    assert any(v.abs().sum() > 0 for v in local.values()), "delta_site did not train"
+    trainer.load_local_state({k: torch.zeros_like(v) for k, v in local.items()})
+    assert all(v.abs().sum() == 0 for v in trainer.local_state().values())
+    trainer.load_local_state(local)
+
+
+def test_in_process_loop_reports_every_round():
+    config = tiny_config(rounds=2)
+    result = run_in_process(config, progress=None)
+    assert len(result.rounds) == 2
+    for record in result.rounds:
+        assert set(record.site_weights) == {"site-1", "site-2"} and not record.rejected
+        assert "accel->gyro/recall@1" in record.eval and "gyro->accel/semantic_recall@10" in record.eval
+        assert all(b > 0 for b in record.bytes_up.values())
+
+
+@pytest.mark.parametrize("values,match", [
+    ({"trunk": {"nmae": "tiny"}}, "unknown config key"),
+    ({"precision": {"method": "magic"}}, "precision.method"),
+    ({"rounds": 0}, "rounds=0"),
+    ({"train": {"local_steps": 2}, "precision": {"window": 8}}, "raise local_steps"),
+])
+def test_config_errors_name_the_key_and_the_fix(values, match):
+    with pytest.raises(ValueError, match=match):
+        config_from_dict(values)
+
+
+def test_dotted_overrides():
+    config = with_overrides(config_from_dict({}), {"alignment.lambda_cka": 0.0, "data.scenario": "digits"})
+    assert config.alignment.lambda_cka == 0.0 and config.data.scenario == "digits"
+    with pytest.raises(ValueError, match="unknown key"):
+        with_overrides(config, {"alignment.lambda_ckaa": 1})

@@ -1,0 +1,76 @@
+"""Precision estimates and the precision-weighted merge."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import tiny_config
+from fedanchor.federation import run_in_process
+from fedanchor.precision import PrecisionTracker, PrecisionWeightedMerge
+
+
+@pytest.mark.parametrize("method", ["iterate_variance", "gradient_variance"])
+def test_noisier_gradients_give_lower_precision(method):
+    """On a quadratic with noisy gradients, the coefficient with more noise gets the lower precision."""
+    torch.manual_seed(0)
+    param = torch.nn.Parameter(torch.zeros(2))
+    tracker = PrecisionTracker({"x": param}, method, window=50)
+    optimiser = torch.optim.SGD([param], lr=0.1)
+    for _ in range(200):
+        optimiser.zero_grad()
+        noise = torch.randn(2) * torch.tensor([0.1, 2.0])
+        param.grad = param.detach() - 1.0 + noise
+        optimiser.step()
+        tracker.record()
+    precision = tracker.precision()["x"]
+    assert precision[0] > 10 * precision[1]
+
+
+def test_merge_is_the_precision_weighted_mean_and_reports_shares():
+    merge = PrecisionWeightedMerge()
+    merge.add("a", {"s": torch.tensor([1.0, 0.0])}, {"s": torch.tensor([3.0, 1.0])})
+    merge.add("b", {"s": torch.tensor([5.0, 4.0])}, {"s": torch.tensor([1.0, 1.0])})
+    torch.testing.assert_close(merge.result()["s"], torch.tensor([2.0, 2.0]))
+    shares = merge.site_shares()
+    assert shares == pytest.approx({"a": (0.75 + 0.5) / 2, "b": (0.25 + 0.5) / 2})
+
+
+@pytest.mark.parametrize("weights,match", [
+    ({"s": torch.tensor([-1.0, 1.0])}, "negative or not finite"),
+    ({"s": torch.tensor([float("nan"), 1.0])}, "negative or not finite"),
+    ({"s": torch.tensor([1.0])}, "shape"),
+])
+def test_merge_refuses_nonsense_weights(weights, match):
+    with pytest.raises(ValueError, match=match):
+        PrecisionWeightedMerge().add("a", {"s": torch.zeros(2)}, weights)
+
+
+def test_merge_refuses_a_site_twice_and_an_empty_merge():
+    merge = PrecisionWeightedMerge()
+    with pytest.raises(ValueError, match="nothing to merge"):
+        merge.result()
+    merge.add("a", {"s": torch.zeros(1)}, 1.0)
+    with pytest.raises(ValueError, match="twice"):
+        merge.add("a", {"s": torch.zeros(1)}, 1.0)
+
+
+def test_coefficients_no_site_informs_fail_instead_of_becoming_zero():
+    merge = PrecisionWeightedMerge()
+    merge.add("a", {"s": torch.ones(2)}, {"s": torch.tensor([1.0, 0.0])})
+    with pytest.raises(ValueError, match="zero total weight"):
+        merge.result()
+
+
+# A gain shift is left out on purpose: delta_site exists to absorb a site's gain, so a
+# gain-shifted site is particular, not unreliable.
+@pytest.mark.slow
+@pytest.mark.parametrize("mode,severity", [("noise", 3.0), ("shuffle", 1.0)])
+def test_a_site_with_corrupted_data_gets_a_lower_weight_than_clean_sites(mode, severity):
+    config = tiny_config(
+        data={"scenario": "digits", "n_anchors": 32, "n_test": 50, "max_private_per_site": 64,
+              "sites": {"clean-1": "pixels", "clean-2": "pixels", "corrupt": "pixels", "vector": "zernike"}},
+        train={"local_steps": 12, "batch_size": 16}, precision={"window": 8}, rounds=1,
+    )
+    result = run_in_process(config, progress=None, corruptions={"corrupt": (mode, severity)})
+    weights = result.rounds[-1].site_weights
+    assert weights["corrupt"] < weights["clean-1"] and weights["corrupt"] < weights["clean-2"], weights
