@@ -2,6 +2,8 @@
 
     fedanchor run --scenario xray --rounds 3 [--set alignment.lambda_cka=0 ...] [--out runs/x]
     fedanchor compare --scenario xray --rounds 3 --out runs/compare-xray
+    fedanchor simulate jobs/xray [--out runs/xray]      (the FLARE simulator; what `make demo` runs)
+    fedanchor export-byoc jobs/xray OUT                  (a copy of a job with the package bundled under custom/)
 
 ``run`` trains in process (every site and the server in one process, the same
 functions the FLARE components call). ``compare`` runs the full objective and the
@@ -85,6 +87,15 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "simulate":
+        from .simulate import main as simulate_main
+
+        return _guarded(simulate_main, argv[1:])
+    if argv and argv[0] == "export-byoc":
+        from .flare.jobs import main as export_main
+
+        return _guarded(export_main, argv[1:])
     parser = argparse.ArgumentParser(prog="fedanchor", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     for name, func, help_text in (("run", cmd_run, "train in process and print held-out recall"),
@@ -99,9 +110,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         p.set_defaults(func=func)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    return _guarded(args.func, args)
+
+
+def _guarded(func, arg) -> int:
     try:
-        return args.func(args)
-    except (ValueError, FileNotFoundError, ModuleNotFoundError) as err:
+        return int(func(arg) or 0)
+    except (ValueError, FileNotFoundError, ModuleNotFoundError, RuntimeError) as err:
         print(f"fedanchor: error: {err}", file=sys.stderr)
         return 2
 

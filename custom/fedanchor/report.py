@@ -43,3 +43,29 @@ def write_run(folder: Path, runs: Mapping[str, object]) -> Path:
     path = folder / "results.json"
     path.write_text(json.dumps(payload, indent=1, default=float))
     return path
+
+
+def round_table(rounds: list[Mapping], initial_eval: Mapping[str, float] | None = None) -> str:
+    """Per round: mean local loss, each site's CKA to the consensus, held-out recall@1/5/10 both directions."""
+    sites = sorted({s for r in rounds for s in r.get("site_metrics", {})})
+    evals = [r.get("eval", {}) for r in rounds]
+    directions = sorted({k.split("/")[0] for e in evals + [initial_eval or {}] for k in e if "->" in k.split("/")[0]})
+    head = ["round", "loss"] + [f"cka {s}" for s in sites] + [f"{d} R@1/5/10" for d in directions]
+    rows = []
+    if initial_eval:
+        rows.append(["0", "-"] + ["-" for _ in sites] + [_recalls(initial_eval, d) for d in directions])
+    for r in rounds:
+        metrics = r.get("site_metrics", {})
+        losses = [m.get("loss/loss") for m in metrics.values() if m.get("loss/loss") is not None]
+        row = [str(int(r["round"]) + 1), f"{sum(losses) / len(losses):.3f}" if losses else "-"]
+        row += [f"{metrics[s]['cka_to_consensus']:.3f}" if "cka_to_consensus" in metrics.get(s, {}) else "-" for s in sites]
+        row += [_recalls(r.get("eval", {}), d) for d in directions]
+        rows.append(row)
+    widths = [max(len(h), *(len(row[i]) for row in rows)) if rows else len(h) for i, h in enumerate(head)]
+    lines = ["  ".join(h.ljust(w) for h, w in zip(head, widths)), "  ".join("-" * w for w in widths)]
+    lines += ["  ".join(c.ljust(w) for c, w in zip(row, widths)) for row in rows]
+    return "\n".join(lines)
+
+
+def _recalls(metrics: Mapping[str, float], direction: str) -> str:
+    return "/".join(f"{metrics.get(f'{direction}/recall@{k}', float('nan')):.3f}" for k in KS)

@@ -43,7 +43,8 @@ def _parse(xml_bytes: bytes) -> tuple[str, str, frozenset[str], str]:
     uid = root.find("uId")
     sample_id = uid.get("id", "") if uid is not None else ""
     sections = {a.get("Label"): a.text or "" for a in root.iter("AbstractText")}
-    text = _collapse(f"{sections.get('FINDINGS', '')} {sections.get('IMPRESSION', '')}")
+    # The impression first: it summarises what the MeSH codes index, and survives truncation to a few dozen tokens.
+    text = _collapse(f"{sections.get('IMPRESSION', '')} {sections.get('FINDINGS', '')}")
     codes = frozenset(c for m in root.iter("major") if m.text and (c := _code(m.text)))
     licence_url = (root.findtext("licenseURL") or "").strip()
     return sample_id, text, codes, licence_url

@@ -1,0 +1,118 @@
+"""Run a fedanchor job folder in the real FLARE simulator and show its results.
+
+This is what ``make demo`` calls. It starts ``nvflare simulator`` (a separate
+process, exactly what a user would type), echoes the server's one line per
+round, and when the job ends prints the per-round table and writes results.json
+and a PNG of recall, CKA and site weights over rounds into the output folder.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Sequence
+
+from .plots import plot_rounds
+from .report import print_recall_table, round_table
+
+SUMMARY_FILE = "fedanchor_summary.json"
+PROGRESS = re.compile(r"fedanchor (round \d+:.*)")
+
+
+def job_sites(job: Path) -> list[str]:
+    """The site names a job's configuration names (data.sites), else the scenario's defaults."""
+    from .config import config_from_dict
+    from .federation.loop import site_modality
+
+    server_config = json.loads((job / "app" / "config" / "config_fed_server.json").read_text())
+    for component in server_config.get("components", []):
+        if component.get("path", "").endswith("FedAnchorServerComponent"):
+            return list(site_modality(config_from_dict(component.get("args", {}).get("config", {}))))
+    raise ValueError(f"{job} has no fedanchor.flare.server_state.FedAnchorServerComponent in config_fed_server.json; "
+                     "is it a fedanchor job folder?")
+
+
+def nvflare_command() -> list[str]:
+    candidate = Path(sys.executable).with_name("nvflare")
+    if candidate.exists():
+        return [str(candidate)]
+    found = shutil.which("nvflare")
+    if found:
+        return [found]
+    raise FileNotFoundError("the nvflare command is not installed in this environment: pip install 'nvflare==2.9.*'")
+
+
+def find_summary(workspace: Path) -> Path:
+    found = sorted(workspace.rglob(SUMMARY_FILE), key=lambda p: p.stat().st_mtime)
+    if not found:
+        raise FileNotFoundError(f"no {SUMMARY_FILE} under {workspace}; the job did not finish a round (see {workspace}/server/log.txt)")
+    return found[-1]
+
+
+def simulate(job: Path, out: Path, threads: int | None = None, echo=print) -> dict:
+    """Run ``job`` in the simulator with one client per configured site; returns the summary dict."""
+    job = job.resolve()
+    if not (job / "meta.json").is_file():
+        raise FileNotFoundError(f"{job} is not a FLARE job folder (no meta.json)")
+    sites = job_sites(job)
+    workspace = out / "workspace"
+    if workspace.exists():
+        shutil.rmtree(workspace)
+    out.mkdir(parents=True, exist_ok=True)
+    command = nvflare_command() + ["simulator", "-w", str(workspace), "-n", str(len(sites)), "-c", ",".join(sites),
+                                   "-t", str(threads or len(sites)), str(job)]
+    echo(f"$ {' '.join(command)}")
+    started = time.perf_counter()
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", PYTHONUNBUFFERED="1")
+    log_path = out / "simulator.log"
+    with open(log_path, "w") as log, subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                                      env=env, cwd=str(out)) as proc:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            log.write(line)
+            match = PROGRESS.search(line)
+            if match:
+                echo(f"[{time.perf_counter() - started:6.0f}s] {match.group(1)}")
+        code = proc.wait()
+    wall = time.perf_counter() - started
+    if code != 0:
+        raise RuntimeError(f"the simulator exited with code {code} after {wall:.0f}s; its output is in {log_path}")
+    summary = json.loads(find_summary(workspace).read_text())
+    if summary.get("failures"):
+        raise RuntimeError(f"the job reported failures: {summary['failures']}; see {log_path}")
+    summary["wall_seconds"] = wall
+    summary["sites"] = sites
+    (out / "results.json").write_text(json.dumps(summary, indent=1, default=float))
+    plot_rounds(summary["rounds"], out / "rounds.png", title=f"{job.name}: {len(sites)} sites in the FLARE simulator",
+                initial_eval=summary.get("initial_eval"))
+    return summary
+
+
+def show(summary: dict, out: Path, echo=print) -> None:
+    echo("")
+    echo(round_table(summary["rounds"], summary.get("initial_eval")))
+    echo("")
+    print_recall_table({"final global model": summary["rounds"][-1]["eval"]})
+    bytes_up = summary["rounds"][-1].get("bytes_up", {})
+    echo("")
+    echo("bytes sent per site per round (serialized): " + ", ".join(f"{s} {b / 1e6:.2f} MB" for s, b in bytes_up.items()))
+    echo(f"wall time {summary['wall_seconds']:.0f}s | {out / 'results.json'} | {out / 'rounds.png'}")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="fedanchor simulate", description=__doc__)
+    parser.add_argument("job", type=Path, help="a job folder, e.g. jobs/xray")
+    parser.add_argument("--out", type=Path, default=None, help="output folder (default runs/<job name>)")
+    parser.add_argument("--threads", type=int, default=None, help="clients run in parallel (default: one per site)")
+    args = parser.parse_args(argv)
+    out = (args.out or Path("runs") / args.job.name).resolve()
+    summary = simulate(args.job, out, args.threads)
+    show(summary, out)
+    return 0
