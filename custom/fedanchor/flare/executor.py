@@ -1,0 +1,253 @@
+"""The site's FLARE Executor: train, validate and submit_model on top of ``SiteTrainer``.
+
+It reads the job's shared settings (its ``config`` argument) and the site's own
+file (``local/fedanchor_site.json``, see ``site_config.py``), builds the
+SiteTrainer once per run, keeps delta_site (the site's own log-gains, which
+never leave it) in a safetensors file in the site's workspace and reloads it
+when the site restarts.
+
+- ``train``: GlobalState from the task's DXO -> ``train_round`` -> SiteUpdate as a DXO (COLLECTION).
+- ``validate``: the received global state on the site's own view of the public anchors: retrieval
+  of the other modalities' anchor targets and CKA to the consensus Gram (METRICS).
+- ``submit_model``: the shared tensors the site trained last (cores, magnitudes, its projector);
+  never delta_site.
+"""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+
+from nvflare.apis.dxo import DXO, DataKind, from_shareable
+from nvflare.apis.event_type import EventType
+from nvflare.apis.executor import Executor
+from nvflare.apis.fl_constant import ReturnCode
+from nvflare.apis.fl_context import FLContext
+from nvflare.apis.shareable import Shareable, make_reply
+from nvflare.apis.signal import Signal
+
+from ..alignment.gram import centred_gram, from_upper_triangle
+from ..config import FedAnchorConfig, config_from_dict, config_to_dict
+from ..evaluation import retrieval
+from ..federation.loop import make_split, site_modality
+from ..federation.messages import GlobalState
+from ..federation.site import SiteTrainer
+from ..federation.state import core_params, load_shared, projector_params
+from .persistor import CheckpointError, load_tensors, save_tensors
+from .shareable import dxo_to_state, update_to_dxo
+from .site_config import (DEFAULT_SITE_CONFIG_FILE, SiteConfig, SiteConfigError, effective_device, load_site_config,
+                          resolve_shard)
+
+DELTA_FORMAT = "fedanchor-delta-site"
+# Keys a site may set differently from the server without changing what the federation computes.
+SITE_LOCAL_KEYS = {("train", "device")}
+
+
+class TaskAborted(Exception):
+    pass
+
+
+def config_differences(mine: Mapping[str, Any], theirs: Mapping[str, Any]) -> list[str]:
+    """Dotted keys whose values differ between two nested config dicts (site-local keys excluded)."""
+    a, b = json.loads(json.dumps(mine, default=list)), json.loads(json.dumps(theirs, default=list))
+    out = []
+    for section in sorted(set(a) | set(b)):
+        va, vb = a.get(section), b.get(section)
+        if isinstance(va, dict) and isinstance(vb, dict):
+            for key in sorted(set(va) | set(vb)):
+                if (section, key) not in SITE_LOCAL_KEYS and va.get(key) != vb.get(key):
+                    out.append(f"{section}.{key}: site {va.get(key)!r}, server {vb.get(key)!r}")
+        elif va != vb:
+            out.append(f"{section}: site {va!r}, server {vb!r}")
+    return out
+
+
+def anchor_validation(trainer: SiteTrainer, state: GlobalState) -> dict[str, float]:
+    """The global state seen from this site: its anchors against the other modalities' anchor targets."""
+    load_shared(trainer.model, state.shared_params())
+    z = trainer.model.embed_all(trainer.modality, trainer.anchors.items)
+    labels = trainer.anchors.semantic_labels
+    metrics: dict[str, float] = {}
+    for other, target in state.targets().items():
+        if other != trainer.modality:
+            for key, value in retrieval(z, target, labels, labels).items():
+                if not key.startswith("chance_"):
+                    metrics[f"anchor/{trainer.modality}->{other}/{key}"] = value
+    kernel = state.consensus()
+    if kernel is not None:
+        metrics["anchor/cka_to_consensus"] = float((centred_gram(z.double()) * from_upper_triangle(kernel.double())).sum())
+    return metrics
+
+
+class FedAnchorExecutor(Executor):
+    def __init__(self, config: dict | None = None, site_config_file: str = DEFAULT_SITE_CONFIG_FILE,
+                 train_task: str = "train", validate_task: str = "validate", submit_model_task: str = "submit_model",
+                 check_job_config: bool = True):
+        """
+        Args:
+            config: the job's shared settings, nested like ``fedanchor.config.config_from_dict``.
+            site_config_file: the site's own settings, looked up in the site workspace's local/ folder
+                (an absolute path is used as is); absent means defaults.
+            train_task, validate_task, submit_model_task: task names this executor answers.
+            check_job_config: refuse a global state whose job config (sent by the server) differs from ours.
+        """
+        super().__init__()
+        self.config = dict(config or {})
+        self.site_config_file = site_config_file
+        self.train_task = train_task
+        self.validate_task = validate_task
+        self.submit_model_task = submit_model_task
+        self.check_job_config = check_job_config
+        self._cfg: FedAnchorConfig | None = None
+        self._site_config: SiteConfig | None = None
+        self._trainer: SiteTrainer | None = None
+        self._setup_error: str | None = None
+        self._delta_path: Path | None = None
+        self._last_round: int | None = None
+
+    # -- set-up ------------------------------------------------------------
+    def handle_event(self, event_type: str, fl_ctx: FLContext):
+        if event_type == EventType.START_RUN:
+            self._ensure_setup(fl_ctx)
+
+    def _ensure_setup(self, fl_ctx: FLContext) -> bool:
+        if self._trainer is not None:
+            return True
+        if self._setup_error is not None:
+            return False
+        try:
+            self._setup(fl_ctx)
+            return True
+        except (SiteConfigError, ValueError, KeyError, FileNotFoundError, RuntimeError, CheckpointError) as err:
+            self._setup_error = f"fedanchor site {fl_ctx.get_identity_name()!r} cannot start: {err}"
+            self.log_error(fl_ctx, self._setup_error)
+            self.system_panic(self._setup_error, fl_ctx)
+            return False
+
+    def _site_config_path(self, fl_ctx: FLContext) -> Path:
+        path = Path(self.site_config_file)
+        if path.is_absolute():
+            return path
+        return Path(fl_ctx.get_engine().get_workspace().get_file_path_in_site_config(self.site_config_file))
+
+    def _setup(self, fl_ctx: FLContext) -> None:
+        started = time.perf_counter()
+        site = fl_ctx.get_identity_name()
+        self._cfg = cfg = config_from_dict(self.config)
+        path = self._site_config_path(fl_ctx)
+        self._site_config = site_cfg = load_site_config(path)
+        shard, modality = resolve_shard(site, site_cfg, site_modality(cfg))
+        if site_cfg.num_threads:
+            torch.set_num_threads(site_cfg.num_threads)
+        split = make_split(cfg)
+        modalities = {name: data.spec for name, data in split.anchors.items()}
+        private = split.private[shard]
+        self._trainer = trainer = SiteTrainer(cfg, site, private, split.anchors[modality], split.anchor_fingerprint,
+                                              modalities, split.feature_stats, device=effective_device(cfg, site_cfg))
+        state_dir = Path(site_cfg.state_dir) if site_cfg.state_dir else \
+            Path(fl_ctx.get_engine().get_workspace().get_run_dir(fl_ctx.get_job_id())) / "fedanchor"
+        self._delta_path = state_dir / f"delta_site-{split.anchor_fingerprint[:12]}.safetensors"
+        resumed = self._load_delta(site)
+        self.log_info(fl_ctx, f"fedanchor site {site}: shard {shard} ({modality}, {len(private)} private samples), "
+                              f"{len(split.anchors[modality])} anchors, trunk {cfg.trunk.name}, device {trainer.device}, "
+                              f"site config {path if path.is_file() else 'absent (defaults)'}, delta_site "
+                              f"{'resumed from round ' + str(resumed) if resumed is not None else 'new'} at {self._delta_path} "
+                              f"[{time.perf_counter() - started:.1f}s]")
+
+    def _load_delta(self, site: str) -> int | None:
+        assert self._trainer is not None and self._delta_path is not None
+        if not self._delta_path.exists():
+            return None
+        try:
+            tensors, meta = load_tensors(self._delta_path, kind=DELTA_FORMAT)
+        except CheckpointError as err:
+            raise CheckpointError(f"{err}; delete it to start this site's delta_site from zero") from err
+        if meta.get("site") != site:
+            raise SiteConfigError(f"{self._delta_path} belongs to site {meta.get('site')!r}, not {site!r}; "
+                                  "give each site its own state_dir")
+        self._trainer.load_local_state(tensors)
+        self._last_round = meta.get("round")
+        return self._last_round
+
+    def _save_delta(self, round_: int) -> None:
+        assert self._trainer is not None and self._delta_path is not None
+        save_tensors(self._delta_path, self._trainer.local_state(),
+                     {"site": self._trainer.site, "modality": self._trainer.modality, "round": round_,
+                      "anchor_fingerprint": self._trainer.anchor_fingerprint}, kind=DELTA_FORMAT, mode=0o600)
+
+    # -- tasks -------------------------------------------------------------
+    def execute(self, task_name: str, shareable: Shareable, fl_ctx: FLContext, abort_signal: Signal) -> Shareable:
+        if task_name not in (self.train_task, self.validate_task, self.submit_model_task):
+            self.log_error(fl_ctx, f"task {task_name!r} is not one of {self.train_task!r}, {self.validate_task!r}, "
+                                   f"{self.submit_model_task!r}")
+            return make_reply(ReturnCode.TASK_UNKNOWN)
+        if not self._ensure_setup(fl_ctx):
+            self.log_error(fl_ctx, self._setup_error or "set-up failed")
+            return make_reply(ReturnCode.EXECUTION_EXCEPTION)
+        if task_name == self.submit_model_task:
+            return self._submit_model(fl_ctx)
+        try:
+            state = self._read_state(shareable)
+        except (ValueError, TypeError, KeyError) as err:  # not a fedanchor global state, or another job's
+            self.log_error(fl_ctx, f"task {task_name}: {err}")
+            return make_reply(ReturnCode.BAD_TASK_DATA)
+        if task_name == self.validate_task:
+            metrics = anchor_validation(self._trainer, state)
+            self.log_info(fl_ctx, f"validate round {state.round}: " + " ".join(f"{k}={v:.3f}" for k, v in metrics.items()
+                                                                             if k.endswith(("recall@1", "consensus"))))
+            return DXO(data_kind=DataKind.METRICS, data=metrics, meta={"round": state.round}).to_shareable()
+        return self._train(state, fl_ctx, abort_signal)
+
+    def _read_state(self, shareable: Shareable) -> GlobalState:
+        state = dxo_to_state(from_shareable(shareable))
+        server_config = state.meta.get("job_config")
+        if self.check_job_config and server_config is not None:
+            differences = config_differences(config_to_dict(self._cfg), server_config)
+            if differences:
+                raise ValueError("this site's job config differs from the server's: " + "; ".join(differences[:6]))
+        return state
+
+    def _train(self, state: GlobalState, fl_ctx: FLContext, abort_signal: Signal) -> Shareable:
+        trainer = self._trainer
+        assert trainer is not None
+
+        def progress(step: int, total: int, loss: float) -> None:
+            if abort_signal.triggered:
+                raise TaskAborted(f"aborted at step {step}/{total}")
+
+        before = trainer.local_state()  # delta_site as it was: an interrupted round must not leave it half-trained
+        try:
+            update = trainer.train_round(state, progress=progress)
+        except TaskAborted as err:
+            trainer.load_local_state(before)
+            self.log_warning(fl_ctx, f"round {state.round}: {err}")
+            return make_reply(ReturnCode.TASK_ABORTED)
+        except ValueError as err:  # e.g. another anchor set than the server's
+            trainer.load_local_state(before)
+            self.log_error(fl_ctx, f"round {state.round}: {err}")
+            return make_reply(ReturnCode.BAD_TASK_DATA)
+        except FloatingPointError as err:
+            trainer.load_local_state(before)
+            self.log_error(fl_ctx, f"round {state.round}: {err}")
+            return make_reply(ReturnCode.EXECUTION_EXCEPTION)
+        self._save_delta(state.round)
+        self._last_round = state.round
+        m = update.metrics
+        self.log_info(fl_ctx, f"fedanchor site {trainer.site} round {state.round + 1}: loss {m['loss/loss']:.4f} "
+                              f"(private {m['loss/private']:.4f}, cka {m['loss/cka']:.4f}, cross {m['loss/cross']:.4f}), "
+                              f"cka to consensus {m.get('cka_to_consensus', float('nan')):.3f}, uncertainty scalar "
+                              f"{update.uncertainty:.3g}, {update.nbytes()} bytes up, {m['seconds']:.1f}s")
+        return update_to_dxo(update).to_shareable()
+
+    def _submit_model(self, fl_ctx: FLContext) -> Shareable:
+        trainer = self._trainer
+        assert trainer is not None
+        tensors = {k: v.detach().cpu().numpy() for k, v in core_params(trainer.model).items()}
+        tensors.update({k: v.detach().cpu().numpy() for k, v in projector_params(trainer.model, trainer.modality).items()})
+        meta = {"site": trainer.site, "modality": trainer.modality, "round": -1 if self._last_round is None else self._last_round,
+                "anchor_fingerprint": trainer.anchor_fingerprint}
+        self.log_info(fl_ctx, f"submit_model: {len(tensors)} shared tensors of round {self._last_round} (delta_site stays here)")
+        return DXO(data_kind=DataKind.WEIGHTS, data=tensors, meta=meta).to_shareable()

@@ -1,0 +1,280 @@
+"""FLARE job folders for fedanchor: build them, read their settings, export a BYOC variant.
+
+A fedanchor job is a plain FLARE job folder with no ``custom/`` code::
+
+    jobs/<scenario>/meta.json
+    jobs/<scenario>/app/config/config_fed_server.json   # ScatterAndGather + our server components
+    jobs/<scenario>/app/config/config_fed_client.json   # FedAnchorExecutor
+
+Its components are classes of the installed ``fedanchor`` package, which a
+hospital admits by listing ``fedanchor.`` in its class allow-list. For sites that
+accept custom code instead, ``export_byoc`` copies a job and bundles the package
+source under ``app/custom/``::
+
+    python -m fedanchor.flare.jobs export-byoc jobs/xray /tmp/xray-byoc
+    fedanchor export-byoc jobs/xray /tmp/xray-byoc      # the same, from the fedanchor command
+
+FLARE 2.9 enforces a class allow-list for jobs without custom code, in the
+simulator too; ``prepare-simulator WS`` writes WS/local/resources.json with
+FLARE's default list plus ``fedanchor.`` before ``nvflare simulator -w WS``.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import shutil
+import sys
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import fedanchor
+
+from ..config import config_from_dict, config_to_dict
+
+PACKAGE = "fedanchor"
+SERVER_COMPONENT = "fedanchor.flare.server_state.FedAnchorServerComponent"
+PERSISTOR = "fedanchor.flare.persistor.FedAnchorPersistor"
+SHAREABLE_GENERATOR = "fedanchor.flare.shareable.FedAnchorShareableGenerator"
+AGGREGATOR = "fedanchor.flare.aggregator.FedAnchorAggregator"
+EXECUTOR = "fedanchor.flare.executor.FedAnchorExecutor"
+SAG = "nvflare.app_common.workflows.scatter_and_gather.ScatterAndGather"
+
+# The demo jobs: what jobs/<name>/ holds. Only the keys that differ from fedanchor's defaults.
+DEMO_JOBS: dict[str, dict[str, Any]] = {
+    # The test job: tiny random trunk, two sites, seconds per round.
+    "motion": {
+        "num_rounds": 2,
+        "config": {
+            "trunk": {"name": "tiny"},
+            "data": {"scenario": "motion", "n_anchors": 16, "n_test": 24},
+            "train": {"local_steps": 8, "batch_size": 8},
+            "precision": {"site_scalar_samples": 2},
+        },
+    },
+    # MiniLM trunk; hospital-a and hospital-b hold reports, hospital-c findings. Sized for a 2-core CPU (see docs/FLARE.md).
+    "xray": {
+        "num_rounds": 2,
+        "config": {
+            "data": {"scenario": "xray", "n_test": 500, "max_private_per_site": 300},
+            "train": {"local_steps": 10, "batch_size": 16},
+            "alignment": {"anchor_batch": 32},
+        },
+    },
+    # Two image sites (pixels) and two vector sites (Zernike moments), tiny trunk.
+    "digits": {
+        "num_rounds": 3,
+        "config": {
+            "trunk": {"name": "tiny"},
+            "data": {"scenario": "digits", "n_anchors": 100, "n_test": 200, "max_private_per_site": 300},
+            "train": {"local_steps": 10, "batch_size": 16},
+        },
+    },
+}
+
+
+def full_config(values: Mapping[str, Any] | None, num_rounds: int | None = None) -> dict[str, Any]:
+    """Every key spelt out (checked by config_from_dict), so both sides of the job read the same settings."""
+    cfg = config_to_dict(config_from_dict(values or {}))
+    if num_rounds is not None:
+        cfg["rounds"] = num_rounds
+    cfg["adapter"]["targets"] = list(cfg["adapter"]["targets"])
+    return cfg
+
+
+def job_sites(config: Mapping[str, Any]) -> dict[str, str]:
+    from ..federation.loop import site_modality
+
+    return site_modality(config_from_dict(config))
+
+
+def server_config(config: Mapping[str, Any], num_rounds: int, min_clients: int, train_timeout: int = 0) -> dict[str, Any]:
+    return {
+        "format_version": 2,
+        "num_rounds": num_rounds,
+        "min_clients": min_clients,
+        "task_data_filters": [],
+        "task_result_filters": [],
+        "components": [
+            {"id": "fedanchor_server", "path": SERVER_COMPONENT, "args": {"config": copy.deepcopy(dict(config))}},
+            {"id": "persistor", "path": PERSISTOR, "args": {"server_id": "fedanchor_server", "checkpoint_dir": "checkpoints"}},
+            {"id": "shareable_generator", "path": SHAREABLE_GENERATOR, "args": {}},
+            {"id": "aggregator", "path": AGGREGATOR, "args": {"server_id": "fedanchor_server", "min_sites": 1}},
+        ],
+        "workflows": [
+            {
+                "id": "scatter_and_gather",
+                "path": SAG,
+                "args": {
+                    "min_clients": "{min_clients}",
+                    "num_rounds": "{num_rounds}",
+                    "start_round": 0,
+                    "wait_time_after_min_received": 0,
+                    "aggregator_id": "aggregator",
+                    "persistor_id": "persistor",
+                    "shareable_generator_id": "shareable_generator",
+                    "train_task_name": "train",
+                    "train_timeout": train_timeout,
+                },
+            }
+        ],
+    }
+
+
+def client_config(config: Mapping[str, Any]) -> dict[str, Any]:
+    return {
+        "format_version": 2,
+        "executors": [
+            {
+                "tasks": ["train", "validate", "submit_model"],
+                "executor": {"id": "executor", "path": EXECUTOR,
+                             "args": {"config": copy.deepcopy(dict(config)), "site_config_file": "fedanchor_site.json"}},
+            }
+        ],
+        "task_result_filters": [],
+        "task_data_filters": [],
+        "components": [],
+    }
+
+
+def job_meta(name: str, min_clients: int) -> dict[str, Any]:
+    return {"name": name, "resource_spec": {}, "deploy_map": {"app": ["@ALL"]}, "min_clients": min_clients,
+            "mandatory_clients": []}
+
+
+def write_job(job_dir: str | Path, name: str, config: Mapping[str, Any] | None = None, num_rounds: int = 3,
+              min_clients: int | None = None) -> Path:
+    """Write a FLARE job folder for ``config``; min_clients defaults to the number of sites (see FLARE-NOTES)."""
+    cfg = full_config(config, num_rounds)
+    n_sites = len(job_sites(cfg))
+    min_clients = n_sites if min_clients is None else min_clients
+    job_dir = Path(job_dir)
+    (job_dir / "app" / "config").mkdir(parents=True, exist_ok=True)
+    _write_json(job_dir / "meta.json", job_meta(name, min_clients))
+    _write_json(job_dir / "app" / "config" / "config_fed_server.json", server_config(cfg, num_rounds, min_clients))
+    _write_json(job_dir / "app" / "config" / "config_fed_client.json", client_config(cfg))
+    return job_dir
+
+
+def write_demo_jobs(root: str | Path) -> list[Path]:
+    """(Re)write jobs/motion, jobs/xray and jobs/digits from DEMO_JOBS."""
+    return [write_job(Path(root) / name, f"fedanchor-{name}", spec["config"], spec["num_rounds"]) for name, spec in DEMO_JOBS.items()]
+
+
+def read_job_config(job_dir: str | Path, app: str = "app") -> dict[str, Any]:
+    """The job's fedanchor settings; fails if the server's and the sites' copies differ."""
+    config_dir = Path(job_dir) / app / "config"
+    server = json.loads((config_dir / "config_fed_server.json").read_text())
+    client = json.loads((config_dir / "config_fed_client.json").read_text())
+    server_cfg = next(c["args"]["config"] for c in server["components"] if c["path"] == SERVER_COMPONENT)
+    client_cfg = next(e["executor"]["args"]["config"] for e in client["executors"] if e["executor"]["path"] == EXECUTOR)
+    if server_cfg != client_cfg:
+        raise ValueError(f"{job_dir}: the fedanchor config in config_fed_server.json and config_fed_client.json differ")
+    return server_cfg
+
+
+def package_source_dir() -> Path:
+    return Path(fedanchor.__file__).resolve().parent
+
+
+def export_byoc(job_dir: str | Path, out_dir: str | Path, force: bool = False) -> Path:
+    """Copy a job to ``out_dir`` and bundle the fedanchor package source under each app's custom/ folder.
+
+    For sites that accept custom code (BYOC): they still need fedanchor's dependencies (torch, transformers,
+    safetensors, nvflare and the data/weight packages) installed, but not fedanchor itself.
+    """
+    job_dir, out_dir = Path(job_dir), Path(out_dir)
+    meta_file = job_dir / "meta.json"
+    if not meta_file.is_file():
+        raise FileNotFoundError(f"{job_dir} is not a FLARE job folder (no meta.json)")
+    if out_dir.exists():
+        if not force:
+            raise FileExistsError(f"{out_dir} exists; choose another folder or pass --force")
+        shutil.rmtree(out_dir)
+    shutil.copytree(job_dir, out_dir, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    meta = json.loads(meta_file.read_text())
+    meta["name"] = f"{meta.get('name', job_dir.name)}-byoc"
+    _write_json(out_dir / "meta.json", meta)
+    source = package_source_dir()
+    for app in meta.get("deploy_map", {"app": []}):
+        if not (out_dir / app).is_dir():
+            raise FileNotFoundError(f"{job_dir}: deploy_map names app {app!r} but there is no such folder")
+        target = out_dir / app / "custom" / PACKAGE
+        if target.exists():
+            shutil.rmtree(target)
+        shutil.copytree(source, target, ignore=shutil.ignore_patterns("__pycache__", "*.pyc", "*.egg-info"))
+    return out_dir
+
+
+def allow_fedanchor(resources_file: str | Path) -> Path:
+    """Admit ``fedanchor.`` classes in a site's local/resources.json (created with FLARE's default list if absent).
+
+    FLARE 2.9 builds a job without custom code only from classes in the site's class allow-list; the default
+    list (about 88 FLARE classes) does not hold ours. A trailing dot admits the whole package.
+    """
+    from nvflare.app_common.default_component_policy import DEFAULT_CLASS_ALLOW_LIST
+
+    path = Path(resources_file)
+    resources: dict[str, Any] = json.loads(path.read_text()) if path.is_file() else {}
+    allow = list(resources.get("class_allow_list", DEFAULT_CLASS_ALLOW_LIST))
+    if f"{PACKAGE}." not in allow:
+        allow.append(f"{PACKAGE}.")
+    resources["class_allow_list"] = allow
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _write_json(path, resources)
+    return path
+
+
+def prepare_simulator_workspace(workspace: str | Path) -> Path:
+    """Make ``nvflare simulator -w WORKSPACE`` accept fedanchor jobs: WORKSPACE/local/resources.json admits fedanchor.
+
+    The simulator keeps WORKSPACE/local/ between runs and copies it into every site's and the server's local/.
+    """
+    return allow_fedanchor(Path(workspace) / "local" / "resources.json")
+
+
+def _write_json(path: Path, data: Mapping[str, Any]) -> None:
+    path.write_text(json.dumps(data, indent=2) + "\n")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``export-byoc JOB_DIR OUT_DIR [--force]``: a BYOC copy of a job with the fedanchor source in app/custom/."""
+    parser = argparse.ArgumentParser(prog="fedanchor export-byoc",
+                                     description="Copy a fedanchor FLARE job and bundle the fedanchor package source "
+                                                 "under app/custom/ for sites that allow custom code.")
+    parser.add_argument("job_dir", help="a job folder, e.g. jobs/xray")
+    parser.add_argument("out_dir", help="where to write the BYOC job (must not exist unless --force)")
+    parser.add_argument("--force", action="store_true", help="replace out_dir if it exists")
+    args = parser.parse_args(argv)
+    try:
+        out = export_byoc(args.job_dir, args.out_dir, force=args.force)
+    except (FileNotFoundError, FileExistsError, ValueError) as err:
+        print(f"export-byoc: {err}", file=sys.stderr)
+        return 2
+    print(f"wrote {out} (fedanchor {getattr(fedanchor, '__version__', '')} source under app/custom/{PACKAGE})")
+    return 0
+
+
+def _module_main(argv: Sequence[str] | None = None) -> int:
+    """``python -m fedanchor.flare.jobs export-byoc JOB OUT`` | ``prepare-simulator WORKSPACE`` | ``write-demo-jobs ROOT``."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    commands = ("export-byoc", "prepare-simulator", "write-demo-jobs")
+    if not argv or argv[0] not in commands:
+        print(f"usage: python -m fedanchor.flare.jobs {{{','.join(commands)}}} ...", file=sys.stderr)
+        return 2
+    command, rest = argv[0], argv[1:]
+    if command == "export-byoc":
+        return main(rest)
+    if len(rest) != 1:
+        print(f"usage: python -m fedanchor.flare.jobs {command} FOLDER", file=sys.stderr)
+        return 2
+    if command == "prepare-simulator":
+        print(f"wrote {prepare_simulator_workspace(rest[0])} (class_allow_list admits {PACKAGE}.)")
+    else:
+        for path in write_demo_jobs(rest[0]):
+            print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(_module_main())

@@ -1,0 +1,99 @@
+"""The one FederatedServer of a FLARE job, shared by the persistor and the aggregator.
+
+Listed once in config_fed_server.json (id ``fedanchor_server``) with the job's
+settings; the persistor asks it for the initial or resumed state, the aggregator
+for the merge and the evaluation. It builds the server lazily, the first time
+either needs it, with the same steps as ``run_in_process``: the seeded split
+(public anchors, held-out test pairs), the modalities, then the server.
+"""
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+from typing import Any, Mapping
+
+from nvflare.apis.fl_component import FLComponent
+from nvflare.apis.fl_context import FLContext
+from nvflare.app_common.abstract.model import ModelLearnable
+
+from ..config import FedAnchorConfig, config_from_dict, config_to_dict
+from ..federation.loop import make_split
+from ..federation.messages import GlobalState
+from ..federation.server import FederatedServer
+from .shareable import state_to_learnable
+
+
+def selection_metric(metrics: Mapping[str, float]) -> float | None:
+    """Model selection on the validation metric: mean held-out instance recall@1 over both directions."""
+    values = [v for k, v in metrics.items() if k.endswith("/recall@1")]
+    return float(sum(values) / len(values)) if values else None
+
+
+class FedAnchorServerComponent(FLComponent):
+    def __init__(self, config: dict | None = None, device: str | None = None):
+        """
+        Args:
+            config: the job's settings, nested like ``fedanchor.config.config_from_dict`` (the same dict the
+                executors get).
+            device: where the server's evaluation model runs; default ``config.train.device``.
+        """
+        super().__init__()
+        self.config = dict(config or {})
+        self.device = device
+        self._config: FedAnchorConfig = config_from_dict(self.config)  # a wrong key fails when the job is built
+        self._server: FederatedServer | None = None
+        self._lock = threading.RLock()
+        self.initial_eval: dict[str, float] = {}
+
+    @property
+    def fedanchor_config(self) -> FedAnchorConfig:
+        return self._config
+
+    def server(self, fl_ctx: FLContext | None = None) -> FederatedServer:
+        with self._lock:
+            if self._server is None:
+                cfg = self._config
+                split = make_split(cfg)
+                modalities = {name: data.spec for name, data in split.anchors.items()}
+                self._server = FederatedServer(cfg, modalities, split.anchors, split.anchor_fingerprint,
+                                               split.feature_stats, split.test, device=self.device)
+                if fl_ctx is not None:
+                    self.log_info(fl_ctx, f"fedanchor server: scenario {cfg.data.scenario}, trunk {cfg.trunk.name}, "
+                                          f"modalities {list(modalities)}, {len(next(iter(split.anchors.values())))} anchors, "
+                                          f"{len(next(iter(split.test.values())))} test pairs, device {self._server.device}")
+            return self._server
+
+    @property
+    def lock(self) -> threading.RLock:
+        return self._lock
+
+    def record_initial_eval(self, fl_ctx: FLContext, state: GlobalState) -> dict[str, float]:
+        self.initial_eval = self.server(fl_ctx).evaluate(state)
+        return self.initial_eval
+
+    def state_meta(self, metrics: Mapping[str, float] | None = None) -> dict[str, Any]:
+        """What the server adds to a global state's meta: its job config, and the evaluation when there is one."""
+        meta: dict[str, Any] = {"job_config": config_to_dict(self._config)}
+        if metrics:
+            meta["eval"] = {k: float(v) for k, v in metrics.items()}
+            score = selection_metric(metrics)
+            if score is not None:
+                meta["selection_metric"] = score
+        return meta
+
+    def to_learnable(self, state: GlobalState, metrics: Mapping[str, float] | None = None) -> ModelLearnable:
+        return state_to_learnable(state, self.state_meta(metrics))
+
+    @staticmethod
+    def run_dir(fl_ctx: FLContext) -> Path:
+        workspace = fl_ctx.get_engine().get_workspace()
+        return Path(workspace.get_run_dir(fl_ctx.get_job_id()))
+
+
+def get_server_component(fl_ctx: FLContext, component_id: str) -> FedAnchorServerComponent:
+    component = fl_ctx.get_engine().get_component(component_id)
+    if not isinstance(component, FedAnchorServerComponent):
+        raise RuntimeError(
+            f"component {component_id!r} is {type(component).__name__ if component is not None else 'missing'}; "
+            "config_fed_server.json must list fedanchor.flare.server_state.FedAnchorServerComponent under that id")
+    return component

@@ -1,0 +1,344 @@
+"""fedanchor on NVIDIA FLARE: checkpoint files, the shareable round-trip, site settings, and the real simulator."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from fedanchor.federation.messages import GlobalState, SiteUpdate
+from fedanchor.flare import jobs
+from fedanchor.flare.persistor import (BEST_FILE, LAST_FILE, CheckpointError, atomic_write_bytes, latest_state,
+                                       load_state, save_state)
+from fedanchor.flare.shareable import (FedAnchorShareableGenerator, dxo_to_state, dxo_to_update, learnable_to_state,
+                                       state_to_dxo, state_to_learnable, update_to_dxo)
+from fedanchor.flare.site_config import SiteConfig, SiteConfigError, load_site_config, resolve_shard
+
+ROOT = Path(__file__).resolve().parents[2]
+JOBS = ROOT / "jobs"
+
+
+def make_state(round_: int = 3, seed: int = 0) -> GlobalState:
+    g = torch.Generator().manual_seed(seed)
+    tensors = {
+        "adapter/layer.0.query/S": torch.randn(4, 4, generator=g),
+        "adapter/layer.0.query/m": torch.rand(8, generator=g),
+        "adapter/layer.0.query/U": torch.randn(8, 4, generator=g),
+        "projector/accel/weight": torch.randn(6, 3, generator=g),
+        "consensus/gram_upper": torch.rand(10, generator=g),
+        "targets/gyro": torch.randn(4, 5, generator=g),
+    }
+    return GlobalState(round=round_, anchor_fingerprint="f" * 64, tensors=tensors, meta={"eval": {"a->b/recall@1": 0.5}})
+
+
+def make_update() -> SiteUpdate:
+    g = torch.Generator().manual_seed(1)
+    params = {"adapter/layer.0.query/S": torch.randn(4, 4, generator=g), "adapter/layer.0.query/m": torch.rand(8, generator=g),
+              "projector/accel/weight": torch.randn(6, 3, generator=g)}
+    precision = {k: torch.rand(v.shape, generator=g, dtype=torch.float64) + 0.1 for k, v in params.items() if k.startswith("adapter/")}
+    return SiteUpdate(site="site-1", modality="accel", round=2, anchor_fingerprint="f" * 64, params=params,
+                      precision=precision, gram_upper=torch.rand(10, generator=g), n_samples=20, uncertainty=3.5,
+                      metrics={"loss/loss": 1.25})
+
+
+def assert_same_state(a: GlobalState, b: GlobalState) -> None:
+    assert (a.round, a.anchor_fingerprint) == (b.round, b.anchor_fingerprint)
+    assert set(a.tensors) == set(b.tensors)
+    for k in a.tensors:
+        assert torch.equal(a.tensors[k], b.tensors[k]), k
+
+
+# -- fast: checkpoint files ------------------------------------------------------
+def test_checkpoint_round_trip_keeps_tensors_and_meta(tmp_path):
+    state = make_state()
+    save_state(tmp_path / "round-0003.safetensors", state)
+    loaded = load_state(tmp_path / "round-0003.safetensors")
+    assert_same_state(state, loaded)
+    assert loaded.meta == state.meta
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")], "temporary file left behind"
+
+
+def test_atomic_write_never_leaves_a_partial_file(tmp_path, monkeypatch):
+    target = tmp_path / "x.bin"
+    atomic_write_bytes(target, b"old")
+
+    def broken_replace(src, dst):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(os, "replace", broken_replace)
+    with pytest.raises(OSError):
+        atomic_write_bytes(target, b"new content")
+    monkeypatch.undo()
+    assert target.read_bytes() == b"old"
+    assert [p.name for p in tmp_path.iterdir()] == ["x.bin"]
+
+
+def test_latest_state_falls_back_past_damaged_files(tmp_path, caplog):
+    for r in (1, 2, 3):
+        save_state(tmp_path / f"round-{r:04d}.safetensors", make_state(r, seed=r))
+    save_state(tmp_path / LAST_FILE, make_state(3, seed=3))
+    assert latest_state(tmp_path).round == 3
+    # a cut-short newest round and a garbled last file: round 2 is the newest complete state
+    data = (tmp_path / "round-0003.safetensors").read_bytes()
+    (tmp_path / "round-0003.safetensors").write_bytes(data[: len(data) // 2])
+    garbled = bytearray((tmp_path / LAST_FILE).read_bytes())
+    garbled[-5] ^= 0xFF
+    (tmp_path / LAST_FILE).write_bytes(bytes(garbled))
+    with pytest.raises(CheckpointError):
+        load_state(tmp_path / LAST_FILE)
+    with caplog.at_level("WARNING"):
+        state = latest_state(tmp_path)
+    assert state.round == 2
+    assert_same_state(state, make_state(2, seed=2))
+    assert "falling back" in caplog.text
+    assert latest_state(tmp_path / "nothing-here") is None
+
+
+# -- fast: what travels ----------------------------------------------------------
+def test_global_state_round_trips_through_dxo_learnable_and_generator():
+    state = make_state()
+    assert_same_state(state, dxo_to_state(state_to_dxo(state, {"job_config": {"rounds": 2}})))
+    learnable = state_to_learnable(state, {"job_config": {"rounds": 2}})
+    assert_same_state(state, learnable_to_state(learnable))
+    generator = FedAnchorShareableGenerator()
+    shareable = generator.learnable_to_shareable(learnable, fl_ctx=None)
+    back = generator.shareable_to_learnable(shareable, fl_ctx=None)
+    restored = learnable_to_state(back)
+    assert_same_state(state, restored)
+    assert restored.meta["job_config"] == {"rounds": 2} and restored.meta["eval"] == state.meta["eval"]
+
+
+def test_site_update_round_trips_and_refuses_extra_entries():
+    update = make_update()
+    dxo = update_to_dxo(update)
+    back = dxo_to_update(dxo)
+    assert (back.site, back.modality, back.round, back.n_samples, back.uncertainty) == ("site-1", "accel", 2, 20, 3.5)
+    for k, v in update.params.items():
+        assert torch.equal(back.params[k], v)
+    assert back.metrics == update.metrics
+    dxo.data["private/embeddings"] = np.zeros((3, 3), np.float32)
+    with pytest.raises(ValueError, match="unexpected entries"):
+        dxo_to_update(dxo)
+    with pytest.raises(ValueError, match="COLLECTION"):
+        dxo_to_update(state_to_dxo(make_state()))
+
+
+# -- fast: the site's own settings and the job folders --------------------------------
+def test_site_shard_resolution():
+    sites = {"hospital-a": "report", "hospital-b": "report", "hospital-c": "findings"}
+    assert resolve_shard("hospital-c", SiteConfig(), sites) == ("hospital-c", "findings")
+    assert resolve_shard("site-3", SiteConfig(), sites) == ("hospital-c", "findings")  # simulator / POC names
+    with pytest.raises(SiteConfigError, match="not in the job's site list"):
+        resolve_shard("site-4", SiteConfig(), sites)
+    with pytest.raises(SiteConfigError, match="modality 'findings'"):
+        resolve_shard("hospital-a", SiteConfig.from_dict({"modality": "findings"}), sites)
+
+
+def test_site_config_file_errors_are_clear(tmp_path):
+    assert load_site_config(tmp_path / "absent.json") == SiteConfig()
+    path = tmp_path / "fedanchor_site.json"
+    path.write_text(json.dumps({"modality": "report", "data": {"source": "bundled", "shard": "hospital-b"}, "device": "cpu"}))
+    cfg = load_site_config(path)
+    assert (cfg.modality, cfg.data.shard, cfg.device) == ("report", "hospital-b", "cpu")
+    path.write_text(json.dumps({"modaliti": "report"}))
+    with pytest.raises(SiteConfigError, match="unknown key"):
+        load_site_config(path)
+    path.write_text(json.dumps({"data": {"source": "folder", "path": "/data"}}))
+    with pytest.raises(SiteConfigError, match="not supported yet"):
+        load_site_config(path)
+
+
+@pytest.mark.parametrize("name", sorted(jobs.DEMO_JOBS))
+def test_job_folders_are_plain_and_match_their_definition(name, tmp_path):
+    job = JOBS / name
+    assert not list(job.rglob("custom")), "a fedanchor job must not need custom code"
+    config = jobs.read_job_config(job)  # server and client copies agree
+    meta = json.loads((job / "meta.json").read_text())
+    n_sites = len(jobs.job_sites(config))
+    assert meta["min_clients"] == n_sites
+    server = json.loads((job / "app/config/config_fed_server.json").read_text())
+    assert server["min_clients"] == n_sites and server["workflows"][0]["args"]["wait_time_after_min_received"] == 0
+    # jobs/<name> is what DEMO_JOBS describes (regenerate with jobs.write_demo_jobs("jobs"))
+    spec = jobs.DEMO_JOBS[name]
+    fresh = jobs.write_job(tmp_path / name, f"fedanchor-{name}", spec["config"], spec["num_rounds"])
+    for rel in ("meta.json", "app/config/config_fed_server.json", "app/config/config_fed_client.json"):
+        assert json.loads((fresh / rel).read_text()) == json.loads((job / rel).read_text()), rel
+
+
+def test_export_byoc_bundles_the_package(tmp_path):
+    out = jobs.export_byoc(JOBS / "motion", tmp_path / "motion-byoc")
+    assert (out / "app/custom/fedanchor/flare/executor.py").is_file()
+    assert (out / "app/custom/fedanchor/federation/server.py").is_file()
+    assert not list(out.rglob("__pycache__"))
+    assert json.loads((out / "meta.json").read_text())["name"] == "fedanchor-motion-byoc"
+    assert jobs.main([str(JOBS / "motion"), str(tmp_path / "motion-byoc")]) == 2  # exists, no --force
+    assert jobs.main([str(JOBS / "motion"), str(tmp_path / "motion-byoc"), "--force"]) == 0
+
+
+# -- executor and server components outside FLARE's runtime (tiny trunk, motion) ------------------
+class FakeEngine:
+    """Just enough of a FLARE engine for one component: a workspace, events and other components."""
+
+    def __init__(self, workspace, components=None):
+        self.workspace, self.components, self.events = workspace, dict(components or {}), []
+
+    def get_workspace(self):
+        return self.workspace
+
+    def get_component(self, component_id):
+        return self.components.get(component_id)
+
+    def fire_event(self, event_type, fl_ctx):
+        self.events.append(event_type)
+
+
+def fake_ctx(root: Path, name: str, components=None):
+    from nvflare.apis.fl_constant import ReservedKey
+    from nvflare.apis.fl_context import FLContext
+    from nvflare.apis.workspace import Workspace
+
+    for sub in ("startup", "local"):
+        (root / sub).mkdir(parents=True, exist_ok=True)
+    engine = FakeEngine(Workspace(str(root), site_name=name), components)
+    ctx = FLContext()
+    ctx.set_prop(ReservedKey.ENGINE, engine, private=True, sticky=False)
+    ctx.set_prop(ReservedKey.IDENTITY_NAME, name, private=True, sticky=False)
+    ctx.set_prop(ReservedKey.RUN_NUM, "job-1", private=True, sticky=False)
+    return ctx
+
+
+def test_components_train_validate_submit_and_keep_delta_site(tmp_path):
+    from nvflare.apis.dxo import DataKind, from_shareable
+    from nvflare.apis.event_type import EventType
+    from nvflare.apis.fl_constant import ReservedKey, ReturnCode
+    from nvflare.apis.signal import Signal
+
+    from fedanchor.flare.aggregator import FedAnchorAggregator
+    from fedanchor.flare.executor import FedAnchorExecutor
+    from fedanchor.flare.persistor import FedAnchorPersistor
+    from fedanchor.flare.server_state import FedAnchorServerComponent
+
+    config = jobs.read_job_config(JOBS / "motion")
+    component = FedAnchorServerComponent(config=config)
+    persistor, aggregator = FedAnchorPersistor(), FedAnchorAggregator()
+    server_ctx = fake_ctx(tmp_path / "server", "server", {"fedanchor_server": component})
+    task = FedAnchorShareableGenerator().learnable_to_shareable(persistor.load_model(server_ctx), server_ctx)
+
+    site_ctx = fake_ctx(tmp_path / "site-1", "site-1")
+    executor = FedAnchorExecutor(config=config)
+    executor.handle_event(EventType.START_RUN, site_ctx)
+    result = executor.execute("train", task, site_ctx, Signal())
+    assert from_shareable(result).data_kind == DataKind.COLLECTION
+    result.set_peer_props({ReservedKey.IDENTITY_NAME: "site-1"})
+    assert aggregator.accept(result, server_ctx)
+    assert not aggregator.accept(result, server_ctx)  # the same site twice in one round
+    forged = executor.execute("train", task, site_ctx, Signal())
+    forged.set_peer_props({ReservedKey.IDENTITY_NAME: "site-2"})
+    assert not aggregator.accept(forged, server_ctx)  # claims to be site-1, sent by site-2
+    new_state = shareable_to_state_checked(aggregator.aggregate(server_ctx))
+    assert new_state.round == 1 and "eval" in new_state.meta
+    summary = json.loads((tmp_path / "server/job-1/fedanchor_summary.json").read_text())
+    assert summary["rounds"][0]["accepted"] == ["site-1"] and "site-2" in summary["rounds"][0]["rejected"]
+
+    delta_file = next((tmp_path / "site-1/job-1/fedanchor").glob("delta_site-*.safetensors"))
+    delta = executor._trainer.local_state()
+    assert any(float(v.abs().sum()) > 0 for v in delta.values())
+
+    metrics = from_shareable(executor.execute("validate", task, site_ctx, Signal()))
+    assert metrics.data_kind == DataKind.METRICS and "anchor/accel->gyro/recall@1" in metrics.data
+    submitted = from_shareable(executor.execute("submit_model", task, site_ctx, Signal()))
+    assert submitted.data_kind == DataKind.WEIGHTS and not [k for k in submitted.data if "delta" in k]
+
+    aborted = Signal()
+    aborted.trigger("stop")
+    assert executor.execute("train", task, site_ctx, aborted).get_return_code() == ReturnCode.TASK_ABORTED
+    for k, v in executor._trainer.local_state().items():
+        assert torch.equal(v, delta[k]), "an aborted round must not change delta_site"
+
+    restarted = FedAnchorExecutor(config=config)  # a restarted site picks up its delta_site
+    restarted.handle_event(EventType.START_RUN, site_ctx)
+    for k, v in restarted._trainer.local_state().items():
+        assert torch.equal(v, delta[k])
+    assert delta_file.exists()
+
+    other = dict(config, train=dict(config["train"], lr=0.5))  # a site whose job copy differs
+    odd = FedAnchorExecutor(config=other)
+    odd.handle_event(EventType.START_RUN, fake_ctx(tmp_path / "site-2", "site-2"))
+    assert odd.execute("train", task, fake_ctx(tmp_path / "site-2", "site-2"), Signal()).get_return_code() == ReturnCode.BAD_TASK_DATA
+
+    ctx3 = fake_ctx(tmp_path / "site-9", "site-9")  # not in the job's site list: fails at START_RUN, clearly
+    lost = FedAnchorExecutor(config=config)
+    lost.handle_event(EventType.START_RUN, ctx3)
+    assert "not in the job's site list" in lost._setup_error
+    assert lost.execute("train", task, ctx3, Signal()).get_return_code() == ReturnCode.EXECUTION_EXCEPTION
+
+
+def shareable_to_state_checked(shareable):
+    from fedanchor.flare.shareable import shareable_to_state
+
+    return shareable_to_state(shareable)
+
+
+# -- slow: the real FLARE simulator ------------------------------------------------
+@pytest.mark.slow
+def test_motion_job_in_the_flare_simulator(tmp_path):
+    nvflare = Path(sys.executable).with_name("nvflare")
+    assert nvflare.exists(), f"{nvflare} missing: install nvflare in this environment"
+    workspace = tmp_path / "ws"
+    jobs.prepare_simulator_workspace(workspace)  # FLARE 2.9 builds only allow-listed classes, in the simulator too
+    assert "fedanchor." in json.loads((workspace / "local/resources.json").read_text())["class_allow_list"]
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
+               PATH=f"{nvflare.parent}{os.pathsep}{os.environ.get('PATH', '')}")
+    started = time.perf_counter()
+    run = subprocess.run([str(nvflare), "simulator", "-w", str(workspace), "-n", "2", "-t", "2", str(JOBS / "motion")],
+                         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    seconds = time.perf_counter() - started
+    log = run.stdout + run.stderr
+    assert run.returncode == 0, log[-4000:]
+    run_dir = workspace / "server" / "simulate_job"
+    summary_file = run_dir / "fedanchor_summary.json"
+    assert summary_file.is_file(), f"no summary after {seconds:.0f}s:\n{log[-4000:]}"
+    summary = json.loads(summary_file.read_text())
+
+    # every site contributed each round, nothing rejected, bytes up recorded per site
+    assert [r["round"] for r in summary["rounds"]] == [0, 1]
+    for record in summary["rounds"]:
+        assert record["accepted"] == ["site-1", "site-2"], record
+        assert record["rejected"] == {}
+        assert set(record["bytes_up"]) == {"site-1", "site-2"} and min(record["bytes_up"].values()) > 0
+        assert set(record["site_weights"]) == {"site-1", "site-2"}
+    final = summary["final_eval"]
+    assert {"accel->gyro/recall@1", "gyro->accel/recall@1"} <= set(final)
+    assert all(0.0 <= final[k] <= 1.0 for k in ("accel->gyro/recall@1", "gyro->accel/recall@1"))
+    assert "accel->gyro/recall@1" in summary["initial_eval"]
+
+    # one checkpoint per round, the global state moved between rounds, and the last one resumes a server
+    ckpt = run_dir / "checkpoints"
+    r1, r2, last = (load_state(ckpt / n) for n in ("round-0001.safetensors", "round-0002.safetensors", LAST_FILE))
+    assert (r1.round, r2.round, last.round) == (1, 2, 2)
+    assert (ckpt / BEST_FILE).is_file()
+    cores = [k for k in r1.tensors if k.endswith(("/S", "/m"))]
+    assert cores and any(not torch.equal(r1.tensors[k], r2.tensors[k]) for k in cores)
+    assert_same_state(r2, last)
+    assert last.meta["eval"] == final
+
+    from fedanchor.config import config_from_dict
+    from fedanchor.federation.loop import make_split
+    from fedanchor.federation.server import FederatedServer
+
+    config = config_from_dict(jobs.read_job_config(JOBS / "motion"))
+    split = make_split(config)
+    server = FederatedServer(config, {m: d.spec for m, d in split.anchors.items()}, split.anchors, split.anchor_fingerprint,
+                             split.feature_stats, split.test, device="cpu")
+    server.resume(last)
+    assert server.evaluate(last)["accel->gyro/recall@1"] == pytest.approx(final["accel->gyro/recall@1"])
+
+    # delta_site stayed at each site, on its disk
+    for site in ("site-1", "site-2"):
+        assert list((workspace / site / "simulate_job" / "fedanchor").glob("delta_site-*.safetensors")), site
