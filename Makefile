@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 TORCH_PIN := torch==2.13.0
 ROUNDS ?= 3
 
-.PHONY: install demo test test-fast compare clean
+.PHONY: install demo test test-fast compare jobs clean
 
 $(STAMP): pyproject.toml requirements-data.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -31,8 +31,13 @@ test-fast: $(STAMP)
 compare: $(STAMP)
 	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(VENV)/bin/fedanchor compare --scenario xray --rounds $(ROUNDS) --out runs/compare-xray
 
+# The default job, jobs/xray, in the real FLARE simulator: a line per round, then the results table, results.json and rounds.png.
 demo: $(STAMP)
-	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(VENV)/bin/fedanchor compare --scenario xray --rounds $(ROUNDS) --out runs/demo-xray
+	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(VENV)/bin/fedanchor simulate jobs/xray --out runs/demo-xray
+
+# Rebuild jobs/*/ from fedanchor.flare.jobs.DEMO_JOBS (a test checks they agree).
+jobs: $(STAMP)
+	$(PY) -m fedanchor.flare.jobs write-demo-jobs jobs
 
 clean:
 	rm -rf runs .pytest_cache

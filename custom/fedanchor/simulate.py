@@ -64,6 +64,9 @@ def simulate(job: Path, out: Path, threads: int | None = None, echo=print) -> di
     if workspace.exists():
         shutil.rmtree(workspace)
     out.mkdir(parents=True, exist_ok=True)
+    from .flare.jobs import prepare_simulator_workspace
+
+    prepare_simulator_workspace(workspace)  # FLARE 2.9 builds only allow-listed classes, in the simulator too
     command = nvflare_command() + ["simulator", "-w", str(workspace), "-n", str(len(sites)), "-c", ",".join(sites),
                                    "-t", str(threads or len(sites)), str(job)]
     echo(f"$ {' '.join(command)}")

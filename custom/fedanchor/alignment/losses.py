@@ -20,13 +20,36 @@ def cka_loss(z: torch.Tensor, consensus: torch.Tensor, index: torch.Tensor) -> t
     return 1.0 - (centred_gram(z) * sub_kernel(consensus.to(z.dtype), index)).sum()
 
 
-def anchor_info_nce(z: torch.Tensor, targets: torch.Tensor, temperature: float) -> torch.Tensor:
-    """Symmetric InfoNCE between a site's anchor embeddings and fixed targets of the same anchors."""
+def anchor_info_nce(z: torch.Tensor, targets: torch.Tensor, temperature: float, target_mean: torch.Tensor | None = None,
+                    same_input: torch.Tensor | None = None, duplicate_cos: float = 0.999) -> torch.Tensor:
+    """Symmetric InfoNCE between a site's anchor embeddings and fixed targets of the same anchors.
+
+    Both sides are centred before the cosine (the batch mean for the site, the
+    mean over all anchors for the targets): a pretrained trunk's embeddings share
+    one dominant direction (pairwise cosine about 0.7 for MiniLM), which leaves
+    the raw logits almost flat. Anchors whose targets coincide (two reports with
+    the same code set) are all positives, not false negatives; so are anchors
+    whose inputs at this site are identical (``same_input``), which no model
+    could tell apart.
+    """
     if z.shape != targets.shape:
         raise ValueError(f"anchor embeddings {tuple(z.shape)} and targets {tuple(targets.shape)} differ in shape")
-    logits = z @ targets.detach().T / temperature
-    labels = torch.arange(z.shape[0], device=z.device)
-    return 0.5 * (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels))
+    targets = targets.detach()
+    positives = (F.normalize(targets, dim=-1) @ F.normalize(targets, dim=-1).T) > duplicate_cos
+    positives |= torch.eye(z.shape[0], dtype=torch.bool, device=z.device)
+    if same_input is not None:
+        positives |= same_input.to(z.device)
+    mean = targets.mean(0) if target_mean is None else target_mean.detach()
+    zc = F.normalize(z - z.mean(0, keepdim=True), dim=-1)
+    tc = F.normalize(targets - mean, dim=-1)
+    logits = zc @ tc.T / temperature
+    return 0.5 * (_multi_positive(logits, positives) + _multi_positive(logits.T, positives.T))
+
+
+def _multi_positive(logits: torch.Tensor, positives: torch.Tensor) -> torch.Tensor:
+    log_all = torch.logsumexp(logits, dim=1)
+    log_pos = torch.logsumexp(logits.masked_fill(~positives, float("-inf")), dim=1)
+    return (log_all - log_pos).mean()
 
 
 def two_view_contrastive(z1: torch.Tensor, z2: torch.Tensor, temperature: float) -> torch.Tensor:

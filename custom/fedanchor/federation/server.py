@@ -52,6 +52,11 @@ class RoundReport:
     bytes_up: dict[str, int] = field(default_factory=dict)
 
 
+def centre_on_anchors(z: torch.Tensor, anchor_z: torch.Tensor) -> torch.Tensor:
+    """Embeddings with their modality's anchor mean removed, renormalised: the space retrieval is scored in."""
+    return torch.nn.functional.normalize(z - anchor_z.mean(0), dim=-1)
+
+
 def _unit_mean(precision: torch.Tensor) -> torch.Tensor:
     return precision / precision.mean().clamp_min(1e-300)
 
@@ -208,12 +213,14 @@ class FederatedServer:
             return {}
         if state is not None:
             load_shared(self.model, state.shared_params())
-        embeddings = {m: self.model.embed_all(m, d.items) for m, d in self.test.items()}
+        anchors = self._anchor_embeddings()
+        # Compare in the centred space the cross-modal term trains: each modality's anchor mean (public) removed.
+        embeddings = {m: centre_on_anchors(self.model.embed_all(m, d.items), anchors[m]) for m, d in self.test.items()}
         labels = {m: np.asarray(d.semantic_labels) for m, d in self.test.items()}
         metrics = cross_modal_metrics(embeddings, labels)
         kernel = self.state.consensus() if self.state is not None else None
         if kernel is not None:
             k = from_upper_triangle(kernel.double())
-            for m, z in self._anchor_embeddings().items():
+            for m, z in anchors.items():
                 metrics[f"{m}/anchor_cka_to_consensus"] = float((centred_gram(z.double()) * k).sum())
         return metrics

@@ -85,6 +85,7 @@ class SiteTrainer:
         consensus = state.consensus()
         kernel = from_upper_triangle(consensus.double()).to(self.device) if consensus is not None else None
         targets = {m: t.to(self.device) for m, t in state.targets().items() if m != self.modality}
+        target_means = {m: t.mean(0) for m, t in targets.items()}
         use_cka = cfg.alignment.lambda_cka > 0 and kernel is not None
         use_cross = cfg.alignment.lambda_cross > 0 and bool(targets)
 
@@ -115,7 +116,8 @@ class SiteTrainer:
             loss = cfg.private.weight * loss_private
             index_t = torch.as_tensor(anchor_index, device=self.device) if anchor_index is not None else None
             loss_cka = cka_loss(za, kernel, index_t) if use_cka else z.new_zeros(())
-            loss_cross = (sum(anchor_info_nce(za, t[index_t], cfg.alignment.temperature) for t in targets.values()) / len(targets)
+            same = same_items(take_items(self.anchors.items, anchor_index)) if use_cross else None
+            loss_cross = (sum(anchor_info_nce(za, t[index_t], cfg.alignment.temperature, target_means[m], same) for m, t in targets.items()) / len(targets)
                           if use_cross else z.new_zeros(()))
             loss_delta = sum((layer.delta ** 2).sum() for layer in model.adapters().values())
             loss = loss + cfg.alignment.lambda_cka * loss_cka + cfg.alignment.lambda_cross * loss_cross + cfg.alignment.lambda_delta * loss_delta
@@ -158,6 +160,14 @@ class SiteTrainer:
         log.info("site %s round %d: loss %.4f (private %.4f, cka %.4f, cross %.4f) in %.1fs", self.site, state.round,
                  metrics["loss/loss"], metrics["loss/private"], metrics["loss/cka"], metrics["loss/cross"], metrics["seconds"])
         return update
+
+
+def same_items(items: object) -> torch.Tensor:
+    """n x n mask of items that are identical (two anchors with the same code set, say)."""
+    keys = [np.asarray(x).tobytes() if isinstance(items, np.ndarray) else x for x in items]  # type: ignore[union-attr]
+    index = {k: i for i, k in enumerate(dict.fromkeys(keys))}
+    ids = torch.tensor([index[k] for k in keys])
+    return ids[:, None] == ids[None, :]
 
 
 def _concat(parts: list) -> object:

@@ -34,6 +34,7 @@ from ..config import FedAnchorConfig, config_from_dict, config_to_dict
 from ..evaluation import retrieval
 from ..federation.loop import make_split, site_modality
 from ..federation.messages import GlobalState
+from ..federation.server import centre_on_anchors
 from ..federation.site import SiteTrainer
 from ..federation.state import core_params, load_shared, projector_params
 from .persistor import CheckpointError, load_tensors, save_tensors
@@ -73,7 +74,7 @@ def anchor_validation(trainer: SiteTrainer, state: GlobalState) -> dict[str, flo
     metrics: dict[str, float] = {}
     for other, target in state.targets().items():
         if other != trainer.modality:
-            for key, value in retrieval(z, target, labels, labels).items():
+            for key, value in retrieval(centre_on_anchors(z, z), centre_on_anchors(target, target), labels, labels).items():
                 if not key.startswith("chance_"):
                     metrics[f"anchor/{trainer.modality}->{other}/{key}"] = value
     kernel = state.consensus()

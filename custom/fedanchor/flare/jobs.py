@@ -54,10 +54,10 @@ DEMO_JOBS: dict[str, dict[str, Any]] = {
     },
     # MiniLM trunk; hospital-a and hospital-b hold reports, hospital-c findings. Sized for a 2-core CPU (see docs/FLARE.md).
     "xray": {
-        "num_rounds": 2,
+        "num_rounds": 3,
         "config": {
             "data": {"scenario": "xray", "n_test": 500, "max_private_per_site": 300},
-            "train": {"local_steps": 10, "batch_size": 16},
+            "train": {"local_steps": 12, "batch_size": 16},
             "alignment": {"anchor_batch": 32},
         },
     },
