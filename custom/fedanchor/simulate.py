@@ -72,6 +72,8 @@ def simulate(job: Path, out: Path, threads: int | None = None, echo=print) -> di
     echo(f"$ {' '.join(command)}")
     started = time.perf_counter()
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", PYTHONUNBUFFERED="1")
+    # Every simulated site is a process with its own torch thread pool; more threads than cores thrash.
+    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // len(sites))))
     log_path = out / "simulator.log"
     with open(log_path, "w") as log, subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                                       env=env, cwd=str(out)) as proc:

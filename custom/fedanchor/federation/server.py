@@ -110,7 +110,8 @@ class FederatedServer:
         if self.state is None:
             raise RuntimeError("call initial_state() or resume() before start_round()")
         self.report = RoundReport(round=self.state.round)
-        self._merge = PrecisionWeightedMerge()
+        self._merges: dict[str, PrecisionWeightedMerge] = {}  # one per modality: sums, not sites, are held
+        self._modality_mass: dict[str, float] = {}
         self._projector_merges: dict[str, PrecisionWeightedMerge] = {}
         self._consensus = GramConsensus(self.config.alignment.modality_weights, ema=self.config.alignment.consensus_ema)
 
@@ -166,12 +167,16 @@ class FederatedServer:
             log.warning("%s", err)
             raise
         cfg = self.config.precision
-        scale = update.uncertainty * sample_weight(update.n_samples, cfg.sample_exponent)
+        mass = sample_weight(update.n_samples, cfg.sample_exponent)
+        scale = update.uncertainty * mass
         cores = {k: v for k, v in update.params.items() if is_core_or_magnitude(k)}
         # Lambda's absolute scale follows the optimiser's step size, not the data, so it is not comparable across
-        # sites: it only distributes a site's weight over its coefficients; pi_k and n_k set the site's total say.
+        # sites: it only distributes a site's weight over its coefficients. pi_k is comparable only between sites of
+        # one modality (same augmentations, same objective), so it weighs sites within a modality, and the modalities
+        # are then combined by their sample mass n_k ** gamma.
         weights = {k: scale * _unit_mean(update.precision[k].double()) for k in cores}
-        self._merge.add(update.site, cores, weights)
+        self._merges.setdefault(update.modality, PrecisionWeightedMerge()).add(update.site, cores, weights)
+        self._modality_mass[update.modality] = self._modality_mass.get(update.modality, 0.0) + mass
         projector = {k: v for k, v in update.params.items() if not is_core_or_magnitude(k)}
         if projector:
             self._projector_merges.setdefault(update.modality, PrecisionWeightedMerge()).add(update.site, projector, scale)
@@ -190,10 +195,17 @@ class FederatedServer:
             raise RoundFailed(f"round {self.state.round}: {accepted} valid contribution(s), at least {max(1, min_sites)} needed "
                               f"({reasons}); the global model is left unchanged")
         tensors = dict(self.state.tensors)
-        tensors.update(self._merge.result())
+        total_mass = sum(self._modality_mass.values())
+        merged: dict[str, torch.Tensor] = {}
+        for modality, merge in self._merges.items():
+            share = self._modality_mass[modality] / total_mass
+            for key, value in merge.result().items():
+                merged[key] = merged.get(key, 0.0) + share * value.double()
+            for site, site_share in merge.site_shares().items():
+                self.report.site_weights[site] = share * site_share
+        tensors.update({k: v.float() for k, v in merged.items()})
         for merge in self._projector_merges.values():
             tensors.update(merge.result())
-        self.report.site_weights = self._merge.site_shares()
         load_shared(self.model, {k: v for k, v in tensors.items() if k.startswith(("adapter/", "projector/"))})
         previous = from_upper_triangle(self.state.tensors[CONSENSUS_KEY].double()) if CONSENSUS_KEY in self.state.tensors else None
         tensors[CONSENSUS_KEY] = upper_triangle(self._consensus.combine(previous)).float()
