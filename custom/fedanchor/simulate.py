@@ -24,19 +24,6 @@ SUMMARY_FILE = "fedanchor_summary.json"
 PROGRESS = re.compile(r"fedanchor (round \d+:.*)")
 
 
-def job_sites(job: Path) -> list[str]:
-    """The site names a job's configuration names (data.sites), else the scenario's defaults."""
-    from .config import config_from_dict
-    from .federation.loop import site_modality
-
-    server_config = json.loads((job / "app" / "config" / "config_fed_server.json").read_text())
-    for component in server_config.get("components", []):
-        if component.get("path", "").endswith("FedAnchorServerComponent"):
-            return list(site_modality(config_from_dict(component.get("args", {}).get("config", {}))))
-    raise ValueError(f"{job} has no fedanchor.flare.server_state.FedAnchorServerComponent in config_fed_server.json; "
-                     "is it a fedanchor job folder?")
-
-
 def nvflare_command() -> list[str]:
     candidate = Path(sys.executable).with_name("nvflare")
     if candidate.exists():
@@ -59,13 +46,13 @@ def simulate(job: Path, out: Path, threads: int | None = None, echo=print) -> di
     job = job.resolve()
     if not (job / "meta.json").is_file():
         raise FileNotFoundError(f"{job} is not a FLARE job folder (no meta.json)")
-    sites = job_sites(job)
+    from .flare.jobs import job_sites, prepare_simulator_workspace, read_job_config
+
+    sites = list(job_sites(read_job_config(job)))
     workspace = out / "workspace"
     if workspace.exists():
         shutil.rmtree(workspace)
     out.mkdir(parents=True, exist_ok=True)
-    from .flare.jobs import prepare_simulator_workspace
-
     prepare_simulator_workspace(workspace)  # FLARE 2.9 builds only allow-listed classes, in the simulator too
     command = nvflare_command() + ["simulator", "-w", str(workspace), "-n", str(len(sites)), "-c", ",".join(sites),
                                    "-t", str(threads or len(sites)), str(job)]

@@ -130,7 +130,7 @@ class SiteTrainer:
             for key, value in (("loss", loss), ("private", loss_private), ("cka", loss_cka), ("cross", loss_cross)):
                 sums[key] += float(value.detach())
             if progress is not None:
-                progress(step + 1, cfg.train.local_steps, float(loss))
+                progress(step + 1, cfg.train.local_steps, float(loss.detach()))
 
         anchor_z = model.embed_all(self.modality, self.anchors.items)
         gram = centred_gram(anchor_z.double())
