@@ -122,3 +122,10 @@ def test_two_view_contrastive_is_low_for_identical_views():
     z = torch.nn.functional.normalize(torch.randn(16, 8), dim=1)
     other = torch.nn.functional.normalize(torch.randn(16, 8), dim=1)
     assert two_view_contrastive(z, z, 0.1) < two_view_contrastive(z, other, 0.1)
+
+
+def test_two_view_contrastive_treats_identical_items_as_positives():
+    z = torch.nn.functional.normalize(torch.randn(4, 8), dim=1)
+    z = torch.cat([z[:2], z[:1], z[3:]])  # items 0 and 2 are the same input
+    same = torch.tensor([[1, 0, 1, 0], [0, 1, 0, 0], [1, 0, 1, 0], [0, 0, 0, 1]], dtype=torch.bool)
+    assert two_view_contrastive(z, z, 0.1, same) < two_view_contrastive(z, z, 0.1)

@@ -41,8 +41,11 @@ def plot_rounds(rounds: Sequence[Mapping[str, Any]], path: Path, title: str = "f
     axes[2].set(title="each site's share of the merge", xlabel="round", ylabel="weight", ylim=(0, 1))
     for ax in axes[1:]:
         ax.legend(fontsize=8)
+    from matplotlib.ticker import MaxNLocator
+
     for ax in axes:
         ax.grid(alpha=0.3)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     fig.suptitle(title)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)

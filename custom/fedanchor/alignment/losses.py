@@ -52,11 +52,18 @@ def _multi_positive(logits: torch.Tensor, positives: torch.Tensor) -> torch.Tens
     return (log_all - log_pos).mean()
 
 
-def two_view_contrastive(z1: torch.Tensor, z2: torch.Tensor, temperature: float) -> torch.Tensor:
-    """NT-Xent (SimCLR): each item's two views are positives, all other views in the batch negatives."""
-    z = torch.cat([z1, z2])
+def two_view_contrastive(z1: torch.Tensor, z2: torch.Tensor, temperature: float, same_input: torch.Tensor | None = None) -> torch.Tensor:
+    """NT-Xent (SimCLR): each item's two views are positives, all other views in the batch negatives.
+
+    Items that are identical (``same_input``: many reports share the code set
+    "normal") are positives of each other too; as negatives they would ask the
+    model to tell identical inputs apart, which only dropout noise can do.
+    """
     n = z1.shape[0]
+    z = torch.cat([z1, z2])
     logits = z @ z.T / temperature
-    logits = logits.masked_fill(torch.eye(2 * n, dtype=torch.bool, device=z.device), float("-inf"))
-    labels = torch.cat([torch.arange(n, 2 * n), torch.arange(0, n)]).to(z.device)
-    return F.cross_entropy(logits, labels)
+    self_mask = torch.eye(2 * n, dtype=torch.bool, device=z.device)
+    logits = logits.masked_fill(self_mask, float("-inf"))
+    same = same_input.to(z.device) if same_input is not None else torch.eye(n, dtype=torch.bool, device=z.device)
+    positives = same.repeat(2, 2) & ~self_mask
+    return _multi_positive(logits, positives)

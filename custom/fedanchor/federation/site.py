@@ -112,7 +112,7 @@ class SiteTrainer:
                 parts.append(take_items(self.anchors.items, anchor_index))
             z = model.embed(self.modality, _concat(parts))
             z1, z2, za = z[:batch], z[batch:2 * batch], z[2 * batch:]
-            loss_private = two_view_contrastive(z1, z2, cfg.private.temperature)
+            loss_private = two_view_contrastive(z1, z2, cfg.private.temperature, same_items(items))
             loss = cfg.private.weight * loss_private
             index_t = torch.as_tensor(anchor_index, device=self.device) if anchor_index is not None else None
             loss_cka = cka_loss(za, kernel, index_t) if use_cka else z.new_zeros(())

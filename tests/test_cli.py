@@ -1,0 +1,34 @@
+"""The fedanchor command and the pictures it writes."""
+from __future__ import annotations
+
+import json
+
+from fedanchor.cli import main
+from fedanchor.plots import plot_rounds
+from fedanchor.report import round_table
+
+TINY = ["--scenario", "motion", "--trunk", "tiny", "--rounds", "1", "--set", "data.n_anchors=16", "--set", "data.n_test=24",
+        "--set", "train.local_steps=8", "--set", "train.batch_size=8", "--set", "alignment.anchor_batch=8"]
+
+
+def test_run_prints_recall_and_writes_results(tmp_path, capsys):
+    assert main(["run", *TINY, "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "accel->gyro" in out and "semantic" in out and "chance" in out
+    results = json.loads((tmp_path / "results.json").read_text())
+    rounds = results["fedanchor"]["rounds"]
+    assert len(rounds) == 1 and "accel->gyro/recall@10" in rounds[0]["eval"]
+    table = round_table(rounds, results["fedanchor"]["initial_eval"])
+    assert "cka site-1" in table and len(table.splitlines()) == 4
+    png = plot_rounds(rounds, tmp_path / "rounds.png", initial_eval=results["fedanchor"]["initial_eval"])
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_a_bad_key_is_named_and_exits_2(capsys):
+    assert main(["run", *TINY, "--set", "train.lrr=0.1"]) == 2
+    assert "unknown key 'lrr'" in capsys.readouterr().err
+
+
+def test_simulate_refuses_a_folder_that_is_not_a_job(tmp_path, capsys):
+    assert main(["simulate", str(tmp_path)]) == 2
+    assert "not a FLARE job folder" in capsys.readouterr().err
