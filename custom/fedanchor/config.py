@@ -80,6 +80,7 @@ class TrainConfig:
     lr: float = 5e-3
     projector_lr: float = 2e-2  # a code table starts at word-embedding scale (~0.05) and must move within a few rounds
     weight_decay: float = 0.0
+    warmup_fraction: float = 0.25  # of local steps, with a linear learning-rate warm-up each round
     seed: int = 0
     device: str = "auto"  # "auto", "cpu", "cuda", "cuda:1"
 
@@ -122,6 +123,7 @@ class FedAnchorConfig:
              "raise local_steps or lower the window"),
             (self.train.batch_size >= 2, f"train.batch_size={self.train.batch_size} must be at least 2 (contrastive views)"),
             (self.train.lr > 0, f"train.lr={self.train.lr} must be positive"),
+            (0.0 <= self.train.warmup_fraction <= 1.0, f"train.warmup_fraction={self.train.warmup_fraction} must be in [0, 1]"),
             (self.alignment.anchor_batch >= 4, f"alignment.anchor_batch={self.alignment.anchor_batch} must be at least 4"),
             (0.0 <= self.alignment.consensus_ema < 1.0,
              f"alignment.consensus_ema={self.alignment.consensus_ema} must be in [0, 1)"),

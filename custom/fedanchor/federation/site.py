@@ -95,6 +95,10 @@ class SiteTrainer:
             {"params": adapters, "lr": cfg.train.lr},
             {"params": projector, "lr": cfg.train.projector_lr},
         ], weight_decay=cfg.train.weight_decay)
+        # A fresh Adam's first steps move every parameter by about lr whatever its gradient; warming the rate up
+        # keeps the code table and the cores from jumping at the start of each round.
+        warmup = max(1, round(cfg.train.local_steps * cfg.train.warmup_fraction))
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / warmup))
         tracker = PrecisionTracker(core_params(model), cfg.precision.method, cfg.precision.window)
         rng = np.random.default_rng([self._seed, state.round])
         n, n_anchor = len(self.private), len(self.anchors)
@@ -126,6 +130,7 @@ class SiteTrainer:
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
+            scheduler.step()
             tracker.record()
             for key, value in (("loss", loss), ("private", loss_private), ("cka", loss_cka), ("cross", loss_cross)):
                 sums[key] += float(value.detach())
