@@ -92,6 +92,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from .simulate import main as simulate_main
 
         return _guarded(simulate_main, argv[1:])
+    if argv and argv[0] == "bench":
+        from .bench.cli import main as bench_main
+
+        return _guarded(bench_main, argv[1:])
     if argv and argv[0] == "export-byoc":
         from .flare.jobs import main as export_main
 

@@ -1,0 +1,190 @@
+"""Non-federated rivals: the paired ceiling, anchors-only training, anchor CCA and ASIF relative representations.
+
+All of them are scored like the federated model: held-out pairs, embeddings with
+their modality's anchor mean removed (``centre_on_anchors``), ``cross_modal_metrics``.
+"""
+from __future__ import annotations
+
+import itertools
+from typing import Mapping
+
+import numpy as np
+import torch
+from torch.nn import functional as F
+
+from ..config import FedAnchorConfig
+from ..data import load_scenario
+from ..data.scenario import FederatedSplit, ModalityData
+from ..evaluation import cross_modal_metrics
+from ..federation.server import centre_on_anchors
+from ..federation.site import resolve_device, same_items
+from ..model.homogeneous import HomogeneousTransformer, build_model, take_items
+
+
+# -- data -----------------------------------------------------------------------
+def true_pairs(split: FederatedSplit, with_anchors: bool = True) -> dict[str, ModalityData]:
+    """Every private sample of every site with its true partners in the other modalities (looked up by sample id).
+
+    Only the ceiling sees this: it is the pairing that federation never has.
+    """
+    scenario = load_scenario(split.scenario)
+    first = next(iter(scenario.data.values()))
+    row = {sid: i for i, sid in enumerate(first.sample_ids)}
+    ids: list[str] = list(next(iter(split.anchors.values())).sample_ids) if with_anchors else []
+    for private in split.private.values():
+        ids += list(private.sample_ids)
+    ids = list(dict.fromkeys(ids))
+    index = np.array([row[s] for s in ids], dtype=np.int64)
+    return {m: scenario.data[m].subset(index) for m in split.anchors}
+
+
+# -- centralised CLIP-style training ---------------------------------------------
+def _multi_positive(logits: torch.Tensor, positives: torch.Tensor) -> torch.Tensor:
+    log_all = torch.logsumexp(logits, dim=1)
+    log_pos = torch.logsumexp(logits.masked_fill(~positives, float("-inf")), dim=1)
+    return (log_all - log_pos).mean()
+
+
+def clip_loss(za: torch.Tensor, zb: torch.Tensor, temperature: float, positives: torch.Tensor) -> torch.Tensor:
+    """Symmetric InfoNCE on batch-centred unit vectors; identical items on either side count as positives."""
+    za = F.normalize(za - za.mean(0, keepdim=True), dim=-1)
+    zb = F.normalize(zb - zb.mean(0, keepdim=True), dim=-1)
+    logits = za @ zb.T / temperature
+    return 0.5 * (_multi_positive(logits, positives) + _multi_positive(logits.T, positives.T))
+
+
+def train_centralised(config: FedAnchorConfig, split: FederatedSplit, pairs: Mapping[str, ModalityData], steps: int,
+                      seed: int) -> HomogeneousTransformer:
+    """The fedanchor model (trunk + GeoLoRA + projectors), trained on ``pairs`` in one place, CLIP-style."""
+    torch.manual_seed(seed)
+    modalities = {m: d.spec for m, d in split.anchors.items()}
+    device = resolve_device(config.train.device)
+    model = build_model(config, modalities, split.feature_stats).to(device)
+    adapters = [p for layer in model.adapters().values() for p in (layer.S, layer.m, layer.delta)]
+    projectors = [p for m in modalities for p in model.tokenizer(m).parameters() if p.requires_grad]
+    optimizer = torch.optim.Adam([{"params": adapters, "lr": config.train.lr},
+                                  {"params": projectors, "lr": config.train.projector_lr}], weight_decay=config.train.weight_decay)
+    names = list(pairs)
+    n = len(pairs[names[0]])
+    batch = min(max(config.train.batch_size, config.alignment.anchor_batch), n)
+    rng = np.random.default_rng([seed, 11])
+    model.train()
+    for _ in range(steps):
+        index = rng.choice(n, size=batch, replace=False)
+        items = {m: take_items(pairs[m].items, index) for m in names}
+        z = {m: model.embed(m, items[m]) for m in names}
+        loss = z[names[0]].new_zeros(())
+        combos = list(itertools.combinations(names, 2))
+        for a, b in combos:
+            positives = (same_items(items[a]) | same_items(items[b])).to(z[a].device)
+            loss = loss + clip_loss(z[a], z[b], config.alignment.temperature, positives) / len(combos)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+    model.eval()
+    return model
+
+
+def score_model(model: HomogeneousTransformer, split: FederatedSplit) -> dict[str, float]:
+    embeddings = {}
+    for m, d in split.test.items():
+        anchor_z = model.embed_all(m, split.anchors[m].items)
+        embeddings[m] = centre_on_anchors(model.embed_all(m, d.items), anchor_z)
+    return cross_modal_metrics(embeddings, _labels(split))
+
+
+def _labels(split: FederatedSplit) -> dict[str, np.ndarray]:
+    return {m: np.asarray(d.semantic_labels) for m, d in split.test.items()}
+
+
+# -- training-free features for CCA and ASIF --------------------------------------
+def frozen_features(config: FedAnchorConfig, split: FederatedSplit, seed: int,
+                    extra: Mapping[str, ModalityData] | None = None) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], dict[str, str], dict[str, np.ndarray]]:
+    """(anchor features, test features, what they are, features of ``extra``) per modality.
+
+    Array modalities: the raw items, standardised by the anchors' statistics and
+    flattened. Text and code sets: the untrained model's embeddings (frozen trunk,
+    initial projector, zero adapters), since they have no raw vector form.
+    """
+    anchors, test, source, more = {}, {}, {}, {}
+    model = None
+    for m, d in split.anchors.items():
+        if d.spec.is_array:
+            mean, std = split.feature_stats[m]
+            f = lambda items: ((np.asarray(items, dtype=np.float64) - mean) / std).reshape(len(items), -1)  # noqa: E731
+            source[m] = "raw features, standardised on the anchors"
+        else:
+            if model is None:
+                torch.manual_seed(seed)
+                model = build_model(config, {k: v.spec for k, v in split.anchors.items()}, split.feature_stats)
+                model.eval()
+            f = lambda items, m=m: model.embed_all(m, items).double().numpy()  # noqa: E731
+            source[m] = f"untrained-model embeddings (frozen {config.trunk.name} trunk)"
+        anchors[m], test[m] = f(d.items), f(split.test[m].items)
+        if extra is not None:
+            more[m] = f(extra[m].items)
+    return anchors, test, source, more
+
+
+def _inv_sqrt(c: np.ndarray) -> np.ndarray:
+    w, v = np.linalg.eigh(c)
+    return (v / np.sqrt(np.maximum(w, 1e-12))) @ v.T
+
+
+def cca_rival(anchor_f: Mapping[str, np.ndarray], test_f: Mapping[str, np.ndarray], split: FederatedSplit,
+              reg: float = 0.1, max_dims: int | None = None) -> tuple[dict[str, float], dict[str, float]]:
+    """Regularised CCA fitted on the anchor pairs (two modalities), test items projected and weighted by sqrt(rho)."""
+    a, b = list(anchor_f)[:2]
+    n = anchor_f[a].shape[0]
+    reduced = {}
+    for m in (a, b):
+        x = anchor_f[m]
+        mu = x.mean(0)
+        # PCA to at most n-1 dims first: the anchors span no more than that.
+        _, s, vt = np.linalg.svd(x - mu, full_matrices=False)
+        k = int(min(n - 1, (s > s[0] * 1e-8).sum()))
+        reduced[m] = (mu, vt[:k].T)
+    xa = (anchor_f[a] - reduced[a][0]) @ reduced[a][1]
+    xb = (anchor_f[b] - reduced[b][0]) @ reduced[b][1]
+    def cov(x, y):
+        return x.T @ y / n
+    caa, cbb = cov(xa, xa), cov(xb, xb)
+    caa += reg * np.trace(caa) / caa.shape[0] * np.eye(caa.shape[0])
+    cbb += reg * np.trace(cbb) / cbb.shape[0] * np.eye(cbb.shape[0])
+    wa, wb = _inv_sqrt(caa), _inv_sqrt(cbb)
+    u, rho, vt = np.linalg.svd(wa @ cov(xa, xb) @ wb)
+    d = int(min(n // 2, len(rho), max_dims or n))
+    proj = {a: wa @ u[:, :d] * np.sqrt(rho[:d]), b: wb @ vt[:d].T * np.sqrt(rho[:d])}
+    embeddings = {}
+    for m in (a, b):
+        mu, pca = reduced[m]
+        za = torch.from_numpy(((anchor_f[m] - mu) @ pca @ proj[m]).astype(np.float32))
+        zt = torch.from_numpy(((test_f[m] - mu) @ pca @ proj[m]).astype(np.float32))
+        embeddings[m] = centre_on_anchors(zt, za)
+    return cross_modal_metrics(embeddings, _labels(split)), {"dims": d, "reg": reg, "top_rho": float(rho[0])}
+
+
+def asif_rival(anchor_f: Mapping[str, np.ndarray], test_f: Mapping[str, np.ndarray], split: FederatedSplit,
+               top_k: int | None = None, power: float = 3.0) -> tuple[dict[str, float], dict[str, float]]:
+    """ASIF-style relative representations: cosine to each anchor of the item's own modality, top-k kept, raised to a power."""
+    n = next(iter(anchor_f.values())).shape[0]
+    k = int(top_k or max(4, n // 5))
+
+    def relrep(x: np.ndarray, anchors: np.ndarray, mu: np.ndarray) -> torch.Tensor:
+        xs = x - mu
+        an = anchors - mu
+        xs /= np.linalg.norm(xs, axis=1, keepdims=True) + 1e-12
+        an /= np.linalg.norm(an, axis=1, keepdims=True) + 1e-12
+        sims = xs @ an.T
+        keep = np.argsort(-sims, axis=1)[:, :k]
+        out = np.zeros_like(sims)
+        rows = np.arange(len(sims))[:, None]
+        out[rows, keep] = np.maximum(sims[rows, keep], 0.0) ** power
+        return F.normalize(torch.from_numpy(out.astype(np.float32)), dim=-1)
+
+    embeddings = {}
+    for m in anchor_f:
+        mu = anchor_f[m].mean(0)
+        za = relrep(anchor_f[m], anchor_f[m], mu)
+        embeddings[m] = centre_on_anchors(relrep(test_f[m], anchor_f[m], mu), za)
+    return cross_modal_metrics(embeddings, _labels(split)), {"top_k": k, "power": power}
