@@ -103,8 +103,8 @@ def frozen_features(config: FedAnchorConfig, split: FederatedSplit, seed: int,
     """(anchor features, test features, what they are, features of ``extra``) per modality.
 
     Array modalities: the raw items, standardised by the anchors' statistics and
-    flattened. Text and code sets: the untrained model's embeddings (frozen trunk,
-    initial projector, zero adapters), since they have no raw vector form.
+    flattened. Code sets: multi-hot vectors. Text: the untrained model's embeddings
+    (frozen trunk, zero adapters), since it has no raw vector form.
     """
     anchors, test, source, more = {}, {}, {}, {}
     model = None
@@ -113,6 +113,9 @@ def frozen_features(config: FedAnchorConfig, split: FederatedSplit, seed: int,
             mean, std = split.feature_stats[m]
             f = lambda items: ((np.asarray(items, dtype=np.float64) - mean) / std).reshape(len(items), -1)  # noqa: E731
             source[m] = "raw features, standardised on the anchors"
+        elif d.spec.kind == "codes":
+            f = lambda items, n=len(d.spec.vocab): multi_hot(items, n)  # noqa: E731
+            source[m] = "multi-hot code sets"
         else:
             if model is None:
                 torch.manual_seed(seed)
@@ -124,6 +127,14 @@ def frozen_features(config: FedAnchorConfig, split: FederatedSplit, seed: int,
         if extra is not None:
             more[m] = f(extra[m].items)
     return anchors, test, source, more
+
+
+def multi_hot(items, n_codes: int) -> np.ndarray:
+    """Code sets as 0/1 vectors over the vocabulary: their natural raw form, as in the reference CCA figures."""
+    out = np.zeros((len(items), n_codes))
+    for row, codes in enumerate(items):
+        out[row, list(codes)] = 1.0
+    return out
 
 
 def _inv_sqrt(c: np.ndarray) -> np.ndarray:
