@@ -9,7 +9,7 @@ from .config import config_to_dict
 from .evaluation import KS
 
 
-def recall_rows(metrics: Mapping[str, float]) -> list[tuple[str, str, list[float], list[float], list[float]]]:
+def recall_rows(metrics: Mapping[str, float]) -> list[tuple[str, str, list[float], list[float]]]:
     """(direction, level, recalls at KS, chance at KS) for every direction in the metrics."""
     directions = sorted({k.split("/")[0] for k in metrics if "->" in k.split("/")[0]})
     rows = []
@@ -17,7 +17,7 @@ def recall_rows(metrics: Mapping[str, float]) -> list[tuple[str, str, list[float
         for level, prefix in (("instance", "recall"), ("semantic", "semantic_recall")):
             values = [metrics.get(f"{d}/{prefix}@{k}", float("nan")) for k in KS]
             chance = [metrics.get(f"{d}/chance_{prefix}@{k}", float("nan")) for k in KS]
-            rows.append((d, level, values, chance, []))
+            rows.append((d, level, values, chance))
     return rows
 
 
@@ -26,7 +26,7 @@ def print_recall_table(runs: Mapping[str, Mapping[str, float]]) -> None:
     print(header)
     print("-" * len(header))
     for label, metrics in runs.items():
-        for direction, level, values, chance, _ in recall_rows(metrics):
+        for direction, level, values, chance in recall_rows(metrics):
             cells = " ".join(f"{v:6.3f}" for v in values)
             print(f"{label:<26} {direction:<22} {level:<9} {cells}   " + "/".join(f"{c:.3f}" for c in chance))
 

@@ -40,9 +40,12 @@ def anchor_info_nce(z: torch.Tensor, targets: torch.Tensor, temperature: float, 
     if same_input is not None:
         positives |= same_input.to(z.device)
     mean = targets.mean(0) if target_mean is None else target_mean.detach()
-    zc = F.normalize(z - z.mean(0, keepdim=True), dim=-1)
-    tc = F.normalize(targets - mean, dim=-1)
-    logits = zc @ tc.T / temperature
+    return paired_info_nce(z - z.mean(0, keepdim=True), targets - mean, temperature, positives)
+
+
+def paired_info_nce(a: torch.Tensor, b: torch.Tensor, temperature: float, positives: torch.Tensor) -> torch.Tensor:
+    """Symmetric InfoNCE on the cosine of rows of a and b; ``positives[i, j]`` marks every pair that matches."""
+    logits = F.normalize(a, dim=-1) @ F.normalize(b, dim=-1).T / temperature
     return 0.5 * (_multi_positive(logits, positives) + _multi_positive(logits.T, positives.T))
 
 

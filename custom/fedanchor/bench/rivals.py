@@ -12,6 +12,7 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
+from ..alignment.losses import paired_info_nce
 from ..config import FedAnchorConfig
 from ..data import load_scenario
 from ..data.scenario import FederatedSplit, ModalityData
@@ -39,18 +40,9 @@ def true_pairs(split: FederatedSplit, with_anchors: bool = True) -> dict[str, Mo
 
 
 # -- centralised CLIP-style training ---------------------------------------------
-def _multi_positive(logits: torch.Tensor, positives: torch.Tensor) -> torch.Tensor:
-    log_all = torch.logsumexp(logits, dim=1)
-    log_pos = torch.logsumexp(logits.masked_fill(~positives, float("-inf")), dim=1)
-    return (log_all - log_pos).mean()
-
-
 def clip_loss(za: torch.Tensor, zb: torch.Tensor, temperature: float, positives: torch.Tensor) -> torch.Tensor:
     """Symmetric InfoNCE on batch-centred unit vectors; identical items on either side count as positives."""
-    za = F.normalize(za - za.mean(0, keepdim=True), dim=-1)
-    zb = F.normalize(zb - zb.mean(0, keepdim=True), dim=-1)
-    logits = za @ zb.T / temperature
-    return 0.5 * (_multi_positive(logits, positives) + _multi_positive(logits.T, positives.T))
+    return paired_info_nce(za - za.mean(0, keepdim=True), zb - zb.mean(0, keepdim=True), temperature, positives)
 
 
 def train_centralised(config: FedAnchorConfig, split: FederatedSplit, pairs: Mapping[str, ModalityData], steps: int,

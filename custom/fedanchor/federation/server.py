@@ -157,14 +157,19 @@ class FederatedServer:
         if not (math.isfinite(update.uncertainty) and update.uncertainty > 0):
             reject(f"uncertainty scalar {update.uncertainty} is not a positive finite number")
 
+    def reject(self, site: str, reason: str) -> None:
+        """Record and log a contribution that does not count, also one that never became a SiteUpdate."""
+        if self.report is not None:
+            self.report.rejected[site] = reason
+        log.warning("update from site %r rejected: %s", site, reason)
+
     def accept(self, update: SiteUpdate) -> None:
         """Check and fold one update into the running sums."""
         assert self.report is not None
         try:
             self.check(update)
         except ContributionRejected as err:
-            self.report.rejected[update.site] = err.reason
-            log.warning("%s", err)
+            self.reject(update.site, err.reason)
             raise
         cfg = self.config.precision
         mass = sample_weight(update.n_samples, cfg.sample_exponent)
@@ -225,7 +230,10 @@ class FederatedServer:
             return {}
         if state is not None:
             load_shared(self.model, state.shared_params())
-        anchors = self._anchor_embeddings()
+        # The state's anchor targets are this model's anchor embeddings (made when the state was), so reuse them.
+        source = state if state is not None else self.state
+        targets = source.targets() if source is not None else {}
+        anchors = targets if set(targets) >= set(self.modalities) else self._anchor_embeddings()
         # Compare in the centred space the cross-modal term trains: each modality's anchor mean (public) removed.
         embeddings = {m: centre_on_anchors(self.model.embed_all(m, d.items), anchors[m]) for m, d in self.test.items()}
         labels = {m: np.asarray(d.semantic_labels) for m, d in self.test.items()}

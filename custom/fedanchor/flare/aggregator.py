@@ -78,14 +78,13 @@ class FedAnchorAggregator(Aggregator):
                 update = dxo_to_update(from_shareable(shareable))
             except Exception as err:  # malformed payload: not a DXO, wrong kind, missing or unexpected entries
                 reason = f"malformed update: {type(err).__name__}: {err}"
-                if server.report is not None and sender:
-                    server.report.rejected[sender] = reason
+                if sender:
+                    server.reject(sender, reason)
                 self.log_warning(fl_ctx, f"rejected the contribution of {sender or '?'}: {reason}")
                 return False
             if sender and update.site != sender:
                 reason = f"it claims to come from {update.site!r} but was sent by {sender!r}"
-                if server.report is not None:
-                    server.report.rejected[sender] = reason
+                server.reject(sender, reason)
                 self.log_warning(fl_ctx, f"rejected the contribution of {sender}: {reason}")
                 return False
             try:

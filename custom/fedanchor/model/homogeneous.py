@@ -70,7 +70,7 @@ class HomogeneousTransformer(nn.Module):
         self.eval()
         try:
             n = len(items)
-            chunks = [self.embed(modality, _take(items, slice(i, i + batch_size))).cpu() for i in range(0, n, batch_size)]
+            chunks = [self.embed(modality, take_items(items, slice(i, i + batch_size))).cpu() for i in range(0, n, batch_size)]
         finally:
             self.train(was_training)
         return torch.cat(chunks) if chunks else torch.zeros(0, self.head.out_features)
@@ -84,15 +84,13 @@ class HomogeneousTransformer(nn.Module):
         return params
 
 
-def _take(items: Any, index: slice | np.ndarray | list[int]) -> Any:
+def take_items(items: Any, index: slice | np.ndarray | list[int]) -> Any:
     if isinstance(items, (np.ndarray, torch.Tensor)):
         return items[index]
     if isinstance(index, slice):
         return list(items[index])
     return [items[i] for i in index]
 
-
-take_items = _take
 
 
 def build_model(config: FedAnchorConfig, modalities: Mapping[str, ModalitySpec],
