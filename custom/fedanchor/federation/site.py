@@ -62,6 +62,7 @@ class SiteTrainer:
         self.device = resolve_device(device or config.train.device)
         self.model = (model or build_model(config, modalities, feature_stats)).to(self.device)
         self._seed = zlib.crc32(site.encode()) ^ config.train.seed
+        self._anchor_same = same_items(anchors.items)  # fixed for the run: which anchors are identical inputs here
 
     def local_state(self) -> dict[str, torch.Tensor]:
         return local_tensors(self.model)
@@ -114,14 +115,15 @@ class SiteTrainer:
             anchor_index = rng.choice(n_anchor, size=anchor_batch, replace=False) if (use_cka or use_cross) else None
             if anchor_index is not None:
                 parts.append(take_items(self.anchors.items, anchor_index))
+                index_t = torch.as_tensor(anchor_index)
             z = model.embed(self.modality, _concat(parts))
             z1, z2, za = z[:batch], z[batch:2 * batch], z[2 * batch:]
             loss_private = two_view_contrastive(z1, z2, cfg.private.temperature, same_items(items))
             loss = cfg.private.weight * loss_private
-            index_t = torch.as_tensor(anchor_index, device=self.device) if anchor_index is not None else None
-            loss_cka = cka_loss(za, kernel, index_t) if use_cka else z.new_zeros(())
-            same = same_items(take_items(self.anchors.items, anchor_index)) if use_cross else None
-            loss_cross = (sum(anchor_info_nce(za, t[index_t], cfg.alignment.temperature, target_means[m], same) for m, t in targets.items()) / len(targets)
+            loss_cka = cka_loss(za, kernel, index_t.to(self.device)) if use_cka else z.new_zeros(())
+            same = self._anchor_same[index_t][:, index_t] if use_cross else None
+            loss_cross = (sum(anchor_info_nce(za, t[index_t.to(self.device)], cfg.alignment.temperature, target_means[m], same)
+                              for m, t in targets.items()) / len(targets)
                           if use_cross else z.new_zeros(()))
             loss_delta = sum((layer.delta ** 2).sum() for layer in model.adapters().values())
             loss = loss + cfg.alignment.lambda_cka * loss_cka + cfg.alignment.lambda_cross * loss_cross + cfg.alignment.lambda_delta * loss_delta
