@@ -19,7 +19,7 @@ import sys
 from pathlib import Path
 from typing import Any, Sequence
 
-from .config import FedAnchorConfig, config_from_dict, config_to_dict, with_overrides
+from .config import FedAnchorConfig, config_from_dict, with_overrides
 
 NO_ALIGNMENT = {"alignment.lambda_cka": 0.0, "alignment.lambda_cross": 0.0}
 
