@@ -1,0 +1,354 @@
+"""The noisy-site study: one site's private data is corrupted; does precision weighting notice?
+
+For each corruption mode (additive noise, a gain shift, shuffled content; see
+``data.corrupt``) the same split is trained twice with one site corrupted, once
+with precision weighting as configured and once with ``precision.method=uniform``
+(FedAvg by sample mass), plus one clean run under precision weighting as the
+reference. Recorded per run: every site's merge weight and uncertainty scalar per
+round, the final held-out metrics and the wall seconds.
+
+Two figures per mode answer the issue's targets:
+
+- **weight ratio** = the noisy site's merge weight / the mean weight of the clean
+  sites *of the same modality*, per round, under precision weighting (target: at
+  most 0.5 in the last round). Only sites of one modality are compared because the
+  server weighs sites against each other within a modality (pi_k n_k^gamma Lambda)
+  and combines modalities by sample mass alone, so a site alone in its modality can
+  never be down-weighted; the study therefore needs a modality with two sites.
+- **recall** = mean recall@10 over both directions, instance and semantic, under
+  precision vs uniform weighting (target: precision >= uniform).
+
+``write_noisy`` writes noisy.json, noisy.md and noisy_weights.png.
+"""
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..config import FedAnchorConfig, config_to_dict, with_overrides
+from ..data.corrupt import CORRUPTIONS
+from ..data.scenario import FederatedSplit
+from ..federation.loop import RunResult, make_split, run_in_process
+from .runner import _json_default, mean_recall
+
+PRECISION = "precision"
+UNIFORM = "uniform"
+RATIO_TARGET = 0.5  # the noisy site's final weight must be at most half a clean site's
+
+
+@dataclass(frozen=True)
+class NoisyMode:
+    """One corruption of the study: the ``data.corrupt`` mode, its default severity and what that means."""
+
+    corruption: str
+    severity: float
+    meaning: str
+
+
+# Severities: noise of 3 per-position standard deviations is the level the README measured (the noisy site got
+# 0.12-0.20 of the merge against 0.26-0.40 for clean sites); gain 1.0 doubles every value and adds one std;
+# shuffle 1.0 scrambles every item. On text, severities above 1 act as 1 (every word replaced / every report shuffled).
+NOISY_MODES: dict[str, NoisyMode] = {
+    "noise": NoisyMode("noise", 3.0, "additive N(0, (s*std)^2) per position; text/codes: a share min(1, s) of words/codes replaced"),
+    "gain": NoisyMode("gain", 1.0, "x -> (1+s) x + s*std (a gain and offset shift); text/codes: acts as noise"),
+    "shuffle": NoisyMode("shuffle", 1.0, "each item's positions permuted with probability min(1, s); text/codes: order "
+                                         "and pairing scrambled"),
+}
+assert all(m.corruption in CORRUPTIONS for m in NOISY_MODES.values())
+
+
+@dataclass
+class NoisyRun:
+    """One federated run of the study."""
+
+    mode: str | None  # None: the clean reference
+    severity: float
+    weighting: str  # PRECISION or UNIFORM
+    method: str  # the precision.method it ran with
+    site_weights: list[dict[str, float]]  # per round, per site (RoundRecord.site_weights)
+    site_uncertainty: list[dict[str, float]]  # per round, per site (RoundRecord.site_uncertainty)
+    rejected: list[dict[str, str]]  # per round, site -> reason
+    metrics: dict[str, float]  # final held-out metrics (the last round's RoundRecord.eval)
+    seconds: float
+
+    @property
+    def recall(self) -> dict[str, float]:
+        return {level: mean_recall(self.metrics, level) for level in ("instance", "semantic")}
+
+    def as_dict(self) -> dict[str, Any]:
+        return {**self.__dict__, "mean_recall@10": self.recall}
+
+
+@dataclass
+class NoisyStudy:
+    """Every run of a noisy-site study and the figures derived from them."""
+
+    scenario: str
+    config: FedAnchorConfig
+    noisy_site: str
+    modality: str
+    sites: dict[str, str]  # site -> modality
+    reference: NoisyRun  # clean, precision weighting
+    runs: dict[str, dict[str, NoisyRun]]  # mode -> {PRECISION: run, UNIFORM: run}
+    seconds: float = 0.0
+    modes: dict[str, NoisyMode] = field(default_factory=dict)
+
+    @property
+    def clean_peers(self) -> list[str]:
+        """The clean sites the noisy one is compared with: those of its own modality."""
+        return [s for s, m in self.sites.items() if m == self.modality and s != self.noisy_site]
+
+    def weight_ratio(self, run: NoisyRun) -> list[float]:
+        """Per round: noisy site's weight / mean weight of its modality's clean sites (nan where one is missing)."""
+        out = []
+        for weights in run.site_weights:
+            peers = [weights.get(s, math.nan) for s in self.clean_peers]
+            mean_peer = float(np.mean(peers)) if peers else math.nan
+            noisy = weights.get(self.noisy_site, math.nan)
+            out.append(noisy / mean_peer if mean_peer > 0 else math.nan)
+        return out
+
+    def figures(self) -> dict[str, dict[str, Any]]:
+        """Per mode: weight ratios per round, recalls under both weightings, and whether each target is met."""
+        out: dict[str, dict[str, Any]] = {}
+        for mode, pair in self.runs.items():
+            ratio = self.weight_ratio(pair[PRECISION])
+            final = ratio[-1] if ratio else math.nan
+            recall = {w: pair[w].recall for w in pair}
+            out[mode] = {
+                "severity": pair[PRECISION].severity,
+                "weight_ratio": ratio,
+                "weight_ratio_uniform": self.weight_ratio(pair[UNIFORM]),
+                "weight_ratio_final": final,
+                "ratio_target_met": bool(final <= RATIO_TARGET),  # nan compares False: not met
+                "mean_recall@10": recall,
+                "precision_minus_uniform": {lvl: recall[PRECISION][lvl] - recall[UNIFORM][lvl] for lvl in recall[PRECISION]},
+                "recall_target_met": {lvl: bool(recall[PRECISION][lvl] >= recall[UNIFORM][lvl]) for lvl in recall[PRECISION]},
+            }
+        return out
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "scenario": self.scenario, "config": config_to_dict(self.config), "seconds": self.seconds,
+            "noisy_site": self.noisy_site, "modality": self.modality, "sites": dict(self.sites),
+            "clean_peers": self.clean_peers, "ratio_target": RATIO_TARGET,
+            "modes": {k: v.__dict__ for k, v in self.modes.items()},
+            "reference": {**self.reference.as_dict(), "weight_ratio": self.weight_ratio(self.reference)},
+            "runs": {mode: {w: run.as_dict() for w, run in pair.items()} for mode, pair in self.runs.items()},
+            "figures": self.figures(),
+        }
+
+    def markdown(self) -> str:
+        cfg = self.config
+        ref = self.reference
+        ref_ratio = self.weight_ratio(ref)
+        lines = ["## Noisy-site study", "",
+                 (f"Scenario {self.scenario}, split seed {cfg.data.seed}: {cfg.data.n_anchors} anchors, {cfg.data.n_test} "
+                 f"held-out pairs; trunk {cfg.trunk.name}; {cfg.rounds} rounds x {cfg.train.local_steps} local steps. "
+                 f"Sites: {', '.join(f'{s}={m}' for s, m in self.sites.items())}. Noisy site **{self.noisy_site}** "
+                 f"({self.modality}), compared with {', '.join(self.clean_peers)}. Precision weighting = "
+                 f"`precision.method={ref.method}`; uniform = `precision.method=uniform`. Total {self.seconds:.0f}s."), "",
+                 (f"Weight ratio = noisy site's merge weight / mean weight of the clean {self.modality} sites, per round, "
+                 f"under precision weighting (target <= {RATIO_TARGET} in the last round, **bold**). In the clean "
+                 f"reference run the same ratio is {_rounds(ref_ratio)}. Recall = mean R@10 over both directions "
+                 "(instance / semantic); target: precision >= uniform."), "",
+                 ("| mode | severity | noisy site | weight ratio per round | ratio <= 0.5 | inst R@10 precision / uniform "
+                 "| sem R@10 precision / uniform | precision >= uniform (inst / sem) | clean reference inst / sem |"),
+                 "|---|---|---|---|---|---|---|---|---|"]
+        for mode, fig in self.figures().items():
+            rec = fig["mean_recall@10"]
+            met = fig["recall_target_met"]
+            lines.append(
+                f"| {mode} | {fig['severity']:g} | {self.noisy_site} | {_rounds(fig['weight_ratio'])} | "
+                f"{'yes' if fig['ratio_target_met'] else 'no'} | "
+                f"{_fmt(rec[PRECISION]['instance'])} / {_fmt(rec[UNIFORM]['instance'])} | "
+                f"{_fmt(rec[PRECISION]['semantic'])} / {_fmt(rec[UNIFORM]['semantic'])} | "
+                f"{'yes' if met['instance'] else 'no'} / {'yes' if met['semantic'] else 'no'} | "
+                f"{_fmt(ref.recall['instance'])} / {_fmt(ref.recall['semantic'])} |")
+        lines += ["", "### Site weights per round", "",
+                  "Share of the merge (all sites of a round sum to 1; the noisy site is marked *).", ""]
+        sites = list(self.sites)
+        header = ["run", "round", *(f"{s}*" if s == self.noisy_site else s for s in sites), "seconds"]
+        lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        named = [("clean, precision", ref)] + [(f"{mode}, {w}", run) for mode, pair in self.runs.items() for w, run in pair.items()]
+        for label, run in named:
+            for r, weights in enumerate(run.site_weights):
+                cells = [_fmt(weights.get(s, math.nan)) for s in sites]
+                lines.append(f"| {label} | {r + 1} | " + " | ".join(cells) + f" | {run.seconds:.1f} |")
+        rejected = [(label, r + 1, rej) for label, run in named for r, rej in enumerate(run.rejected) if rej]
+        if rejected:
+            lines += ["", "Rejected contributions: " + "; ".join(f"{label} round {r}: {rej}" for label, r, rej in rejected)]
+        lines += ["", "Modes: " + "; ".join(f"`{k}` ({v.meaning})" for k, v in self.modes.items()) + "."]
+        return "\n".join(lines) + "\n"
+
+    def plot(self, path: Path) -> Path:
+        """One panel per mode: every site's weight per round under precision weighting, the noisy site in red."""
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        from matplotlib.ticker import MaxNLocator
+
+        modes = list(self.runs)
+        fig, axes = plt.subplots(1, max(1, len(modes)), figsize=(max(6.0, 4.6 * len(modes)), 4.2), squeeze=False)
+        for ax, mode in zip(axes[0], modes):
+            run = self.runs[mode][PRECISION]
+            xs = list(range(1, len(run.site_weights) + 1))
+            for site in self.sites:
+                ys = [w.get(site, math.nan) for w in run.site_weights]
+                if site == self.noisy_site:
+                    ax.plot(xs, ys, "--", color="tab:red", lw=2.5, marker="X", ms=8, label=f"{site} (noisy)", zorder=3)
+                else:
+                    same = self.sites[site] == self.modality
+                    ax.plot(xs, ys, "-" if same else ":", marker="o", ms=5, label=f"{site} ({self.sites[site]})")
+            ratio = self.weight_ratio(run)
+            ax.set(title=f"{mode} (severity {run.severity:g}): ratio {_fmt(ratio[-1] if ratio else math.nan)}",
+                   xlabel="round", ylabel="share of the merge", ylim=(0, 1))
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=7)
+        fig.suptitle(f"noisy-site study, {self.scenario}: site weights under precision weighting "
+                     f"({self.reference.method}), noisy site {self.noisy_site}", fontsize=10)
+        fig.tight_layout()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        return path
+
+
+def _fmt(x: float) -> str:
+    return "nan" if math.isnan(x) else f"{x:.3f}"
+
+
+def _rounds(ratios: Sequence[float]) -> str:
+    cells = [_fmt(x) for x in ratios]
+    if cells:
+        cells[-1] = f"**{cells[-1]}**"
+    return " → ".join(cells)
+
+
+def resolve_modes(modes: Sequence[str] | Mapping[str, float] | None) -> dict[str, NoisyMode]:
+    """Mode names (default severities) or {name: severity}; checked against NOISY_MODES."""
+    if modes is None:
+        return dict(NOISY_MODES)
+    if isinstance(modes, str):
+        raise TypeError(f"modes={modes!r} is a string; pass a list such as [{modes!r}]")
+    wanted = dict(modes) if isinstance(modes, Mapping) else {m: None for m in modes}
+    if not wanted:
+        raise ValueError(f"no corruption mode chosen; pick some of {list(NOISY_MODES)}")
+    unknown = [m for m in wanted if m not in NOISY_MODES]
+    if unknown:
+        raise ValueError(f"unknown noisy-site mode(s) {unknown}; choose from {list(NOISY_MODES)}")
+    out = {}
+    for name, severity in wanted.items():
+        base = NOISY_MODES[name]
+        if severity is None:
+            out[name] = base
+            continue
+        severity = float(severity)
+        if not math.isfinite(severity) or severity <= 0:
+            raise ValueError(f"mode {name!r}: severity={severity} must be a finite number > 0 (0 would be the clean run)")
+        out[name] = NoisyMode(base.corruption, severity, base.meaning)
+    return out
+
+
+def pick_noisy_site(sites: Mapping[str, str], site: str | None = None) -> str:
+    """The given site, checked, or the first site of the first modality with at least two sites."""
+    counts: dict[str, int] = {}
+    for modality in sites.values():
+        counts[modality] = counts.get(modality, 0) + 1
+    example = ", ".join(f'"{m}-{i}": "{m}"' for m in counts for i in (1, 2))
+    fix = (f"set data.sites so that some modality has two sites, e.g. data.sites={{{example}}} "
+           "(and data.max_private_per_site or a smaller split if private data runs short)")
+    if site is not None:
+        if site not in sites:
+            raise ValueError(f"noisy site {site!r} is not a site of this job; its sites are {list(sites)}")
+        if counts[sites[site]] < 2:
+            raise ValueError(f"site {site!r} is the only {sites[site]!r} site: weights are compared within a modality, "
+                             f"so it cannot be down-weighted against anyone; pick a site whose modality has two, or {fix}")
+        return site
+    for name, modality in sites.items():
+        if counts[modality] >= 2:
+            return name
+    raise ValueError(f"no modality has two sites ({dict(counts)}): weights are compared within a modality, so a "
+                     f"noisy-site study needs one with at least two; {fix}")
+
+
+def _record(result: RunResult, mode: str | None, severity: float, weighting: str, seconds: float) -> NoisyRun:
+    return NoisyRun(mode=mode, severity=severity, weighting=weighting, method=result.config.precision.method,
+                    site_weights=[dict(r.site_weights) for r in result.rounds],
+                    site_uncertainty=[dict(r.site_uncertainty) for r in result.rounds],
+                    rejected=[dict(r.rejected) for r in result.rounds],
+                    metrics=dict(result.final_eval), seconds=seconds)
+
+
+def noisy_site_study(config: FedAnchorConfig, split: FederatedSplit | None = None, site: str | None = None,
+                     modes: Sequence[str] | Mapping[str, float] | None = None,
+                     say: Callable[[str], None] = print) -> NoisyStudy:
+    """Run the clean reference and, per mode, the corrupted split under precision and under uniform weighting.
+
+    ``config.precision.method`` is the precision weighting (it must not be "uniform"); ``split`` defaults to
+    ``make_split(config)`` and is shared by every run so only the corruption and the weighting differ; ``site``
+    defaults to the first site of a modality with two or more sites; ``modes`` are names of NOISY_MODES (their
+    default severities) or {name: severity}.
+    """
+    if config.precision.method == UNIFORM:
+        raise ValueError("config.precision.method is 'uniform', so there is no precision weighting to compare; "
+                         "set precision.method to 'iterate_variance' (the default)")
+    if config.rounds < 1:
+        raise ValueError(f"rounds={config.rounds}: the study needs at least one round")
+    chosen = resolve_modes(modes)
+    started = time.perf_counter()
+    split = split or make_split(config)
+    sites = {name: data.spec.name for name, data in split.private.items()}
+    noisy = pick_noisy_site(sites, site)
+    uniform_config = with_overrides(config, {"precision.method": UNIFORM})
+    seed = config.train.seed
+
+    def one(cfg: FedAnchorConfig, mode: str | None, severity: float, weighting: str) -> NoisyRun:
+        # Same torch seed for every run (as the bench does), so runs differ only by corruption and weighting.
+        torch.manual_seed(seed)
+        t0 = time.perf_counter()
+        corruptions = {noisy: (chosen[mode].corruption, severity)} if mode is not None else None
+        result = run_in_process(cfg, progress=None, corruptions=corruptions, split=split)
+        run = _record(result, mode, severity, weighting, time.perf_counter() - t0)
+        weights = " ".join(f"{s}:{w:.2f}" for s, w in (run.site_weights[-1] if run.site_weights else {}).items())
+        say(f"   final weights {weights} | mean R@10 inst {_fmt(run.recall['instance'])} sem "
+            f"{_fmt(run.recall['semantic'])} ({run.seconds:.1f}s)")
+        return run
+
+    say(f"== clean reference ({config.precision.method}); noisy site will be {noisy} ({sites[noisy]}) ==")
+    reference = one(config, None, 0.0, PRECISION)
+    runs: dict[str, dict[str, NoisyRun]] = {}
+    for mode, spec in chosen.items():
+        runs[mode] = {}
+        for weighting, cfg in ((PRECISION, config), (UNIFORM, uniform_config)):
+            say(f"== {mode} (severity {spec.severity:g}) on {noisy}, {weighting} weighting ==")
+            runs[mode][weighting] = one(cfg, mode, spec.severity, weighting)
+    study = NoisyStudy(scenario=config.data.scenario, config=config, noisy_site=noisy, modality=sites[noisy], sites=sites,
+                       reference=reference, runs=runs, seconds=time.perf_counter() - started, modes=chosen)
+    for mode, fig in study.figures().items():
+        say(f"{mode}: weight ratio {' -> '.join(_fmt(x) for x in fig['weight_ratio'])} "
+            f"(target <= {RATIO_TARGET}: {'met' if fig['ratio_target_met'] else 'not met'}); mean R@10 precision/uniform "
+            f"inst {_fmt(fig['mean_recall@10'][PRECISION]['instance'])}/{_fmt(fig['mean_recall@10'][UNIFORM]['instance'])}, "
+            f"sem {_fmt(fig['mean_recall@10'][PRECISION]['semantic'])}/{_fmt(fig['mean_recall@10'][UNIFORM]['semantic'])}")
+    return study
+
+
+def write_noisy(study: NoisyStudy, out: Path) -> dict[str, Path]:
+    """Write noisy.json (every run and figure), noisy.md (the section) and noisy_weights.png into ``out``."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {"json": out / "noisy.json", "md": out / "noisy.md", "png": out / "noisy_weights.png"}
+    paths["json"].write_text(json.dumps(study.as_dict(), indent=2, default=_json_default))
+    paths["md"].write_text(study.markdown())
+    study.plot(paths["png"])
+    return paths

@@ -1,0 +1,100 @@
+"""The noisy-site study writes its JSON, Markdown and PNG with a weight for every site and round (shape, not numbers)."""
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from fedanchor.bench.noisy import (
+    NOISY_MODES,
+    noisy_site_study,
+    pick_noisy_site,
+    resolve_modes,
+    write_noisy,
+)
+from fedanchor.bench.runner import bench_config
+from fedanchor.data.corrupt import CORRUPTIONS
+
+# motion has 80 samples: 16 anchors + 24 test leave 40, so 10 private samples for each of 4 sites.
+SITES = {"accel-1": "accel", "accel-2": "accel", "gyro-1": "gyro", "gyro-2": "gyro"}
+
+
+@pytest.fixture
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # 2 threads on a busy 2-core machine can be many times slower
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_modes_name_corruptions_that_exist():
+    assert set(NOISY_MODES) == {"noise", "gain", "shuffle"}
+    assert all(m.corruption in CORRUPTIONS and m.severity > 0 for m in NOISY_MODES.values())
+    assert resolve_modes({"gain": 0.5})["gain"].severity == 0.5
+    with pytest.raises(ValueError, match="unknown noisy-site mode"):
+        resolve_modes(["blur"])
+    with pytest.raises(ValueError, match="severity"):
+        resolve_modes({"noise": 0.0})
+
+
+def test_noisy_study_on_motion_writes_weights_for_every_site_and_round(tmp_path, one_thread):
+    config = bench_config("motion", quick=True, trunk="tiny", overrides={"data.sites": SITES, "train.local_steps": 4})
+    messages: list[str] = []
+    study = noisy_site_study(config, modes=["noise"], say=messages.append)
+    assert study.noisy_site == "accel-1" and study.clean_peers == ["accel-2"]
+    assert messages and any("weight ratio" in m for m in messages)
+
+    paths = write_noisy(study, tmp_path)
+    assert set(paths) == {"json", "md", "png"}
+    data = json.loads(paths["json"].read_text())
+    assert data["noisy_site"] == "accel-1" and data["modality"] == "accel"
+    runs = [data["reference"], data["runs"]["noise"]["precision"], data["runs"]["noise"]["uniform"]]
+    assert data["runs"]["noise"]["uniform"]["method"] == "uniform"
+    assert data["runs"]["noise"]["precision"]["method"] == config.precision.method
+    for run in runs:
+        assert len(run["site_weights"]) == config.rounds == len(run["site_uncertainty"])
+        for weights in run["site_weights"]:
+            assert set(weights) == set(SITES)
+            assert sum(weights.values()) == pytest.approx(1.0)
+        for level in ("instance", "semantic"):
+            assert 0.0 <= run["mean_recall@10"][level] <= 1.0
+        assert run["seconds"] > 0
+    # uniform weighting with equal private sizes: every site gets the same share
+    assert all(w == pytest.approx(0.25) for w in data["runs"]["noise"]["uniform"]["site_weights"][-1].values())
+
+    figure = data["figures"]["noise"]
+    assert len(figure["weight_ratio"]) == config.rounds
+    assert all(math.isfinite(x) and x > 0 for x in figure["weight_ratio"])
+    weights = data["runs"]["noise"]["precision"]["site_weights"][-1]
+    assert figure["weight_ratio_final"] == pytest.approx(weights["accel-1"] / weights["accel-2"])
+    assert figure["weight_ratio_uniform"][-1] == pytest.approx(1.0)
+    assert isinstance(figure["ratio_target_met"], bool)
+    assert set(figure["recall_target_met"]) == {"instance", "semantic"}
+
+    md = paths["md"].read_text()
+    assert md.startswith("## Noisy-site study")
+    assert "| mode | severity | noisy site | weight ratio per round |" in md
+    assert "| noise | 3 | accel-1 |" in md and "**" in md
+    assert "### Site weights per round" in md and "accel-1*" in md
+    assert paths["png"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_a_study_needs_a_modality_with_two_sites():
+    with pytest.raises(ValueError, match="set data.sites so that some modality has two sites"):
+        pick_noisy_site({"site-1": "accel", "site-2": "gyro"})
+    with pytest.raises(ValueError, match="only 'gyro' site"):
+        pick_noisy_site({"a": "accel", "b": "accel", "g": "gyro"}, site="g")
+    with pytest.raises(ValueError, match="not a site of this job"):
+        pick_noisy_site(SITES, site="nowhere")
+    assert pick_noisy_site({"g": "gyro", "a": "accel", "b": "accel"}) == "a"
+    # the default motion sites (one per modality) fail before any training
+    config = bench_config("motion", quick=True, trunk="tiny")
+    with pytest.raises(ValueError, match="e.g. data.sites="):
+        noisy_site_study(config, modes=["noise"], say=lambda _m: None)
+
+
+def test_a_study_needs_precision_weighting_to_compare():
+    config = bench_config("motion", quick=True, trunk="tiny", overrides={"data.sites": SITES, "precision.method": "uniform"})
+    with pytest.raises(ValueError, match="no precision weighting to compare"):
+        noisy_site_study(config, modes=["noise"], say=lambda _m: None)
