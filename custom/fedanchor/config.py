@@ -47,6 +47,9 @@ class AlignmentConfig:
     consensus_ema: float = 0.5  # weight of the previous consensus
     modality_weights: dict[str, float] = field(default_factory=dict)  # beta_m; missing = 1
     anchor_batch: int = 64  # anchors per local step
+    readout: str = "cca"  # "cca": the server fits a per-modality anchor CCA map on the global model (alignment/readout.py); "none"
+    readout_reg: float = 0.1  # ridge of the readout, relative to each covariance's mean eigenvalue
+    readout_dims: int = 0  # 0: n_anchors // 2
 
 
 @dataclass
@@ -128,6 +131,9 @@ class FedAnchorConfig:
             (0.0 <= self.alignment.consensus_ema < 1.0,
              f"alignment.consensus_ema={self.alignment.consensus_ema} must be in [0, 1)"),
             (self.alignment.temperature > 0, "alignment.temperature must be positive"),
+            (self.alignment.readout in ("cca", "none"), f"alignment.readout={self.alignment.readout!r} is unknown; use 'cca' or 'none'"),
+            (self.alignment.readout_reg > 0, f"alignment.readout_reg={self.alignment.readout_reg} must be positive (the anchor covariances are singular)"),
+            (self.alignment.readout_dims >= 0, f"alignment.readout_dims={self.alignment.readout_dims} must be >= 0 (0: n_anchors // 2)"),
             (self.data.n_anchors >= 4, f"data.n_anchors={self.data.n_anchors} must be at least 4"),
         ]
         for ok, message in checks:

@@ -13,6 +13,7 @@ import torch
 from torch.nn import functional as F
 
 from ..alignment.losses import paired_info_nce
+from ..alignment.readout import fit_anchor_readout
 from ..config import FedAnchorConfig
 from ..data import load_scenario
 from ..data.scenario import FederatedSplit, ModalityData
@@ -129,42 +130,13 @@ def multi_hot(items, n_codes: int) -> np.ndarray:
     return out
 
 
-def _inv_sqrt(c: np.ndarray) -> np.ndarray:
-    w, v = np.linalg.eigh(c)
-    return (v / np.sqrt(np.maximum(w, 1e-12))) @ v.T
-
-
 def cca_rival(anchor_f: Mapping[str, np.ndarray], test_f: Mapping[str, np.ndarray], split: FederatedSplit,
-              reg: float = 0.1, max_dims: int | None = None) -> tuple[dict[str, float], dict[str, float]]:
-    """Regularised CCA fitted on the anchor pairs (two modalities), test items projected and weighted by sqrt(rho)."""
-    a, b = list(anchor_f)[:2]
-    n = anchor_f[a].shape[0]
-    reduced = {}
-    for m in (a, b):
-        x = anchor_f[m]
-        mu = x.mean(0)
-        # PCA to at most n-1 dims first: the anchors span no more than that.
-        _, s, vt = np.linalg.svd(x - mu, full_matrices=False)
-        k = int(min(n - 1, (s > s[0] * 1e-8).sum()))
-        reduced[m] = (mu, vt[:k].T)
-    xa = (anchor_f[a] - reduced[a][0]) @ reduced[a][1]
-    xb = (anchor_f[b] - reduced[b][0]) @ reduced[b][1]
-    def cov(x, y):
-        return x.T @ y / n
-    caa, cbb = cov(xa, xa), cov(xb, xb)
-    caa += reg * np.trace(caa) / caa.shape[0] * np.eye(caa.shape[0])
-    cbb += reg * np.trace(cbb) / cbb.shape[0] * np.eye(cbb.shape[0])
-    wa, wb = _inv_sqrt(caa), _inv_sqrt(cbb)
-    u, rho, vt = np.linalg.svd(wa @ cov(xa, xb) @ wb)
-    d = int(min(n // 2, len(rho), max_dims or n))
-    proj = {a: wa @ u[:, :d] * np.sqrt(rho[:d]), b: wb @ vt[:d].T * np.sqrt(rho[:d])}
-    embeddings = {}
-    for m in (a, b):
-        mu, pca = reduced[m]
-        za = torch.from_numpy(((anchor_f[m] - mu) @ pca @ proj[m]).astype(np.float32))
-        zt = torch.from_numpy(((test_f[m] - mu) @ pca @ proj[m]).astype(np.float32))
-        embeddings[m] = centre_on_anchors(zt, za)
-    return cross_modal_metrics(embeddings, _labels(split)), {"dims": d, "reg": reg, "top_rho": float(rho[0])}
+              reg: float = 0.1, dims: int | None = None) -> tuple[dict[str, float], dict[str, float]]:
+    """Regularised CCA fitted on the anchor pairs: the same fit as fedanchor's anchor readout, on these features."""
+    readout = fit_anchor_readout({m: torch.from_numpy(np.asarray(x, dtype=np.float64)) for m, x in anchor_f.items()}, reg, dims)
+    embeddings = {m: readout.apply(m, torch.from_numpy(np.asarray(test_f[m], dtype=np.float32))) for m in anchor_f}
+    return cross_modal_metrics(embeddings, _labels(split)), {
+        "dims": len(readout.correlations), "reg": reg, "top_correlation": float(readout.correlations[0])}
 
 
 def asif_rival(anchor_f: Mapping[str, np.ndarray], test_f: Mapping[str, np.ndarray], split: FederatedSplit,

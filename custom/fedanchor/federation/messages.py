@@ -7,7 +7,7 @@ the maths. DESIGN.md section 5 is the contract:
 Up, per site per round: S and its precision, m and its precision, the projector
 of the site's modality, the Gram upper triangle on public anchors, n_k, one
 uncertainty scalar, metrics. Down: U and V (when they change), S, m, the
-projectors, K_bar and the anchor targets.
+projectors, K_bar, the anchor targets and the anchor CCA readout fitted on them.
 """
 from __future__ import annotations
 
@@ -19,11 +19,14 @@ from typing import Any, Mapping
 import numpy as np
 import torch
 
+from ..alignment.readout import AnchorReadout
+
 PARAM_PREFIX = "param/"
 PRECISION_PREFIX = "precision/"
 GRAM_KEY = "gram_upper"
 CONSENSUS_KEY = "consensus/gram_upper"
 TARGET_PREFIX = "targets/"
+READOUT_PREFIX = "readout/"  # readout/<modality>/mean and readout/<modality>/proj: the anchor CCA map
 
 
 def adapter_key(layer: str, part: str) -> str:
@@ -53,7 +56,7 @@ class GlobalState:
 
     round: int
     anchor_fingerprint: str
-    tensors: dict[str, torch.Tensor]  # adapter/*, projector/*, consensus/gram_upper, targets/<modality>
+    tensors: dict[str, torch.Tensor]  # adapter/*, projector/*, consensus/gram_upper, targets/<modality>, readout/*
     meta: dict[str, Any] = field(default_factory=dict)
 
     def shared_params(self) -> dict[str, torch.Tensor]:
@@ -64,6 +67,14 @@ class GlobalState:
 
     def targets(self) -> dict[str, torch.Tensor]:
         return {k[len(TARGET_PREFIX):]: v for k, v in self.tensors.items() if k.startswith(TARGET_PREFIX)}
+
+    def readout(self) -> "AnchorReadout | None":
+        """The anchor CCA readout the server fitted on this state's anchor targets, if the job uses one."""
+        means = {k.split("/")[1]: v for k, v in self.tensors.items() if k.startswith(READOUT_PREFIX) and k.endswith("/mean")}
+        if not means:
+            return None
+        projections = {m: self.tensors[f"{READOUT_PREFIX}{m}/proj"] for m in means}
+        return AnchorReadout(means, projections, self.tensors.get(READOUT_PREFIX + "correlations", torch.zeros(0)))
 
     def to_arrays(self) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
         meta = {"round": self.round, "anchor_fingerprint": self.anchor_fingerprint, **self.meta}

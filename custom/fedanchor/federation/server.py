@@ -16,12 +16,13 @@ import numpy as np
 import torch
 
 from ..alignment.gram import GramConsensus, centred_gram, from_upper_triangle, upper_triangle
+from ..alignment.readout import fit_anchor_readout
 from ..config import FedAnchorConfig
 from ..data.scenario import ModalityData, ModalitySpec
 from ..evaluation import cross_modal_metrics
 from ..model.homogeneous import HomogeneousTransformer, build_model
 from ..precision import PrecisionWeightedMerge, sample_weight
-from .messages import CONSENSUS_KEY, TARGET_PREFIX, GlobalState, SiteUpdate, is_core_or_magnitude
+from .messages import CONSENSUS_KEY, READOUT_PREFIX, TARGET_PREFIX, GlobalState, SiteUpdate, is_core_or_magnitude
 from .site import resolve_device
 from .state import core_params, expected_shapes, load_shared, projector_params, shared_tensors
 
@@ -93,7 +94,7 @@ class FederatedServer:
             consensus.add(modality, centred_gram(z.double()))
         tensors = shared_tensors(self.model)
         tensors[CONSENSUS_KEY] = upper_triangle(consensus.combine()).float()
-        tensors.update({TARGET_PREFIX + m: z for m, z in embeddings.items()})
+        tensors.update(self._targets_and_readout(embeddings))
         self.state = GlobalState(round=0, anchor_fingerprint=self.anchor_fingerprint, tensors=tensors)
         return self.state
 
@@ -214,13 +215,25 @@ class FederatedServer:
         load_shared(self.model, {k: v for k, v in tensors.items() if k.startswith(("adapter/", "projector/"))})
         previous = from_upper_triangle(self.state.tensors[CONSENSUS_KEY].double()) if CONSENSUS_KEY in self.state.tensors else None
         tensors[CONSENSUS_KEY] = upper_triangle(self._consensus.combine(previous)).float()
-        tensors.update({TARGET_PREFIX + m: z for m, z in self._anchor_embeddings().items()})
+        tensors.update(self._targets_and_readout(self._anchor_embeddings()))
         self.state = GlobalState(round=self.state.round + 1, anchor_fingerprint=self.anchor_fingerprint, tensors=tensors)
         log.info("round %d merged from %s (weights %s)", self.report.round, self.report.accepted,
                  {s: round(w, 3) for s, w in self.report.site_weights.items()})
         return self.state
 
     # -- views of the model --------------------------------------------------
+    def _targets_and_readout(self, embeddings: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The anchor targets of the cross-modal term, and the anchor CCA readout fitted on them (public data only)."""
+        out = {TARGET_PREFIX + m: z for m, z in embeddings.items()}
+        cfg = self.config.alignment
+        if cfg.readout == "cca" and len(embeddings) >= 2:
+            readout = fit_anchor_readout(embeddings, cfg.readout_reg, cfg.readout_dims or None)
+            for m in embeddings:
+                out[f"{READOUT_PREFIX}{m}/mean"] = readout.means[m]
+                out[f"{READOUT_PREFIX}{m}/proj"] = readout.projections[m]
+            out[READOUT_PREFIX + "correlations"] = readout.correlations
+        return out
+
     def _anchor_embeddings(self) -> dict[str, torch.Tensor]:
         return {m: self.model.embed_all(m, self.anchors[m].items) for m in self.modalities}
 
@@ -234,8 +247,11 @@ class FederatedServer:
         source = state if state is not None else self.state
         targets = source.targets() if source is not None else {}
         anchors = targets if set(targets) >= set(self.modalities) else self._anchor_embeddings()
-        # Compare in the centred space the cross-modal term trains: each modality's anchor mean (public) removed.
-        embeddings = {m: centre_on_anchors(self.model.embed_all(m, d.items), anchors[m]) for m, d in self.test.items()}
+        # Score in the anchor CCA readout's shared space when the job fits one; otherwise in the centred space the
+        # cross-modal term trains (each modality's anchor mean removed).
+        readout = source.readout() if source is not None else None
+        embeddings = {m: readout.apply(m, self.model.embed_all(m, d.items)) if readout is not None
+                      else centre_on_anchors(self.model.embed_all(m, d.items), anchors[m]) for m, d in self.test.items()}
         labels = {m: np.asarray(d.semantic_labels) for m, d in self.test.items()}
         metrics = cross_modal_metrics(embeddings, labels)
         kernel = self.state.consensus() if self.state is not None else None
