@@ -5,7 +5,7 @@ import json
 
 import torch
 
-from fedanchor.bench.runner import METHODS
+from fedanchor.bench.runner import FED_RIVALS, METHODS
 from fedanchor.cli import main
 
 
@@ -25,15 +25,40 @@ def test_bench_quick_motion_writes_every_method(tmp_path, capsys):
                 for key in (f"recall@{k}", f"semantic_recall@{k}", f"chance_recall@{k}", f"chance_semantic_recall@{k}"):
                     assert f"{direction}/{key}" in metrics, (name, direction, key)
         assert method["seconds"] >= 0
-        federated = name == "local only" or name.startswith("fedanchor")
+        federated = name in FED_RIVALS or name.startswith("fedanchor")
         assert (method["bytes_up"] is not None) == federated, name
-        if federated:
-            assert len(method["bytes_up"]) == results["config"]["rounds"]
+        if federated and name != "local only":
+            assert len(method["bytes_up"]) == len(method["bytes_down"]) == results["config"]["rounds"]
             assert all(b > 0 for rnd in method["bytes_up"] for b in rnd.values())
+            assert all(b >= 0 for rnd in method["bytes_down"] for b in rnd.values())
+    assert all(b == 0 for rnd in results["methods"]["local only"]["bytes_up"] for b in rnd.values())
+    sizes = results["bytes"]
+    assert sizes["fedavg_lora_over_fedanchor_up"] > 1 and sizes["full_finetune_over_fedanchor_up"] > 100
     assert set(results["gap_closed"]["methods"]) == set(METHODS)
     md = (tmp_path / "results.md").read_text()
     assert "| method | accel->gyro inst R@1/5/10 |" in md and "| chance |" in md
     assert "## Gap closed" in md and "gap closed (semantic)" in md
-    assert "## Not yet run" in md and "FedProto" in md and "CreamFL" in md
-    png = tmp_path / "recall_at_10.png"
+    assert "## Bytes per site per round" in md and "FedProto" in md and "CreamFL" in md
+    png = tmp_path / "recall.png"
     assert png.exists() and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_bench_several_seeds_report_the_spread(tmp_path):
+    threads = torch.get_num_threads()
+    methods = ["--method", "ceiling CCA (all true pairs)", "--method", "anchors-only CCA", "--method", "anchors-only ASIF"]
+    try:
+        code = main(["bench", "--scenario", "motion", "--trunk", "tiny", "--quick", "--threads", "1", "--seeds", "0", "1",
+                     *methods, "--out", str(tmp_path)])
+    finally:
+        torch.set_num_threads(threads)
+    assert code == 0
+    assert (tmp_path / "seed-0" / "results.json").exists() and (tmp_path / "seed-1" / "results.md").exists()
+    spread = json.loads((tmp_path / "spread.json").read_text())
+    assert spread["anchors-only CCA"]["semantic"]["n"] == 2 and spread["anchors-only CCA"]["semantic"]["sd"] >= 0
+    assert "± " in (tmp_path / "spread.md").read_text()
+
+
+def test_bench_noisy_study_needs_two_sites_of_a_modality(tmp_path, capsys):
+    code = main(["bench", "--scenario", "motion", "--trunk", "tiny", "--quick", "--threads", "1", "--noisy",
+                 "--method", "anchors-only CCA", "--out", str(tmp_path)])
+    assert code == 2 and "two sites" in capsys.readouterr().err

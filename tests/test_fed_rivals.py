@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from fedanchor.bench import fed_rivals as fr
-from fedanchor.bench.rivals import score_model
+from fedanchor.bench.rivals import score_models
 from fedanchor.bench.runner import bench_config
 from fedanchor.config import with_overrides
 from fedanchor.federation.loop import make_split, run_in_process
@@ -68,7 +68,7 @@ def test_rival_scores_like_the_bench_and_records_bytes(name, setup, runs):
     config, split = setup
     run = runs[name]
     untrained = build_model(config, {m: d.spec for m, d in split.anchors.items()}, split.feature_stats)
-    assert set(run.metrics) == set(score_model(untrained, split))  # the keys of the bench's common scoring
+    assert set(run.metrics) == set(score_models({m: untrained for m in split.test}, split, config))  # the keys of the bench's common scoring
     for direction in DIRECTIONS:
         for k in (1, 5, 10):
             assert f"{direction}/recall@{k}" in run.metrics and f"{direction}/semantic_recall@{k}" in run.metrics
@@ -157,7 +157,7 @@ def test_full_finetune_dwarfs_fedanchor(setup, fedanchor_run):
     full = fr.full_finetune_bytes(config, split)
     fedanchor_up = max(b for r in fedanchor_run.rounds for b in r.bytes_up.values())
     assert full > 100 * fedanchor_up
-    assert fr.state_nbytes(fedanchor_run.final_state) > 0
+    assert fedanchor_run.final_state.nbytes() > 0
 
 
 @pytest.mark.parametrize("call, match", [
@@ -171,3 +171,12 @@ def test_argument_checks(call, match, setup):
     config, split = setup
     with pytest.raises((ValueError, TypeError), match=match):
         call(config, split)
+
+
+def test_local_only_sends_nothing_and_scores_each_modality_with_its_own_site(setup):
+    config, split = setup
+    run = fr.local_only(config, split)
+    assert all(b == 0 for rnd in run.bytes_up + run.bytes_down for b in rnd.values())
+    assert len(run.bytes_up) == config.rounds and set(run.bytes_up[0]) == set(split.private)
+    assert set(run.notes["evaluated_with"]) == set(split.test)
+    assert all(math.isfinite(v) for v in run.metrics.values())

@@ -2,22 +2,27 @@
 
     fedanchor bench --scenario motion --trunk tiny --quick --out runs/bench-motion
     fedanchor bench --scenario digits --quick --out runs/bench-digits
+    fedanchor bench --scenario digits --seeds 0 1 2 --noisy --out runs/bench-digits-full
+
+With several --seeds every split gets its own folder (seed-N/) and spread.md gives
+mean and standard deviation over splits. --noisy adds the noisy-site study
+(noisy.md, noisy.json, noisy_weights.png) on the first split.
 """
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import shlex
 import sys
 from pathlib import Path
 from typing import Sequence
 
-from .runner import METHODS, bench_config, run_bench, write_bench
+from .noisy import NOISY_MODES, noisy_site_study, write_noisy
+from .runner import METHODS, bench_config, run_bench, spread, spread_markdown, write_bench
 
 
 def _parse_set(pairs: Sequence[str]) -> dict:
-    import json
-
     out = {}
     for pair in pairs:
         key, sep, value = pair.partition("=")
@@ -37,7 +42,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--scenario", choices=("xray", "digits", "motion"), required=True)
     parser.add_argument("--out", required=True, help="folder for results.json, results.md and recall_at_10.png")
     parser.add_argument("--quick", action="store_true", help="few rounds and steps, smaller test and private sets")
-    parser.add_argument("--seed", type=int, default=0, help="split, training and adapter seed")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0], metavar="SEED",
+                        help="split, training and adapter seed; several give the split-to-split spread")
+    parser.add_argument("--noisy", action="store_true", help="also run the noisy-site study on the first split")
+    parser.add_argument("--noisy-mode", action="append", choices=sorted(NOISY_MODES),
+                        help="corruptions of the noisy-site study (repeatable; default all)")
     parser.add_argument("--trunk", default=None, help="all-MiniLM-L6-v2 (default), 'tiny', or a local model folder")
     parser.add_argument("--method", action="append", choices=METHODS, help="run only these methods (repeatable)")
     parser.add_argument("--threads", type=int, default=None,
@@ -49,15 +58,33 @@ def main(argv: Sequence[str] | None = None) -> int:
         import torch
 
         torch.set_num_threads(args.threads)
+    command = "fedanchor bench " + shlex.join(argv)
+    out = Path(args.out)
+    if len(set(args.seeds)) != len(args.seeds):
+        raise SystemExit(f"--seeds {args.seeds} repeats a seed; give each split once")
     try:
-        config = bench_config(args.scenario, args.quick, args.seed, args.trunk, _parse_set(args.set or []))
-        bench = run_bench(config, args.method)
-        paths = write_bench(bench, Path(args.out), "fedanchor bench " + shlex.join(argv))
+        benches = []
+        for seed in args.seeds:
+            config = bench_config(args.scenario, args.quick, seed, args.trunk, _parse_set(args.set or []))
+            print(f"== split seed {seed} ==")
+            bench = run_bench(config, args.method)
+            folder = out if len(args.seeds) == 1 else out / f"seed-{seed}"
+            paths = write_bench(bench, folder, command)
+            benches.append(bench)
+            print(paths["md"].read_text())
+            print(f"wrote {', '.join(str(p) for p in paths.values())}")
+        if len(benches) > 1:
+            (out / "spread.md").write_text(spread_markdown(benches, command))
+            (out / "spread.json").write_text(json.dumps(spread(benches), indent=2))
+            print((out / "spread.md").read_text())
+        if args.noisy:
+            config = bench_config(args.scenario, args.quick, args.seeds[0], args.trunk, _parse_set(args.set or []))
+            study = noisy_site_study(config, modes=args.noisy_mode)
+            paths = write_noisy(study, out)
+            print(paths["md"].read_text())
     except (ValueError, FileNotFoundError, ModuleNotFoundError, RuntimeError) as err:
         print(f"fedanchor bench: error: {err}", file=sys.stderr)
         return 2
-    print(paths["md"].read_text())
-    print(f"wrote {', '.join(str(p) for p in paths.values())}")
     return 0
 
 

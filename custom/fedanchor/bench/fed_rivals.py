@@ -2,10 +2,8 @@
 
 Each rival is a function ``(config, split) -> RivalRun`` that runs every site and
 the server in one process on the split and seeds that fedanchor uses, and is
-scored like every other bench method (``bench.rivals.score_model``, the fedanchor
-server's scoring: held-out pairs, each modality's test embeddings with its anchor
-mean removed by ``centre_on_anchors``, then ``cross_modal_metrics`` with semantic
-labels); ``score_models`` is the one place that scoring happens here.
+scored like every other bench method (``bench.rivals.score_models``: the fedanchor
+server's scoring of held-out pairs, in the anchor CCA readout space).
 
 Shared with fedanchor's ``SiteTrainer`` (so that only what is shared differs):
 
@@ -20,9 +18,9 @@ Shared with fedanchor's ``SiteTrainer`` (so that only what is shared differs):
   embeddings and fixed targets of the other modalities, centred on the targets'
   mean over all anchors, with the same duplicate-anchor mask ``same_items``.
 
-Bytes are measured on the messages with the serializer of ``SiteUpdate.nbytes``
-(the tensors as numpy arrays, the sum of their ``nbytes``; JSON meta such as n_k is
-not counted there either). ``bytes_down[r][site]`` is what the server sends that
+Bytes are measured on the messages with ``messages.tensor_nbytes``, the count of
+``SiteUpdate.nbytes`` and ``GlobalState.nbytes`` (the tensors as numpy arrays; JSON
+meta such as n_k is not counted there either). ``bytes_down[r][site]`` is what the server sends that
 site at the start of round r; the state after the last round is evaluated, not sent.
 
 What each rival shares per site per round, in bytes, measured on the motion scenario
@@ -59,12 +57,11 @@ from ..alignment.losses import anchor_info_nce, two_view_contrastive
 from ..config import FedAnchorConfig
 from ..data.augment import augment
 from ..data.scenario import FederatedSplit, ModalityData, ModalitySpec
-from ..evaluation import cross_modal_metrics
-from ..federation.messages import TARGET_PREFIX, GlobalState, _to_numpy
-from ..federation.server import centre_on_anchors
+from ..federation.messages import TARGET_PREFIX, tensor_nbytes
 from ..federation.site import _concat, resolve_device, same_items
 from ..federation.state import projector_params
 from ..model.homogeneous import HomogeneousTransformer, build_model, take_items
+from .rivals import score_models
 
 LORA_ADAPTER = "default"  # peft's adapter name; one adapter per layer
 PROTOTYPES, CLASSES, COUNTS = "prototypes", "classes", "counts"
@@ -86,17 +83,6 @@ class RivalRun:
 
 
 # -- bytes --------------------------------------------------------------------------
-def message_nbytes(tensors: Mapping[str, torch.Tensor]) -> int:
-    """Bytes of a message of tensors, serialized like ``SiteUpdate.nbytes`` (numpy arrays, sum of nbytes)."""
-    return int(sum(a.nbytes for a in _to_numpy(tensors).values()))
-
-
-def state_nbytes(state: GlobalState) -> int:
-    """Bytes of a fedanchor ``GlobalState`` as broadcast to each site (its arrays; the meta dict is not counted)."""
-    arrays, _ = state.to_arrays()
-    return int(sum(a.nbytes for a in arrays.values()))
-
-
 def _detached(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k: v.detach().cpu().clone() for k, v in tensors.items()}
 
@@ -230,20 +216,6 @@ def _geolora_params(model: HomogeneousTransformer) -> list[nn.Parameter]:
 
 
 # -- scoring ------------------------------------------------------------------------
-def score_models(models: Mapping[str, HomogeneousTransformer], split: FederatedSplit) -> dict[str, float]:
-    """Score like the fedanchor server, each modality embedded by ``models[modality]``.
-
-    With one model for every modality this is ``bench.rivals.score_model``; the
-    own-model rivals pass the model of the first site of each modality.
-    """
-    missing = [m for m in split.test if m not in models]
-    if missing:
-        raise ValueError(f"no model to embed test modality(ies) {missing}; every test modality needs at least one site")
-    embeddings = {m: centre_on_anchors(models[m].embed_all(m, d.items), models[m].embed_all(m, split.anchors[m].items))
-                  for m, d in split.test.items()}
-    return cross_modal_metrics(embeddings, {m: np.asarray(d.semantic_labels) for m, d in split.test.items()})
-
-
 def _first_site_per_modality(sites: Mapping[str, _Site]) -> dict[str, _Site]:
     first: dict[str, _Site] = {}
     for site in sites.values():
@@ -402,7 +374,7 @@ def fedavg_lora(config: FedAnchorConfig, split: FederatedSplit, anchor_term: boo
         for name, site in sites.items():
             message = dict(global_params)
             message.update({TARGET_PREFIX + m: t for m, t in targets.items() if m != site.modality})
-            down_round[name] = message_nbytes(message)
+            down_round[name] = tensor_nbytes(message)
             factors = lora_factors(site.model)
             projector = projector_params(site.model, site.modality)
             _load({**factors, **_all_projectors(site.model)}, global_params)
@@ -410,7 +382,7 @@ def fedavg_lora(config: FedAnchorConfig, split: FederatedSplit, anchor_term: boo
             loss_round[name] = _local_round(config, site, r, list(factors.values()), list(projector.values()), extra,
                                             config.alignment.lambda_cross, use_anchors=anchor_term)
             update = _detached({**factors, **projector})
-            up_round[name] = message_nbytes(update)
+            up_round[name] = tensor_nbytes(update)
             n = len(site.private)
             lora_updates.append({k: v for k, v in update.items() if k in factors})
             lora_weights.append(n)
@@ -422,7 +394,7 @@ def fedavg_lora(config: FedAnchorConfig, split: FederatedSplit, anchor_term: boo
         bytes_up.append(up_round)
         bytes_down.append(down_round)
         losses.append(loss_round)
-    metrics = score_models({m: server for m in split.test}, split)
+    metrics = score_models({m: server for m in split.test}, split, config)
     notes = {"rounds": config.rounds, "local_steps": config.train.local_steps, "rank": config.adapter.rank,
              "lora": "peft inject_adapter_in_model, lora_alpha=rank, dropout 0", "anchor_term": anchor_term,
              "lambda_cross": config.alignment.lambda_cross if anchor_term else 0.0, "evaluated_with": "the global model",
@@ -508,24 +480,51 @@ def fedproto(config: FedAnchorConfig, split: FederatedSplit) -> RivalRun:
     for r in range(config.rounds):
         up_round, down_round, loss_round, uploads = {}, {}, {}, []
         for name, site in sites.items():
-            down_round[name] = message_nbytes(global_protos)
+            down_round[name] = tensor_nbytes(global_protos)
             extra = _prototype_term(site, global_protos) if (global_protos and use_protos) else None
             loss_round[name] = _local_round(config, site, r, _geolora_params(site.model),
                                             list(projector_params(site.model, site.modality).values()), extra,
                                             config.alignment.lambda_cross)
             upload = class_prototypes(site.model, site.private)
-            up_round[name] = message_nbytes(upload)
+            up_round[name] = tensor_nbytes(upload)
             uploads.append(upload)
         global_protos = merge_prototypes(uploads)
         bytes_up.append(up_round)
         bytes_down.append(down_round)
         losses.append(loss_round)
     evaluated = _first_site_per_modality(sites)
-    metrics = score_models({m: s.model for m, s in evaluated.items()}, split)
+    metrics = score_models({m: s.model for m, s in evaluated.items()}, split, config)
     notes = {"rounds": config.rounds, "local_steps": config.train.local_steps, "label_privileged": True,
              "lambda_proto": config.alignment.lambda_cross, "classes": len(global_protos.get(CLASSES, [])),
              "evaluated_with": {m: s.name for m, s in evaluated.items()}, "losses": losses}
     return RivalRun(metrics, bytes_up, bytes_down, time.perf_counter() - started, notes)
+
+
+# -- 0. local training only -----------------------------------------------------------------
+def local_only(config: FedAnchorConfig, split: FederatedSplit) -> RivalRun:
+    """No federation at all: every site trains its own model (S, m, delta, projector) on private two-view SSL.
+
+    Nothing crosses the network (bytes 0). Each modality is scored with the model of
+    its first site, so what its geometry shares with the other modality comes from
+    the common frozen trunk and, at scoring, the anchor readout alone.
+    """
+    _check_inputs(config, split)
+    started = time.perf_counter()
+    torch.manual_seed(config.train.seed)
+    device = resolve_device(config.train.device)
+    modalities = {m: d.spec for m, d in split.anchors.items()}
+    sites = _make_sites(config, split, device, lambda: build_model(config, modalities, split.feature_stats))
+    losses = []
+    for r in range(config.rounds):
+        losses.append({name: _local_round(config, site, r, _geolora_params(site.model),
+                                          list(projector_params(site.model, site.modality).values()))
+                       for name, site in sites.items()})
+    evaluated = _first_site_per_modality(sites)
+    metrics = score_models({m: s.model for m, s in evaluated.items()}, split, config)
+    silent = [{name: 0 for name in sites} for _ in range(config.rounds)]
+    notes = {"rounds": config.rounds, "local_steps": config.train.local_steps,
+             "evaluated_with": {m: s.name for m, s in evaluated.items()}, "losses": losses}
+    return RivalRun(metrics, silent, [dict(r) for r in silent], time.perf_counter() - started, notes)
 
 
 # -- 3. CreamFL -------------------------------------------------------------------------
@@ -565,13 +564,13 @@ def creamfl(config: FedAnchorConfig, split: FederatedSplit) -> RivalRun:
         up_round, down_round, loss_round = {}, {}, {}
         uploads: dict[str, list[tuple[torch.Tensor, int]]] = {}
         for name, site in sites.items():
-            down_round[name] = message_nbytes(message)
+            down_round[name] = tensor_nbytes(message)
             extra = _anchor_term(config, site, reps) if use_cross else None
             loss_round[name] = _local_round(config, site, r, _geolora_params(site.model),
                                             list(projector_params(site.model, site.modality).values()), extra,
                                             config.alignment.lambda_cross, use_anchors=use_cross)
             z = site.model.embed_all(site.modality, site.anchors.items)
-            up_round[name] = message_nbytes({ANCHOR_PREFIX + site.modality: z})
+            up_round[name] = tensor_nbytes({ANCHOR_PREFIX + site.modality: z})
             uploads.setdefault(site.modality, []).append((z, len(site.private)))
         for m, pairs in uploads.items():
             reps[m] = _weighted_mean([z for z, _ in pairs], [n for _, n in pairs])
@@ -579,7 +578,7 @@ def creamfl(config: FedAnchorConfig, split: FederatedSplit) -> RivalRun:
         bytes_down.append(down_round)
         losses.append(loss_round)
     evaluated = _first_site_per_modality(sites)
-    metrics = score_models({m: s.model for m, s in evaluated.items()}, split)
+    metrics = score_models({m: s.model for m, s in evaluated.items()}, split, config)
     notes = {"rounds": config.rounds, "local_steps": config.train.local_steps, "lambda_cross": config.alignment.lambda_cross,
              "n_anchors": len(next(iter(split.anchors.values()))), "server_model": False,
              "evaluated_with": {m: s.name for m, s in evaluated.items()}, "losses": losses}
@@ -611,4 +610,4 @@ def full_finetune_bytes(config: FedAnchorConfig, split: FederatedSplit, site: st
             if id(param) not in seen and param.is_floating_point():
                 seen.add(id(param))
                 tensors[f"{prefix}/{key}"] = param
-    return message_nbytes(tensors)
+    return tensor_nbytes(tensors)

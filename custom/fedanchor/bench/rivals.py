@@ -1,7 +1,8 @@
 """Non-federated rivals: the paired ceiling, anchors-only training, anchor CCA and ASIF relative representations.
 
-All of them are scored like the federated model: held-out pairs, embeddings with
-their modality's anchor mean removed (``centre_on_anchors``), ``cross_modal_metrics``.
+All of them are scored like the federated model (``score_models``): held-out pairs,
+in the anchor CCA readout space (or anchor-centred when the readout is off),
+``cross_modal_metrics``.
 """
 from __future__ import annotations
 
@@ -78,11 +79,25 @@ def train_centralised(config: FedAnchorConfig, split: FederatedSplit, pairs: Map
     return model
 
 
-def score_model(model: HomogeneousTransformer, split: FederatedSplit) -> dict[str, float]:
-    embeddings = {}
-    for m, d in split.test.items():
-        anchor_z = model.embed_all(m, split.anchors[m].items)
-        embeddings[m] = centre_on_anchors(model.embed_all(m, d.items), anchor_z)
+def score_models(models: Mapping[str, HomogeneousTransformer], split: FederatedSplit, config: FedAnchorConfig) -> dict[str, float]:
+    """Score every learned method the way the fedanchor server scores its global model.
+
+    ``models[m]`` embeds modality m (one shared model, or a site's own model for
+    rivals that keep one per site). The test items go into the anchor CCA readout
+    fitted on the models' anchor embeddings when ``config.alignment.readout`` is
+    "cca" (the server's default), else into the anchor-centred space.
+    """
+    missing = [m for m in split.test if m not in models]
+    if missing:
+        raise ValueError(f"no model to embed test modality(ies) {missing}; every test modality needs at least one site")
+    anchors = {m: models[m].embed_all(m, split.anchors[m].items) for m in split.test}
+    tests = {m: models[m].embed_all(m, d.items) for m, d in split.test.items()}
+    cfg = config.alignment
+    if cfg.readout == "cca":
+        readout = fit_anchor_readout(anchors, cfg.readout_reg, cfg.readout_dims or None)
+        embeddings = {m: readout.apply(m, z) for m, z in tests.items()}
+    else:
+        embeddings = {m: centre_on_anchors(z, anchors[m]) for m, z in tests.items()}
     return cross_modal_metrics(embeddings, _labels(split))
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import time
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
@@ -11,11 +12,8 @@ import numpy as np
 import torch
 
 from ..config import FedAnchorConfig, config_from_dict, config_to_dict, with_overrides
-from ..federation.loop import RoundRecord, RunResult, make_split, run_in_process
-from ..federation.server import ContributionRejected, FederatedServer
-from ..federation.site import SiteTrainer
-from ..model.homogeneous import build_model
-from . import rivals
+from ..federation.loop import make_split, run_in_process
+from . import fed_rivals, rivals
 
 # Per scenario: split sizes of the reference measurements (issue 4); motion has only 80 samples.
 SCENARIO_DATA: dict[str, dict[str, Any]] = {
@@ -36,26 +34,35 @@ TINY: dict[str, Any] = {"trunk.embed_dim": 32, "adapter.rank": 4}
 
 NO_ALIGNMENT = {"alignment.lambda_cka": 0.0, "alignment.lambda_cross": 0.0}
 FEDERATED: dict[str, dict[str, Any]] = {
-    "local only": NO_ALIGNMENT,
     "fedanchor": {},
     "fedanchor - CKA term": {"alignment.lambda_cka": 0.0},
     "fedanchor - cross term": {"alignment.lambda_cross": 0.0},
+    "fedanchor - both anchor terms": NO_ALIGNMENT,
     "fedanchor - private SSL": {"private.weight": 0.0},
     "fedanchor, uniform weights": {"precision.method": "uniform"},
+    "fedanchor - CCA readout": {"alignment.readout": "none"},
 }
 NO_DELTA = "fedanchor - delta_site"
+# Rivals that share something else than fedanchor does (bench/fed_rivals.py), in the order of issue 4.
+FED_RIVALS: dict[str, Callable[[FedAnchorConfig, Any], fed_rivals.RivalRun]] = {
+    "local only": fed_rivals.local_only,
+    "FedAvg on PEFT LoRA": fed_rivals.fedavg_lora,
+    "FedAvg on PEFT LoRA + anchor term": partial(fed_rivals.fedavg_lora, anchor_term=True),
+    "FedProto (class prototypes)": fed_rivals.fedproto,
+    "CreamFL (anchor embeddings)": fed_rivals.creamfl,
+}
 CEILINGS = ("ceiling (all true pairs)", "ceiling CCA (all true pairs)")
 ANCHORS_ONLY = ("anchors-only model", "anchors-only CCA", "anchors-only ASIF")
-CENTRALISED = ("ceiling (all true pairs)", "anchors-only model")
-METHODS: tuple[str, ...] = (*CEILINGS, *ANCHORS_ONLY, *FEDERATED, NO_DELTA)
+METHODS: tuple[str, ...] = (*CEILINGS, *ANCHORS_ONLY, *FED_RIVALS, *FEDERATED, NO_DELTA)
+# The recall@k of the headline "gap closed", per level: issue 4's reference figures use code-set recall@10 on
+# xray, and exact-pair recall@10 with same-class recall@1 on digits (same-class recall@10 is near 1 for every method).
+HEADLINE_K: dict[str, dict[str, int]] = {
+    "xray": {"instance": 10, "semantic": 10},
+    "digits": {"instance": 10, "semantic": 1},
+    "motion": {"instance": 10, "semantic": 1},
+}
 NOT_YET_RUN = (
-    ("FedAvg on PEFT LoRA factors", "A and B averaged separately, no anchors (FLARE LLM examples)"),
-    ("FedAvg on PEFT LoRA + anchor contrastive", "the same plus the cross-modal anchor loss"),
-    ("FedProto", "prototype sharing"),
-    ("CreamFL", "public-embedding sharing"),
-    ("noisy-site study", "one corrupted site; per-round site weights; recall under uniform vs precision weighting"),
-    ("bytes down per site per round", "only bytes up are recorded (RoundRecord.bytes_up)"),
-    ("several splits", "one split only: no split-to-split spread yet"),
+    ("hospital-scale sites", "16 sites, basis refresh and FLARE's own message cost are issue 8"),
 )
 
 
@@ -64,7 +71,8 @@ class MethodResult:
     metrics: dict[str, float]
     seconds: float
     overrides: dict[str, Any] = field(default_factory=dict)
-    bytes_up: list[dict[str, int]] | None = None  # per round, per site
+    bytes_up: list[dict[str, int]] | None = None  # per round, per site, serialized
+    bytes_down: list[dict[str, int]] | None = None
     site_weights: list[dict[str, float]] | None = None
     notes: dict[str, Any] = field(default_factory=dict)
 
@@ -78,11 +86,13 @@ class BenchResult:
     config: FedAnchorConfig
     methods: dict[str, MethodResult]
     seconds: float
+    full_finetune_bytes: int | None = None  # one site's update if the whole model were fine-tuned
 
     def as_dict(self) -> dict[str, Any]:
         return {"scenario": self.scenario, "config": config_to_dict(self.config), "seconds": self.seconds,
-                "methods": {k: v.as_dict() for k, v in self.methods.items()}, "gap_closed": gap_closed(self.methods),
-                "not_yet_run": dict(NOT_YET_RUN)}
+                "methods": {k: v.as_dict() for k, v in self.methods.items()},
+                "gap_closed": gap_closed(self.methods, HEADLINE_K[self.scenario]),
+                "bytes": bytes_summary(self), "not_yet_run": dict(NOT_YET_RUN)}
 
 
 def bench_config(scenario: str, quick: bool = False, seed: int = 0, trunk: str | None = None,
@@ -119,10 +129,10 @@ def run_bench(config: FedAnchorConfig, methods: Sequence[str] | None = None,
         if name == "ceiling (all true pairs)":
             pairs = rivals.true_pairs(split)
             model = rivals.train_centralised(config, split, pairs, steps, seed)
-            out[name] = MethodResult(rivals.score_model(model, split), 0.0, notes={"pairs": len(next(iter(pairs.values()))), "steps": steps})
+            out[name] = MethodResult(rivals.score_models({m: model for m in split.test}, split, config), 0.0, notes={"pairs": len(next(iter(pairs.values()))), "steps": steps})
         elif name == "anchors-only model":
             model = rivals.train_centralised(config, split, split.anchors, steps, seed)
-            out[name] = MethodResult(rivals.score_model(model, split), 0.0, notes={"pairs": len(next(iter(split.anchors.values()))), "steps": steps})
+            out[name] = MethodResult(rivals.score_models({m: model for m in split.test}, split, config), 0.0, notes={"pairs": len(next(iter(split.anchors.values()))), "steps": steps})
         elif name in ("anchors-only CCA", "anchors-only ASIF", "ceiling CCA (all true pairs)"):
             if features is None:
                 features = rivals.frozen_features(config, split, seed, rivals.true_pairs(split))
@@ -134,57 +144,25 @@ def run_bench(config: FedAnchorConfig, methods: Sequence[str] | None = None,
                 fit = rivals.cca_rival if name.endswith("CCA") else rivals.asif_rival
                 metrics, notes = fit(anchor_f, test_f, split)
             out[name] = MethodResult(metrics, 0.0, notes={**notes, "features": source})
+        elif name in FED_RIVALS:
+            torch.manual_seed(seed)
+            run = FED_RIVALS[name](config, split)
+            out[name] = MethodResult(run.metrics, 0.0, bytes_up=run.bytes_up, bytes_down=run.bytes_down,
+                                     notes={k: v for k, v in run.notes.items() if k != "losses"})
         else:
             overrides = FEDERATED.get(name, {})
             cfg = with_overrides(config, overrides) if overrides else config
             torch.manual_seed(seed)
-            result = run_frozen_delta(cfg, split) if name == NO_DELTA else run_in_process(cfg, progress=None, split=split)
+            result = run_in_process(cfg, progress=None, split=split, freeze_delta=name == NO_DELTA)
             out[name] = MethodResult(result.final_eval, 0.0, overrides=dict(overrides),
                                      bytes_up=[dict(r.bytes_up) for r in result.rounds],
+                                     bytes_down=[dict(r.bytes_down) for r in result.rounds],
                                      site_weights=[dict(r.site_weights) for r in result.rounds],
                                      notes={"rounds": cfg.rounds, "local_steps": cfg.train.local_steps})
         out[name].seconds = time.perf_counter() - t0
-        say(f"   {_summary(out[name].metrics)} ({out[name].seconds:.1f}s)")
-    return BenchResult(config.data.scenario, config, out, time.perf_counter() - started)
-
-
-def run_frozen_delta(config: FedAnchorConfig, split) -> RunResult:
-    """``run_in_process`` with every site's log-gain delta frozen at 0 (the no-delta_site ablation).
-
-    The same server and SiteTrainer calls as ``federation.loop.run_in_process``; the only
-    difference is that each site's model is built here with ``delta.requires_grad = False``,
-    so its optimizer never moves delta (Adam skips parameters without gradients).
-    """
-    modalities = {name: data.spec for name, data in split.anchors.items()}
-    server = FederatedServer(config, modalities, split.anchors, split.anchor_fingerprint, split.feature_stats, split.test)
-    sites = {}
-    for site, private in split.private.items():
-        model = build_model(config, modalities, split.feature_stats)
-        for layer in model.adapters().values():
-            layer.delta.requires_grad_(False)
-        sites[site] = SiteTrainer(config, site, private, split.anchors[private.spec.name], split.anchor_fingerprint,
-                                  modalities, split.feature_stats, model=model)
-    state = server.initial_state()
-    result = RunResult(config=config, initial_eval=server.evaluate(state))
-    for r in range(config.rounds):
-        started = time.perf_counter()
-        server.start_round()
-        for trainer in sites.values():
-            try:
-                server.accept(trainer.train_round(state))
-            except ContributionRejected:
-                pass
-        state = server.finish_round(min_sites=1)
-        metrics = server.evaluate(state)
-        report = server.report
-        assert report is not None
-        result.rounds.append(RoundRecord(r, time.perf_counter() - started, report.site_metrics, report.site_weights,
-                                         report.site_uncertainty, report.rejected, report.bytes_up, metrics))
-    for name, trainer in sites.items():
-        if any(float(layer.delta.abs().max()) != 0.0 for layer in trainer.model.adapters().values()):
-            raise RuntimeError(f"site {name!r}: delta moved although it was frozen")
-    result.final_state = state
-    return result
+        say(f"   {_summary(out[name].metrics, HEADLINE_K[config.data.scenario])} ({out[name].seconds:.1f}s)")
+    full = fed_rivals.full_finetune_bytes(config, split)
+    return BenchResult(config.data.scenario, config, out, time.perf_counter() - started, full)
 
 
 # -- summaries --------------------------------------------------------------------
@@ -198,35 +176,58 @@ def mean_recall(metrics: Mapping[str, float], level: str, k: int = 10) -> float:
     return float(np.mean(values)) if values else float("nan")
 
 
-def _summary(metrics: Mapping[str, float]) -> str:
-    return f"mean R@10 instance {mean_recall(metrics, 'instance'):.3f}, semantic {mean_recall(metrics, 'semantic'):.3f}"
+def _summary(metrics: Mapping[str, float], headline: Mapping[str, int]) -> str:
+    return (f"mean instance R@{headline['instance']} {mean_recall(metrics, 'instance', headline['instance']):.3f}, "
+            f"semantic R@{headline['semantic']} {mean_recall(metrics, 'semantic', headline['semantic']):.3f}")
 
 
-def gap_closed(methods: Mapping[str, MethodResult]) -> dict[str, Any]:
-    """(method - best anchors-only) / (ceiling - best anchors-only), on mean recall@10 over both directions."""
+def gap_closed(methods: Mapping[str, MethodResult], headline: Mapping[str, int]) -> dict[str, Any]:
+    """(method - best anchors-only) / (ceiling - best anchors-only), on mean recall@k over both directions.
+
+    k per level is ``headline`` (HEADLINE_K of the scenario).
+    """
     ceilings = {m: methods[m] for m in CEILINGS if m in methods}
     bars = {m: methods[m] for m in ANCHORS_ONLY if m in methods}
     if not ceilings or not bars:
         return {}
-    out: dict[str, Any] = {"bar": {}, "ceiling": {}, "methods": {}}
+    out: dict[str, Any] = {"k": dict(headline), "bar": {}, "ceiling": {}, "methods": {}}
     for level in ("instance", "semantic"):
-        best = max(bars, key=lambda m: mean_recall(bars[m].metrics, level))
-        top = max(ceilings, key=lambda m: mean_recall(ceilings[m].metrics, level))
-        low, high = mean_recall(bars[best].metrics, level), mean_recall(ceilings[top].metrics, level)
-        out["bar"][level] = {"method": best, "mean_recall@10": low}
-        out["ceiling"][level] = {"method": top, "mean_recall@10": high}
+        k = headline[level]
+        best = max(bars, key=lambda m: mean_recall(bars[m].metrics, level, k))
+        top = max(ceilings, key=lambda m: mean_recall(ceilings[m].metrics, level, k))
+        low, high = mean_recall(bars[best].metrics, level, k), mean_recall(ceilings[top].metrics, level, k)
+        out["bar"][level] = {"method": best, "mean_recall": low}
+        out["ceiling"][level] = {"method": top, "mean_recall": high}
         for name, res in methods.items():
+            value = mean_recall(res.metrics, level, k)
             # Undefined when the ceiling does not beat the bar (tiny splits, quick runs): reported as nan, not as a ratio.
-            gap = (mean_recall(res.metrics, level) - low) / (high - low) if high - low > 1e-12 else float("nan")
+            gap = (value - low) / (high - low) if high - low > 1e-12 else float("nan")
             out["methods"].setdefault(name, {})[level] = gap
+            out["methods"][name][f"{level}_recall"] = value
     return out
 
 
-def _bytes_per_round(res: MethodResult) -> str:
-    if not res.bytes_up:
-        return "-"
-    per_site = [b for rnd in res.bytes_up for b in rnd.values()]
-    return f"{np.mean(per_site) / 1024:.1f} KiB" if per_site else "-"
+def _mean_per_site(rounds: list[dict[str, int]] | None) -> float:
+    values = [b for rnd in rounds or [] for b in rnd.values()]
+    return float(np.mean(values)) if values else float("nan")
+
+
+def bytes_summary(bench: BenchResult) -> dict[str, Any]:
+    """Mean bytes per site per round, up and down, and fedanchor's ratios to FedAvg on LoRA and to full fine-tuning."""
+    per = {name: {"up": _mean_per_site(res.bytes_up), "down": _mean_per_site(res.bytes_down)}
+           for name, res in bench.methods.items() if res.bytes_up is not None}
+    out: dict[str, Any] = {"per_site_per_round": per, "full_finetune_up": bench.full_finetune_bytes}
+    ours = per.get("fedanchor", {}).get("up")
+    if ours:
+        if "FedAvg on PEFT LoRA" in per:
+            out["fedavg_lora_over_fedanchor_up"] = per["FedAvg on PEFT LoRA"]["up"] / ours
+        if bench.full_finetune_bytes:
+            out["full_finetune_over_fedanchor_up"] = bench.full_finetune_bytes / ours
+    return out
+
+
+def _kib(x: float) -> str:
+    return "-" if x != x else f"{x / 1024:.1f} KiB"
 
 
 def _fmt(x: float) -> str:
@@ -243,14 +244,15 @@ def results_markdown(bench: BenchResult, command: str = "") -> str:
     pair = "~".join(d for d in dirs[0].split("->")) if dirs else ""
     cka_key = next((k for k in first if k.endswith("/cka")), f"{pair}/cka")
     knn_key = next((k for k in first if k.endswith("/mutual_knn@10")), f"{pair}/mutual_knn@10")
-    header = ["method", *(c[2] for c in cols), "CKA", "mutual-kNN@10", "bytes up/site/round", "wall s"]
+    header = ["method", *(c[2] for c in cols), "CKA", "mutual-kNN@10", "up/site/round", "down/site/round", "wall s"]
     lines = [f"# fedanchor bench: {bench.scenario}", ""]
     cfg = bench.config
+    steps = next((r.notes["steps"] for r in methods.values() if "steps" in r.notes), "see notes")
     lines += [f"Split seed {cfg.data.seed}: {cfg.data.n_anchors} anchors, {cfg.data.n_test} held-out pairs, "
               f"private cap {cfg.data.max_private_per_site}; trunk {cfg.trunk.name}; {cfg.rounds} rounds x "
-              f"{cfg.train.local_steps} local steps per site (centralised models: the same total, "
-              f"{next(iter(bench.methods.values())).notes.get('steps', 'see notes')} steps). "
-              f"Total {bench.seconds:.0f}s.", ""]
+              f"{cfg.train.local_steps} local steps per site (centralised models: the same total, {steps} steps). "
+              f"Learned methods are scored in the anchor CCA readout of their own embeddings "
+              f"(alignment.readout={cfg.alignment.readout}). Total {bench.seconds:.0f}s.", ""]
     if command:
         lines += [f"Command: `{command}`", ""]
     lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
@@ -258,34 +260,48 @@ def results_markdown(bench: BenchResult, command: str = "") -> str:
     def cell(metrics: Mapping[str, float], d: str, level: str, prefix: str = "") -> str:
         return "/".join(_fmt(metrics.get(f"{d}/{prefix}{level}@{k}", float("nan"))) for k in (1, 5, 10))
 
-    lines.append("| chance | " + " | ".join(cell(first, d, level, "chance_") for d, level, _ in cols) + " | | | | |")
+    lines.append("| chance | " + " | ".join(cell(first, d, level, "chance_") for d, level, _ in cols) + " | | | | | |")
     for name, res in methods.items():
         m = res.metrics
         row = [name, *(cell(m, d, level) for d, level, _ in cols), _fmt(m.get(cka_key, float("nan"))),
-               _fmt(m.get(knn_key, float("nan"))), _bytes_per_round(res), f"{res.seconds:.1f}"]
+               _fmt(m.get(knn_key, float("nan"))), _kib(_mean_per_site(res.bytes_up)) if res.bytes_up else "-",
+               _kib(_mean_per_site(res.bytes_down)) if res.bytes_down else "-", f"{res.seconds:.1f}"]
         lines.append("| " + " | ".join(row) + " |")
-    gaps = gap_closed(methods)
+    gaps = gap_closed(methods, HEADLINE_K[bench.scenario])
     lines += ["", "## Gap closed", ""]
     if gaps:
-        lines += ["(method - best anchors-only) / (ceiling - best anchors-only), on mean recall@10 over both directions. "
-                  f"Bar: instance = {gaps['bar']['instance']['method']} ({_fmt(gaps['bar']['instance']['mean_recall@10'])}), "
-                  f"semantic = {gaps['bar']['semantic']['method']} ({_fmt(gaps['bar']['semantic']['mean_recall@10'])}); "
-                  f"Ceiling (best of the paired ceilings): instance = {gaps['ceiling']['instance']['method']} "
-                  f"({_fmt(gaps['ceiling']['instance']['mean_recall@10'])}), semantic = {gaps['ceiling']['semantic']['method']} "
-                  f"({_fmt(gaps['ceiling']['semantic']['mean_recall@10'])}). "
+        ki, ks = gaps["k"]["instance"], gaps["k"]["semantic"]
+        lines += [f"(method - best anchors-only) / (ceiling - best anchors-only), on mean instance recall@{ki} and mean "
+                  f"semantic recall@{ks} over both directions. "
+                  f"Bar: instance = {gaps['bar']['instance']['method']} ({_fmt(gaps['bar']['instance']['mean_recall'])}), "
+                  f"semantic = {gaps['bar']['semantic']['method']} ({_fmt(gaps['bar']['semantic']['mean_recall'])}); "
+                  f"ceiling (best of the paired ceilings): instance = {gaps['ceiling']['instance']['method']} "
+                  f"({_fmt(gaps['ceiling']['instance']['mean_recall'])}), semantic = {gaps['ceiling']['semantic']['method']} "
+                  f"({_fmt(gaps['ceiling']['semantic']['mean_recall'])}). "
                   "nan: the ceiling does not beat the bar at that level in this run, so no gap is defined.", "",
-                  "| method | mean inst R@10 | mean sem R@10 | gap closed (instance) | gap closed (semantic) |", "|---|---|---|---|---|"]
-        for name, res in methods.items():
+                  f"| method | mean inst R@{ki} | mean sem R@{ks} | gap closed (instance) | gap closed (semantic) |",
+                  "|---|---|---|---|---|"]
+        for name in methods:
             g = gaps["methods"][name]
-            lines.append(f"| {name} | {_fmt(mean_recall(res.metrics, 'instance'))} | {_fmt(mean_recall(res.metrics, 'semantic'))} | "
+            lines.append(f"| {name} | {_fmt(g['instance_recall'])} | {_fmt(g['semantic_recall'])} | "
                          f"{_fmt(g['instance'])} | {_fmt(g['semantic'])} |")
     else:
         lines.append("needs a ceiling and at least one anchors-only method in the run.")
+    sizes = bytes_summary(bench)
+    lines += ["", "## Bytes per site per round", "",
+              "Measured on the serialized messages (`messages.tensor_nbytes`: the arrays a FLARE DXO carries). "
+              f"Full fine-tuning (whole trunk, head and projector of one site, as FedAvg would ship it): "
+              f"{_kib(float(bench.full_finetune_bytes or float('nan')))} up."]
+    if "fedavg_lora_over_fedanchor_up" in sizes:
+        lines.append(f"FedAvg on LoRA factors of the same rank on the same layers sends {sizes['fedavg_lora_over_fedanchor_up']:.1f}x "
+                     "fedanchor's bytes up.")
+    if "full_finetune_over_fedanchor_up" in sizes:
+        lines.append(f"Full fine-tuning sends {sizes['full_finetune_over_fedanchor_up']:.0f}x fedanchor's bytes up.")
     lines += ["", "## Notes", ""]
     for name, res in methods.items():
         if res.notes or res.overrides:
             lines.append(f"- {name}: " + "; ".join(f"{k}={v}" for k, v in {**res.overrides, **res.notes}.items()))
-    lines += ["", "## Not yet run", ""] + [f"- {name}: {why}" for name, why in NOT_YET_RUN]
+    lines += ["", "## Not in this bench", ""] + [f"- {name}: {why}" for name, why in NOT_YET_RUN]
     return "\n".join(lines) + "\n"
 
 
@@ -296,12 +312,20 @@ def plot_bench(bench: BenchResult, path: Path) -> Path:
     import matplotlib.pyplot as plt
 
     names = list(bench.methods)
+    headline = HEADLINE_K[bench.scenario]
     x = np.arange(len(names))
-    fig, ax = plt.subplots(figsize=(max(8, 1.1 * len(names)), 4.5))
+    fig, ax = plt.subplots(figsize=(max(8, 0.8 * len(names)), 4.8))
     for offset, level in ((-0.2, "semantic"), (0.2, "instance")):
-        ax.bar(x + offset, [mean_recall(bench.methods[n].metrics, level) for n in names], 0.4, label=f"{level} R@10 (mean of both directions)")
-    ax.set_xticks(x, names, rotation=30, ha="right", fontsize=8)
-    ax.set(ylim=(0, 1), ylabel="recall@10", title=f"fedanchor bench: {bench.scenario}")
+        k = headline[level]
+        ax.bar(x + offset, [mean_recall(bench.methods[n].metrics, level, k) for n in names], 0.4,
+               label=f"{level} R@{k} (mean of both directions)")
+    gaps = gap_closed(bench.methods, headline)
+    for level, style in (("semantic", "--"), ("instance", ":")):
+        if gaps:
+            ax.axhline(gaps["bar"][level]["mean_recall"], color="grey", linestyle=style, linewidth=1,
+                       label=f"best anchors-only, {level}")
+    ax.set_xticks(x, names, rotation=35, ha="right", fontsize=7)
+    ax.set(ylim=(0, 1), ylabel="recall", title=f"fedanchor bench: {bench.scenario}")
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -311,11 +335,42 @@ def plot_bench(bench: BenchResult, path: Path) -> Path:
 
 def write_bench(bench: BenchResult, out: Path, command: str = "") -> dict[str, Path]:
     out.mkdir(parents=True, exist_ok=True)
-    paths = {"json": out / "results.json", "md": out / "results.md", "png": out / "recall_at_10.png"}
+    paths = {"json": out / "results.json", "md": out / "results.md", "png": out / "recall.png"}
     paths["json"].write_text(json.dumps(bench.as_dict(), indent=2, default=_json_default))
     paths["md"].write_text(results_markdown(bench, command))
     plot_bench(bench, paths["png"])
     return paths
+
+
+def spread(benches: Sequence[BenchResult]) -> dict[str, dict[str, dict[str, float]]]:
+    """Per method and level: mean and standard deviation over splits of the headline recall and the gap closed."""
+    out: dict[str, dict[str, dict[str, float]]] = {}
+    for bench in benches:
+        gaps = gap_closed(bench.methods, HEADLINE_K[bench.scenario])
+        for name, g in gaps.get("methods", {}).items():
+            for level in ("instance", "semantic"):
+                out.setdefault(name, {}).setdefault(level, []).append(g[f"{level}_recall"])  # type: ignore[arg-type]
+                out[name].setdefault(f"{level}_gap", []).append(g[level])  # type: ignore[arg-type]
+    return {name: {key: {"mean": float(np.mean(v)), "sd": float(np.std(v, ddof=1)) if len(v) > 1 else float("nan"), "n": len(v)}
+                   for key, v in levels.items()} for name, levels in out.items()}
+
+
+def spread_markdown(benches: Sequence[BenchResult], command: str = "") -> str:
+    """Mean +- sd over splits: the split-to-split spread that a difference between methods must exceed."""
+    first = benches[0]
+    headline = HEADLINE_K[first.scenario]
+    seeds = [b.config.data.seed for b in benches]
+    lines = [f"# fedanchor bench: {first.scenario}, {len(benches)} splits (seeds {seeds})", ""]
+    if command:
+        lines += [f"Command: `{command}`", ""]
+    lines += [f"| method | inst R@{headline['instance']} | sem R@{headline['semantic']} | gap closed (instance) | gap closed (semantic) |",
+              "|---|---|---|---|---|"]
+
+    def pm(d: Mapping[str, float]) -> str:
+        return f"{_fmt(d['mean'])} ± {_fmt(d['sd'])}"
+    for name, d in spread(benches).items():
+        lines.append(f"| {name} | {pm(d['instance'])} | {pm(d['semantic'])} | {pm(d['instance_gap'])} | {pm(d['semantic_gap'])} |")
+    return "\n".join(lines) + "\n"
 
 
 def _json_default(value: Any) -> Any:

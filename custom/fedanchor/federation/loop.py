@@ -14,6 +14,7 @@ from typing import Any, Callable, Mapping
 from ..config import FedAnchorConfig
 from ..data import corrupt, load_scenario, split_scenario
 from ..data.scenario import FederatedSplit
+from ..model.homogeneous import build_model
 from .messages import GlobalState
 from .server import ContributionRejected, FederatedServer
 from .site import SiteTrainer
@@ -51,6 +52,7 @@ class RoundRecord:
     rejected: dict[str, str]
     bytes_up: dict[str, int]
     eval: dict[str, float]
+    bytes_down: dict[str, int] = field(default_factory=dict)  # the global state each site received this round
 
     def as_dict(self) -> dict[str, Any]:
         return self.__dict__.copy()
@@ -69,8 +71,13 @@ class RunResult:
 
 
 def run_in_process(config: FedAnchorConfig, progress: Callable[[str], None] | None = print,
-                   corruptions: Mapping[str, tuple[str, float]] | None = None, split: FederatedSplit | None = None) -> RunResult:
-    """Train ``config.rounds`` rounds; ``corruptions`` maps a site to (mode, severity) for noisy-site studies."""
+                   corruptions: Mapping[str, tuple[str, float]] | None = None, split: FederatedSplit | None = None,
+                   freeze_delta: bool = False) -> RunResult:
+    """Train ``config.rounds`` rounds.
+
+    ``corruptions`` maps a site to (mode, severity) for noisy-site studies;
+    ``freeze_delta`` keeps every site's log-gain delta at 0 (the no-delta_site ablation).
+    """
     say = progress or (lambda _msg: None)
     split = split or make_split(config)
     modalities = {name: data.spec for name, data in split.anchors.items()}
@@ -80,14 +87,19 @@ def run_in_process(config: FedAnchorConfig, progress: Callable[[str], None] | No
         if corruptions and site in corruptions:
             mode, severity = corruptions[site]
             private = corrupt(private, mode, severity, seed=config.data.seed)
+        model = build_model(config, modalities, split.feature_stats)
+        if freeze_delta:
+            for layer in model.adapters().values():
+                layer.delta.requires_grad_(False)  # Adam skips parameters without gradients
         sites[site] = SiteTrainer(config, site, private, split.anchors[private.spec.name], split.anchor_fingerprint,
-                                  modalities, split.feature_stats)
+                                  modalities, split.feature_stats, model=model)
     state = server.initial_state()
     result = RunResult(config=config, initial_eval=server.evaluate(state))
     say(f"{config.data.scenario}: {len(sites)} sites ({', '.join(f'{s}={t.modality}[{len(t.private)}]' for s, t in sites.items())}), "
         f"{len(next(iter(split.anchors.values())))} anchors, {len(next(iter(split.test.values())))} test pairs")
     for r in range(config.rounds):
         started = time.perf_counter()
+        down = state.nbytes()
         server.start_round()
         for name, trainer in sites.items():
             update = trainer.train_round(state)
@@ -100,9 +112,14 @@ def run_in_process(config: FedAnchorConfig, progress: Callable[[str], None] | No
         report = server.report
         assert report is not None
         record = RoundRecord(r, time.perf_counter() - started, report.site_metrics, report.site_weights,
-                             report.site_uncertainty, report.rejected, report.bytes_up, metrics)
+                             report.site_uncertainty, report.rejected, report.bytes_up, metrics,
+                             {s: down for s in sites})
         result.rounds.append(record)
         say(format_round(record))
+    if freeze_delta:
+        moved = [n for n, t in sites.items() if any(float(layer.delta.abs().max()) != 0.0 for layer in t.model.adapters().values())]
+        if moved:
+            raise RuntimeError(f"site(s) {moved}: delta moved although it was frozen")
     result.final_state = state
     return result
 

@@ -46,6 +46,11 @@ def _to_numpy(tensors: Mapping[str, torch.Tensor]) -> dict[str, np.ndarray]:
     return {k: v.detach().cpu().numpy() for k, v in tensors.items()}
 
 
+def tensor_nbytes(tensors: Mapping[str, torch.Tensor]) -> int:
+    """Bytes of a message's arrays as they are serialized (what a FLARE DXO carries; the meta dict is not counted)."""
+    return int(sum(a.nbytes for a in _to_numpy(tensors).values()))
+
+
 def _to_torch(arrays: Mapping[str, Any]) -> dict[str, torch.Tensor]:
     return {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in arrays.items()}
 
@@ -67,6 +72,10 @@ class GlobalState:
 
     def targets(self) -> dict[str, torch.Tensor]:
         return {k[len(TARGET_PREFIX):]: v for k, v in self.tensors.items() if k.startswith(TARGET_PREFIX)}
+
+    def nbytes(self) -> int:
+        """Bytes down: what the server sends each site at the start of a round."""
+        return tensor_nbytes(self.tensors)
 
     def readout(self) -> "AnchorReadout | None":
         """The anchor CCA readout the server fitted on this state's anchor targets, if the job uses one."""
@@ -138,4 +147,4 @@ class SiteUpdate:
 
     def nbytes(self) -> int:
         arrays, _ = self.to_arrays()
-        return int(sum(a.nbytes for a in arrays.values()))
+        return int(sum(a.nbytes for a in arrays.values()))  # the same count as tensor_nbytes, over the update's arrays
