@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 
+import numpy as np
 import pytest
 import torch
 
@@ -32,7 +33,7 @@ def test_updates_carry_only_what_design_section_5_lists(setup):
         arrays, meta = update.to_arrays()
         own = split.site_modality[site]
         for key in arrays:
-            assert key == "gram_upper" or key.startswith(("param/adapter/", "precision/adapter/", f"param/projector/{own}/")), key
+            assert key == "gram_upper" or key.startswith(("param/adapter/", "log_precision/adapter/", f"param/projector/{own}/")), key
             assert "delta" not in key, "delta_site must never leave the site"
         n = len(next(iter(split.anchors.values())))
         assert arrays["gram_upper"].shape == (n * (n + 1) // 2,)
@@ -46,6 +47,13 @@ def test_messages_round_trip_exactly(setup):
         assert again.site == update.site and again.uncertainty == update.uncertainty
         for key in update.params:
             assert torch.equal(again.params[key], update.params[key])
+        # The statistics are rounded to their float16 wire form when the update is made, so the wire loses nothing more.
+        for key in update.precision:
+            assert torch.equal(again.precision[key], update.precision[key])
+        assert torch.equal(again.gram_upper, update.gram_upper)
+        arrays, _ = update.to_arrays()
+        assert all(v.dtype == np.float16 for k, v in arrays.items() if not k.startswith("param/"))
+        assert all(v.dtype == np.float32 for k, v in arrays.items() if k.startswith("param/"))
     state_again = GlobalState.from_arrays(*state.to_arrays())
     assert state_again.round == state.round and set(state_again.tensors) == set(state.tensors)
 

@@ -22,8 +22,12 @@ import torch
 from ..alignment.readout import AnchorReadout
 
 PARAM_PREFIX = "param/"
-PRECISION_PREFIX = "precision/"
-GRAM_KEY = "gram_upper"
+PRECISION_PREFIX = "log_precision/"  # precisions travel as float16 logarithms
+GRAM_KEY = "gram_upper"  # travels as float16
+# Precisions and the Gram are statistics that only weigh and steer the merge (the server normalises each site's
+# precisions to unit mean; centred, unit-norm Gram entries lie in [-1, 1]), so they travel at half precision; the
+# parameters themselves stay float32 so that the merge stays exact. log keeps precisions of 1e-8..1e8 in float16's range.
+WIRE_STATISTICS = torch.float16
 CONSENSUS_KEY = "consensus/gram_upper"
 TARGET_PREFIX = "targets/"
 READOUT_PREFIX = "readout/"  # readout/<modality>/mean and readout/<modality>/proj: the anchor CCA map
@@ -44,6 +48,11 @@ def is_core_or_magnitude(key: str) -> bool:
 
 def _to_numpy(tensors: Mapping[str, torch.Tensor]) -> dict[str, np.ndarray]:
     return {k: v.detach().cpu().numpy() for k, v in tensors.items()}
+
+
+def _log_wire(precision: torch.Tensor) -> torch.Tensor:
+    """log(precision) as it travels; non-positive precisions become NaN or -inf, which the server's check rejects."""
+    return precision.detach().cpu().double().log().to(WIRE_STATISTICS)
 
 
 def tensor_nbytes(tensors: Mapping[str, torch.Tensor]) -> int:
@@ -113,10 +122,15 @@ class SiteUpdate:
     uncertainty: float  # pi_k: inverse embedding spread under sampled cores (1.0 when not estimated)
     metrics: dict[str, float] = field(default_factory=dict)
 
+    def __post_init__(self) -> None:
+        # Round the statistics to what the wire carries, so an in-process run merges exactly what FLARE would.
+        self.precision = {k: _log_wire(v).double().exp() for k, v in self.precision.items()}
+        self.gram_upper = self.gram_upper.detach().to(WIRE_STATISTICS).float()
+
     def to_arrays(self) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
         arrays = {PARAM_PREFIX + k: v for k, v in _to_numpy(self.params).items()}
-        arrays.update({PRECISION_PREFIX + k: v for k, v in _to_numpy(self.precision).items()})
-        arrays[GRAM_KEY] = self.gram_upper.detach().cpu().numpy()
+        arrays.update({PRECISION_PREFIX + k: _log_wire(v).numpy() for k, v in self.precision.items()})
+        arrays[GRAM_KEY] = self.gram_upper.detach().cpu().to(WIRE_STATISTICS).numpy()
         meta = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in ("params", "precision", "gram_upper")}
         meta["metrics"] = {k: float(v) for k, v in self.metrics.items()}
         return arrays, meta
@@ -140,8 +154,8 @@ class SiteUpdate:
             site=str(meta["site"]), modality=str(meta["modality"]), round=int(meta["round"]),
             anchor_fingerprint=str(meta["anchor_fingerprint"]),
             params={k[len(PARAM_PREFIX):]: v for k, v in tensors.items() if k.startswith(PARAM_PREFIX)},
-            precision={k[len(PRECISION_PREFIX):]: v for k, v in tensors.items() if k.startswith(PRECISION_PREFIX)},
-            gram_upper=tensors[GRAM_KEY], n_samples=int(meta["n_samples"]), uncertainty=uncertainty,
+            precision={k[len(PRECISION_PREFIX):]: v.double().exp() for k, v in tensors.items() if k.startswith(PRECISION_PREFIX)},
+            gram_upper=tensors[GRAM_KEY].float(), n_samples=int(meta["n_samples"]), uncertainty=uncertainty,
             metrics={k: float(v) for k, v in dict(meta.get("metrics", {})).items()},
         )
 
