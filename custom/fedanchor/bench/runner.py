@@ -153,7 +153,7 @@ def run_bench(config: FedAnchorConfig, methods: Sequence[str] | None = None,
             overrides = FEDERATED.get(name, {})
             cfg = with_overrides(config, overrides) if overrides else config
             torch.manual_seed(seed)
-            result = run_in_process(cfg, progress=None, split=split, freeze_delta=name == NO_DELTA)
+            result = run_in_process(cfg, progress=None, split=split, freeze_delta=name == NO_DELTA, evaluate_each_round=False)
             out[name] = MethodResult(result.final_eval, 0.0, overrides=dict(overrides),
                                      bytes_up=[dict(r.bytes_up) for r in result.rounds],
                                      bytes_down=[dict(r.bytes_down) for r in result.rounds],

@@ -72,11 +72,13 @@ class RunResult:
 
 def run_in_process(config: FedAnchorConfig, progress: Callable[[str], None] | None = print,
                    corruptions: Mapping[str, tuple[str, float]] | None = None, split: FederatedSplit | None = None,
-                   freeze_delta: bool = False) -> RunResult:
+                   freeze_delta: bool = False, evaluate_each_round: bool = True) -> RunResult:
     """Train ``config.rounds`` rounds.
 
     ``corruptions`` maps a site to (mode, severity) for noisy-site studies;
-    ``freeze_delta`` keeps every site's log-gain delta at 0 (the no-delta_site ablation).
+    ``freeze_delta`` keeps every site's log-gain delta at 0 (the no-delta_site ablation);
+    ``evaluate_each_round=False`` scores only the final state (benchmarks need no per-round table,
+    and held-out scoring with a text trunk costs as much as a site's round on a small CPU).
     """
     say = progress or (lambda _msg: None)
     split = split or make_split(config)
@@ -94,7 +96,7 @@ def run_in_process(config: FedAnchorConfig, progress: Callable[[str], None] | No
         sites[site] = SiteTrainer(config, site, private, split.anchors[private.spec.name], split.anchor_fingerprint,
                                   modalities, split.feature_stats, model=model)
     state = server.initial_state()
-    result = RunResult(config=config, initial_eval=server.evaluate(state))
+    result = RunResult(config=config, initial_eval=server.evaluate(state) if evaluate_each_round else {})
     say(f"{config.data.scenario}: {len(sites)} sites ({', '.join(f'{s}={t.modality}[{len(t.private)}]' for s, t in sites.items())}), "
         f"{len(next(iter(split.anchors.values())))} anchors, {len(next(iter(split.test.values())))} test pairs")
     for r in range(config.rounds):
@@ -108,7 +110,7 @@ def run_in_process(config: FedAnchorConfig, progress: Callable[[str], None] | No
             except ContributionRejected:
                 pass  # recorded in the round report
         state = server.finish_round(min_sites=1)
-        metrics = server.evaluate(state)
+        metrics = server.evaluate(state) if evaluate_each_round or r == config.rounds - 1 else {}
         report = server.report
         assert report is not None
         record = RoundRecord(r, time.perf_counter() - started, report.site_metrics, report.site_weights,
