@@ -232,6 +232,9 @@ def test_components_train_validate_submit_and_keep_delta_site(tmp_path):
     executor.handle_event(EventType.START_RUN, site_ctx)
     result = executor.execute("train", task, site_ctx, Signal())
     assert from_shareable(result).data_kind == DataKind.COLLECTION
+    from fedanchor.flare.filters import section5_violation
+
+    assert section5_violation(result) is None  # what the executor sends passes the site's output filter
     result.set_peer_props({ReservedKey.IDENTITY_NAME: "site-1"})
     assert aggregator.accept(result, server_ctx)
     assert not aggregator.accept(result, server_ctx)  # the same site twice in one round

@@ -1,0 +1,140 @@
+"""The site's output filter: a train result leaves the site only if it is what DESIGN.md section 5 allows.
+
+A hospital puts ``Section5OutputFilter`` on every task result through the scopes
+of its ``local/privacy.json`` (see ``provision/site/privacy.json``), so the check
+runs whatever the job's own configuration says. Up, per round, a site may send
+exactly what ``SiteUpdate.to_arrays`` produces, as one DXO of kind COLLECTION:
+
+- ``param/adapter/<layer>/S`` and ``param/adapter/<layer>/m`` (the shared cores and magnitudes),
+- ``log_precision/adapter/<layer>/S|m``, one for every such parameter and no other,
+- ``param/projector/<modality>/<name>`` for the site's own modality only,
+- ``gram_upper`` (the anchor Gram's upper triangle),
+
+with meta limited to the SiteUpdate fields (site, modality, round, anchor
+fingerprint, n_samples, uncertainty, numeric metrics). Anything else (an extra
+key, a key outside these prefixes, a nested object, a second modality's
+projector) is refused: the filter logs why and replaces the result with an empty
+``TASK_RESULT_FILTER_ERROR`` reply, so nothing of it reaches the server. Results of
+other tasks (validate, submit_model) pass unchanged; issue 6 hardens those.
+"""
+from __future__ import annotations
+
+import math
+import re
+from numbers import Real
+from typing import Any, Mapping
+
+import numpy as np
+
+from nvflare.apis.dxo import DataKind, from_shareable
+from nvflare.apis.filter import Filter
+from nvflare.apis.fl_constant import FLContextKey, ReturnCode
+from nvflare.apis.fl_context import FLContext
+from nvflare.apis.shareable import ReservedHeaderKey, Shareable, make_reply
+
+from ..federation.messages import GRAM_KEY, PARAM_PREFIX, PRECISION_PREFIX
+
+ADAPTER_PARAM = re.compile(r"^param/adapter/[^/]+/[Sm]$")
+ADAPTER_PRECISION = re.compile(r"^log_precision/adapter/[^/]+/[Sm]$")
+PROJECTOR_PARAM = re.compile(r"^param/projector/(?P<modality>[^/]+)/[^/]+$")
+# The SiteUpdate fields that travel in the DXO's meta (to_arrays puts everything but the arrays there).
+META_KEYS = frozenset({"site", "modality", "round", "anchor_fingerprint", "n_samples", "uncertainty", "metrics"})
+# What a FLARE Shareable may hold: the headers FLARE itself sets and the DXO (stored under "DXO" by DXO.to_shareable).
+SHAREABLE_KEYS = frozenset({ReservedHeaderKey.HEADERS, "DXO"})
+
+
+def section5_violation(shareable: Shareable) -> str | None:
+    """Why ``shareable`` is not a section-5 site update, or None when it is one."""
+    extra = sorted(str(k) for k in shareable.keys() if k not in SHAREABLE_KEYS)
+    if extra:
+        return f"the result carries entries outside its DXO: {extra[:5]}"
+    try:
+        dxo = from_shareable(shareable)
+    except Exception as err:  # not a DXO at all: FLARE raises several types here
+        return f"the result is not a DXO ({type(err).__name__}: {err})"
+    if dxo.data_kind != DataKind.COLLECTION:
+        return f"a site update travels as DataKind.COLLECTION, got {dxo.data_kind!r}"
+    reason = _array_violation(dxo.data or {})
+    if reason:
+        return reason
+    return _meta_violation(dxo.get_meta_props() or {}, dxo.data or {})
+
+
+def _array_violation(data: Mapping[str, Any]) -> str | None:
+    if GRAM_KEY not in data:
+        return f"the update lacks {GRAM_KEY!r}"
+    adapter, precision, projector_modalities, unknown = set(), set(), set(), []
+    for key in data:
+        if not isinstance(key, str):
+            unknown.append(repr(key))
+        elif ADAPTER_PARAM.match(key):
+            adapter.add(key[len(PARAM_PREFIX):])
+        elif ADAPTER_PRECISION.match(key):
+            precision.add(key[len(PRECISION_PREFIX):])
+        elif PROJECTOR_PARAM.match(key):
+            projector_modalities.add(PROJECTOR_PARAM.match(key).group("modality"))
+        elif key != GRAM_KEY:
+            unknown.append(key)
+    if unknown:
+        return f"keys outside section 5: {sorted(unknown)[:5]}"
+    if not adapter:
+        return "the update carries no adapter cores or magnitudes"
+    if precision != adapter:
+        odd = sorted(precision ^ adapter)[:5]
+        return f"precisions and parameters do not pair up (one without the other: {odd})"
+    if len(projector_modalities) > 1:
+        return f"projectors of several modalities: {sorted(projector_modalities)}"
+    not_arrays = sorted(k for k, v in data.items() if not (isinstance(v, np.ndarray) and v.dtype.kind == "f"))
+    if not_arrays:
+        return f"entries that are not floating-point arrays: {not_arrays[:5]}"
+    return None
+
+
+def _meta_violation(meta: Mapping[str, Any], data: Mapping[str, Any]) -> str | None:
+    extra = sorted(str(k) for k in meta if k not in META_KEYS)
+    if extra:
+        return f"meta keys outside section 5: {extra[:5]}"
+    metrics = meta.get("metrics", {})
+    if not isinstance(metrics, Mapping) or not all(
+            isinstance(k, str) and isinstance(v, Real) and not isinstance(v, bool) for k, v in metrics.items()):
+        return "metrics must map names to numbers"
+    for key in ("site", "modality", "anchor_fingerprint"):
+        if key in meta and not isinstance(meta[key], str):
+            return f"meta {key!r} must be a string"
+    for key in ("round", "n_samples"):
+        if key in meta and (not isinstance(meta[key], int) or isinstance(meta[key], bool)):
+            return f"meta {key!r} must be an integer"
+    if "uncertainty" in meta and not (isinstance(meta["uncertainty"], Real) and math.isfinite(meta["uncertainty"])):
+        return "meta 'uncertainty' must be a finite number"
+    modality = meta.get("modality")
+    stray = sorted({m.group("modality") for k in data if (m := PROJECTOR_PARAM.match(k))} - {modality})
+    if stray:
+        return f"projector of modality {stray[0]!r} from a site of modality {modality!r}"
+    return None
+
+
+class Section5OutputFilter(Filter):
+    def __init__(self, train_task: str = "train"):
+        """
+        Args:
+            train_task: the task whose results must be section-5 site updates; other tasks' results pass.
+        """
+        super().__init__()
+        if not isinstance(train_task, str) or not train_task:
+            raise ValueError(f"train_task must be a task name, got {train_task!r}")
+        self.train_task = train_task
+
+    def process(self, shareable: Shareable, fl_ctx: FLContext) -> Shareable:
+        task = fl_ctx.get_prop(FLContextKey.TASK_NAME) or shareable.get_header(ReservedHeaderKey.TASK_NAME)
+        if task != self.train_task:
+            return shareable
+        rc = shareable.get_return_code(ReturnCode.OK)
+        if rc != ReturnCode.OK:
+            # An error reply says nothing but its code; anything attached to it is dropped.
+            return make_reply(rc)
+        reason = section5_violation(shareable)
+        if reason:
+            self.log_error(fl_ctx, f"fedanchor output filter refused the {task} result: {reason}")
+            return make_reply(ReturnCode.TASK_RESULT_FILTER_ERROR)
+        self.log_info(fl_ctx, f"fedanchor output filter passed the {task} result ({len(from_shareable(shareable).data)} arrays)")
+        return shareable
