@@ -120,6 +120,27 @@ def test_bad_updates_are_rejected_with_a_reason_and_the_round_goes_on(setup, nam
     assert server.finish_round(min_sites=1).round == state.round + 1
 
 
+@pytest.mark.parametrize("scale,accepted", [(1.0, True), (3.0, True), (1e3, False)])
+def test_an_update_far_larger_than_the_others_is_rejected_as_an_outlier(setup, scale, accepted):
+    config, split, _, _, state, updates = setup
+    config = with_overrides(config, {"server.outlier_min_reference": 1})
+    modalities = {m: d.spec for m, d in split.anchors.items()}
+    server = FederatedServer(config, modalities, split.anchors, split.anchor_fingerprint, split.feature_stats)
+    server.state = state
+    server.start_round()
+    first, second = list(updates)
+    server.accept(updates[first])
+    params = {k: state.tensors[k] + scale * (v - state.tensors[k]) if is_core_or_magnitude(k) else v
+              for k, v in updates[second].params.items()}
+    update = dataclasses.replace(updates[second], params=params)
+    if accepted:
+        server.accept(update)
+    else:
+        with pytest.raises(ContributionRejected, match="server.outlier_factor"):
+            server.accept(update)
+        assert "median" in server.report.rejected[second]
+
+
 def test_a_round_without_enough_valid_sites_fails_loudly(setup):
     _, _, server, _, state, updates = setup
     server.state = state

@@ -101,6 +101,16 @@ class DataConfig:
 
 
 @dataclass
+class ServerConfig:
+    """What the server accepts."""
+
+    # An update whose change of the cores and magnitudes (L2, relative to the global model it started from) exceeds
+    # this many times the median change of the updates accepted in the current and previous round is rejected.
+    outlier_factor: float = 10.0
+    outlier_min_reference: int = 2  # accepted updates needed before the outlier check applies
+
+
+@dataclass
 class FedAnchorConfig:
     trunk: TrunkConfig = field(default_factory=TrunkConfig)
     adapter: AdapterConfig = field(default_factory=AdapterConfig)
@@ -109,6 +119,7 @@ class FedAnchorConfig:
     precision: PrecisionConfig = field(default_factory=PrecisionConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    server: ServerConfig = field(default_factory=ServerConfig)
     rounds: int = 5
 
     def validate(self) -> "FedAnchorConfig":
@@ -134,6 +145,9 @@ class FedAnchorConfig:
             (self.alignment.readout in ("cca", "none"), f"alignment.readout={self.alignment.readout!r} is unknown; use 'cca' or 'none'"),
             (self.alignment.readout_reg > 0, f"alignment.readout_reg={self.alignment.readout_reg} must be positive (the anchor covariances are singular)"),
             (self.alignment.readout_dims >= 0, f"alignment.readout_dims={self.alignment.readout_dims} must be >= 0 (0: n_anchors // 2)"),
+            (self.server.outlier_factor > 1.0,
+             f"server.outlier_factor={self.server.outlier_factor} must be above 1 (10 rejects only gross outliers; use a large value to turn the check off)"),
+            (self.server.outlier_min_reference >= 1, f"server.outlier_min_reference={self.server.outlier_min_reference} must be at least 1"),
             (self.data.n_anchors >= 4, f"data.n_anchors={self.data.n_anchors} must be at least 4"),
         ]
         for ok, message in checks:

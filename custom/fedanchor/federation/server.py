@@ -84,6 +84,7 @@ class FederatedServer:
         self._projector_keys = {m: set(projector_params(self.model, m)) for m in self.modalities}
         self.state: GlobalState | None = None
         self.report: RoundReport | None = None
+        self._previous_changes: list[float] = []  # accepted update sizes of the last round: the outlier reference
 
     # -- round 0 -------------------------------------------------------------
     def initial_state(self) -> GlobalState:
@@ -110,7 +111,10 @@ class FederatedServer:
     def start_round(self) -> None:
         if self.state is None:
             raise RuntimeError("call initial_state() or resume() before start_round()")
+        if self.report is not None and self.report.round == self.state.round - 1:
+            self._previous_changes = list(self._changes)
         self.report = RoundReport(round=self.state.round)
+        self._changes: list[float] = []
         self._merges: dict[str, PrecisionWeightedMerge] = {}  # one per modality: sums, not sites, are held
         self._modality_mass: dict[str, float] = {}
         self._projector_merges: dict[str, PrecisionWeightedMerge] = {}
@@ -157,6 +161,26 @@ class FederatedServer:
             reject(f"n_samples={update.n_samples}")
         if not (math.isfinite(update.uncertainty) and update.uncertainty > 0):
             reject(f"uncertainty scalar {update.uncertainty} is not a positive finite number")
+        change = self.update_change(update)
+        reference = self._previous_changes + self._changes
+        cfg = self.config.server
+        if len(reference) >= cfg.outlier_min_reference:
+            median = float(np.median(reference))
+            if change > cfg.outlier_factor * max(median, 1e-12):
+                reject(f"its change of the cores and magnitudes ({change:.3g}, relative to the global model) is "
+                       f"{change / max(median, 1e-12):.1f}x the median of {len(reference)} accepted updates ({median:.3g}); "
+                       f"the limit is server.outlier_factor={cfg.outlier_factor:g}")
+
+    def update_change(self, update: SiteUpdate) -> float:
+        """||update - global|| / ||global|| over the cores and magnitudes: comparable across sites and modalities."""
+        assert self.state is not None
+        diff = total = 0.0
+        for key, value in update.params.items():
+            if is_core_or_magnitude(key):
+                base = self.state.tensors[key].double()
+                diff += float(((value.double() - base) ** 2).sum())
+                total += float((base ** 2).sum())
+        return math.sqrt(diff / max(total, 1e-300))
 
     def reject(self, site: str, reason: str) -> None:
         """Record and log a contribution that does not count, also one that never became a SiteUpdate."""
@@ -188,6 +212,7 @@ class FederatedServer:
             self._projector_merges.setdefault(update.modality, PrecisionWeightedMerge()).add(update.site, projector, scale)
         self._consensus.add(update.modality, from_upper_triangle(update.gram_upper.double()), scale)
         self.report.accepted.append(update.site)
+        self._changes.append(self.update_change(update))
         self.report.site_uncertainty[update.site] = update.uncertainty
         self.report.site_metrics[update.site] = dict(update.metrics)
         self.report.bytes_up[update.site] = update.nbytes()
