@@ -101,6 +101,17 @@ class DataConfig:
 
 
 @dataclass
+class PrivacyConfig:
+    """Optional differential privacy of what a site uploads (dp.py): clipped, Gaussian-noised cores and Gram."""
+
+    dp: bool = False
+    noise_multiplier: float = 1.0  # noise std on every coordinate = noise_multiplier x the clip bound
+    clip_update: float = 1.0  # L2 bound on the change of the cores, magnitudes and projector in one round
+    clip_gram: float = 1.0  # L2 bound on the Gram upper triangle (a centred, unit-norm Gram has norm <= 1)
+    delta: float = 1e-5  # the delta of the reported (epsilon, delta)
+
+
+@dataclass
 class ServerConfig:
     """What the server accepts."""
 
@@ -120,6 +131,7 @@ class FedAnchorConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     data: DataConfig = field(default_factory=DataConfig)
     server: ServerConfig = field(default_factory=ServerConfig)
+    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
     rounds: int = 5
 
     def validate(self) -> "FedAnchorConfig":
@@ -148,6 +160,10 @@ class FedAnchorConfig:
             (self.server.outlier_factor > 1.0,
              f"server.outlier_factor={self.server.outlier_factor} must be above 1 (10 rejects only gross outliers; use a large value to turn the check off)"),
             (self.server.outlier_min_reference >= 1, f"server.outlier_min_reference={self.server.outlier_min_reference} must be at least 1"),
+            (not self.privacy.dp or self.privacy.noise_multiplier > 0,
+             f"privacy.noise_multiplier={self.privacy.noise_multiplier}: differential privacy needs noise (> 0); or set privacy.dp=false"),
+            (self.privacy.clip_update > 0 and self.privacy.clip_gram > 0, "privacy.clip_update and privacy.clip_gram must be positive"),
+            (0 < self.privacy.delta < 1, f"privacy.delta={self.privacy.delta} must be in (0, 1), e.g. 1e-5"),
             (self.data.n_anchors >= 4, f"data.n_anchors={self.data.n_anchors} must be at least 4"),
         ]
         for ok, message in checks:

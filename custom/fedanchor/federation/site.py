@@ -23,8 +23,9 @@ from ..config import FedAnchorConfig
 from ..data.augment import augment
 from ..data.scenario import ModalityData, ModalitySpec
 from ..model.homogeneous import HomogeneousTransformer, build_model, take_items
+from ..dp import fresh_generator, gaussian_release, privacy_spent, privatize_change
 from ..precision import PrecisionTracker
-from .messages import GlobalState, SiteUpdate
+from .messages import GlobalState, SiteUpdate, is_core_or_magnitude
 from .state import core_params, load_local, load_shared, local_tensors, projector_params
 
 log = logging.getLogger(__name__)
@@ -63,6 +64,7 @@ class SiteTrainer:
         self.model = (model or build_model(config, modalities, feature_stats)).to(self.device)
         self._seed = zlib.crc32(site.encode()) ^ config.train.seed
         self._anchor_same = same_items(anchors.items)  # fixed for the run: which anchors are identical inputs here
+        self._dp_rounds = 0  # rounds released under differential privacy, for the accountant
 
     def local_state(self) -> dict[str, torch.Tensor]:
         return local_tensors(self.model)
@@ -159,14 +161,34 @@ class SiteTrainer:
             metrics["cka_to_consensus"] = float((gram * kernel.cpu()).sum())
         params = {k: v.detach().cpu().clone() for k, v in core_params(model).items()}
         params.update({k: v.detach().cpu().clone() for k, v in projector_params(model, self.modality).items()})
+        gram_upper = upper_triangle(gram).float()
+        if cfg.privacy.dp:
+            params, gram_upper, precision, uncertainty, metrics = self._privatize(state, params, gram_upper, metrics)
         update = SiteUpdate(
             site=self.site, modality=self.modality, round=state.round, anchor_fingerprint=self.anchor_fingerprint,
-            params=params, precision=precision, gram_upper=upper_triangle(gram).float(), n_samples=n,
+            params=params, precision=precision, gram_upper=gram_upper, n_samples=n,
             uncertainty=float(uncertainty), metrics=metrics,
         )
         log.info("site %s round %d: loss %.4f (private %.4f, cka %.4f, cross %.4f) in %.1fs", self.site, state.round,
-                 metrics["loss/loss"], metrics["loss/private"], metrics["loss/cka"], metrics["loss/cross"], metrics["seconds"])
+                 sums["loss"] / steps, sums["private"] / steps, sums["cka"] / steps, sums["cross"] / steps, metrics["seconds"])
         return update
+
+    def _privatize(self, state: GlobalState, params: dict[str, torch.Tensor], gram_upper: torch.Tensor,
+                   metrics: dict[str, float]) -> tuple[dict[str, torch.Tensor], torch.Tensor, dict[str, torch.Tensor], float, dict[str, float]]:
+        """The Gaussian mechanism on what leaves (dp.py); nothing else that depends on private data goes up."""
+        cfg = self.config.privacy
+        generator = fresh_generator()
+        received = state.shared_params()
+        params = privatize_change(params, received, cfg.clip_update, cfg.noise_multiplier, generator)
+        gram_upper = gaussian_release(gram_upper, cfg.clip_gram, cfg.noise_multiplier, generator)
+        precision = {k: torch.ones_like(v, dtype=torch.float64) for k, v in params.items() if is_core_or_magnitude(k)}
+        self._dp_rounds += 1
+        spent = privacy_spent(cfg.noise_multiplier, self._dp_rounds, cfg.delta)
+        log.info("site %s round %d: differential privacy, epsilon %.3g at delta %g after %d round(s)", self.site,
+                 state.round, spent.epsilon, spent.delta, self._dp_rounds)
+        public = {"seconds": metrics["seconds"], "dp/epsilon": spent.epsilon, "dp/delta": spent.delta,
+                  "dp/rounds": float(self._dp_rounds)}
+        return params, gram_upper, precision, 1.0, public
 
 
 def same_items(items: object) -> torch.Tensor:
