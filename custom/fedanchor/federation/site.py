@@ -108,38 +108,44 @@ class SiteTrainer:
         batch = min(cfg.train.batch_size, n)
         anchor_batch = min(cfg.alignment.anchor_batch, n_anchor)
         sums = {"loss": 0.0, "private": 0.0, "cka": 0.0, "cross": 0.0}
-        model.train()
-        for step in range(cfg.train.local_steps):
-            index = rng.choice(n, size=batch, replace=False)
-            items = take_items(self.private.items, index)
-            views = [augment(self.spec, items, rng, cfg.private.augment_strength) for _ in range(2)]
-            parts = [views[0], views[1]]
-            anchor_index = rng.choice(n_anchor, size=anchor_batch, replace=False) if (use_cka or use_cross) else None
-            if anchor_index is not None:
-                parts.append(take_items(self.anchors.items, anchor_index))
-                index_t = torch.as_tensor(anchor_index)
-            z = model.embed(self.modality, _concat(parts))
-            z1, z2, za = z[:batch], z[batch:2 * batch], z[2 * batch:]
-            loss_private = two_view_contrastive(z1, z2, cfg.private.temperature, same_items(items))
-            loss = cfg.private.weight * loss_private
-            loss_cka = cka_loss(za, kernel, index_t.to(self.device)) if use_cka else z.new_zeros(())
-            same = self._anchor_same[index_t][:, index_t] if use_cross else None
-            loss_cross = (sum(anchor_info_nce(za, t[index_t.to(self.device)], cfg.alignment.temperature, target_means[m], same)
-                              for m, t in targets.items()) / len(targets)
-                          if use_cross else z.new_zeros(()))
-            loss_delta = sum((layer.delta ** 2).sum() for layer in model.adapters().values())
-            loss = loss + cfg.alignment.lambda_cka * loss_cka + cfg.alignment.lambda_cross * loss_cross + cfg.alignment.lambda_delta * loss_delta
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"site {self.site!r} round {state.round} step {step}: the local loss became {loss.item()}; lower train.lr")
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            scheduler.step()
-            tracker.record()
-            for key, value in (("loss", loss), ("private", loss_private), ("cka", loss_cka), ("cross", loss_cross)):
-                sums[key] += float(value.detach())
-            if progress is not None:
-                progress(step + 1, cfg.train.local_steps, float(loss.detach()))
+        # Dropout draws from torch's global generator: seed a private copy of it by site and round, so that a round
+        # is a function of the state it starts from (a resumed job reproduces the uninterrupted one).
+        devices = [self.device.index or 0] if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed((self._seed * 1_000_003 + state.round) % (2 ** 63))
+            model.train()
+            for step in range(cfg.train.local_steps):
+                index = rng.choice(n, size=batch, replace=False)
+                items = take_items(self.private.items, index)
+                views = [augment(self.spec, items, rng, cfg.private.augment_strength) for _ in range(2)]
+                parts = [views[0], views[1]]
+                anchor_index = rng.choice(n_anchor, size=anchor_batch, replace=False) if (use_cka or use_cross) else None
+                if anchor_index is not None:
+                    parts.append(take_items(self.anchors.items, anchor_index))
+                    index_t = torch.as_tensor(anchor_index)
+                z = model.embed(self.modality, _concat(parts))
+                z1, z2, za = z[:batch], z[batch:2 * batch], z[2 * batch:]
+                loss_private = two_view_contrastive(z1, z2, cfg.private.temperature, same_items(items))
+                loss = cfg.private.weight * loss_private
+                loss_cka = cka_loss(za, kernel, index_t.to(self.device)) if use_cka else z.new_zeros(())
+                same = self._anchor_same[index_t][:, index_t] if use_cross else None
+                loss_cross = (sum(anchor_info_nce(za, t[index_t.to(self.device)], cfg.alignment.temperature, target_means[m], same)
+                                  for m, t in targets.items()) / len(targets)
+                              if use_cross else z.new_zeros(()))
+                loss_delta = sum((layer.delta ** 2).sum() for layer in model.adapters().values())
+                loss = loss + cfg.alignment.lambda_cka * loss_cka + cfg.alignment.lambda_cross * loss_cross + cfg.alignment.lambda_delta * loss_delta
+                if not torch.isfinite(loss):
+                    raise FloatingPointError(f"site {self.site!r} round {state.round} step {step}: the local loss became {loss.item()}; lower train.lr")
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                scheduler.step()
+                tracker.record()
+                for key, value in (("loss", loss), ("private", loss_private), ("cka", loss_cka), ("cross", loss_cross)):
+                    sums[key] += float(value.detach())
+                if progress is not None:
+                    progress(step + 1, cfg.train.local_steps, float(loss.detach()))
+
 
         anchor_z = model.embed_all(self.modality, self.anchors.items)
         gram = centred_gram(anchor_z.double())
