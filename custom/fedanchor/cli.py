@@ -86,6 +86,21 @@ def cmd_compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_check_data(args: argparse.Namespace) -> int:
+    """Validate a site's data folder against the job's modality before a round ever runs."""
+    from .data import load_scenario
+    from .data.folder import data_file, load_folder
+
+    scenario = load_scenario(args.scenario)
+    if args.modality not in scenario.data:
+        raise ValueError(f"--modality {args.modality!r} is not a modality of {args.scenario}; choose from {sorted(scenario.data)}")
+    spec = scenario.data[args.modality].spec
+    data = load_folder(args.folder, spec)
+    print(f"ok: {len(data)} {spec.kind} items of modality {spec.name!r} in {data_file(args.folder, spec)}; "
+          f"first id {data.sample_ids[0]!r}")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "simulate":
@@ -112,6 +127,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override one key, e.g. train.local_steps=10")
         p.add_argument("--out", default=None, help="folder for results.json")
         p.set_defaults(func=func)
+    p = sub.add_parser("check-data", help="check a site's data folder (see fedanchor.data.folder for the format)")
+    p.add_argument("folder", help="the folder named by data.path in the site's fedanchor_site.json")
+    p.add_argument("--scenario", choices=("xray", "digits", "motion"), required=True, help="the job's scenario")
+    p.add_argument("--modality", required=True, help="the site's modality, e.g. report or findings")
+    p.set_defaults(func=cmd_check_data)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     return _guarded(args.func, args)

@@ -146,8 +146,13 @@ def test_site_config_file_errors_are_clear(tmp_path):
     path.write_text(json.dumps({"modaliti": "report"}))
     with pytest.raises(SiteConfigError, match="unknown key"):
         load_site_config(path)
-    path.write_text(json.dumps({"data": {"source": "folder", "path": "/data"}}))
-    with pytest.raises(SiteConfigError, match="not supported yet"):
+    path.write_text(json.dumps({"data": {"source": "folder", "path": "/data/fedanchor"}}))
+    assert load_site_config(path).data.path == "/data/fedanchor"
+    path.write_text(json.dumps({"data": {"source": "folder"}}))
+    with pytest.raises(SiteConfigError, match="needs data.path"):
+        load_site_config(path)
+    path.write_text(json.dumps({"data": {"path": "/data/fedanchor"}}))
+    with pytest.raises(SiteConfigError, match="set data.source to 'folder'"):
         load_site_config(path)
 
 

@@ -39,6 +39,7 @@ from ..federation.site import SiteTrainer
 from ..federation.state import core_params, load_shared, projector_params
 from .persistor import CheckpointError, load_tensors, save_tensors
 from .shareable import dxo_to_state, update_to_dxo
+from ..data.folder import load_folder
 from .site_config import (DEFAULT_SITE_CONFIG_FILE, SiteConfig, SiteConfigError, effective_device, load_site_config,
                           resolve_shard)
 
@@ -145,14 +146,16 @@ class FedAnchorExecutor(Executor):
             torch.set_num_threads(site_cfg.num_threads)
         split = make_split(cfg)
         modalities = {name: data.spec for name, data in split.anchors.items()}
-        private = split.private[shard]
+        # The job's site list decides the modality; a hospital's own folder replaces the bundled shard's items.
+        private = load_folder(site_cfg.data.path, modalities[modality]) if site_cfg.data.source == "folder" else split.private[shard]
         self._trainer = trainer = SiteTrainer(cfg, site, private, split.anchors[modality], split.anchor_fingerprint,
                                               modalities, split.feature_stats, device=effective_device(cfg, site_cfg))
         state_dir = Path(site_cfg.state_dir) if site_cfg.state_dir else \
             Path(fl_ctx.get_engine().get_workspace().get_run_dir(fl_ctx.get_job_id())) / "fedanchor"
         self._delta_path = state_dir / f"delta_site-{split.anchor_fingerprint[:12]}.safetensors"
         resumed = self._load_delta(site)
-        self.log_info(fl_ctx, f"fedanchor site {site}: shard {shard} ({modality}, {len(private)} private samples), "
+        source = f"folder {site_cfg.data.path}" if site_cfg.data.source == "folder" else f"shard {shard}"
+        self.log_info(fl_ctx, f"fedanchor site {site}: {source} ({modality}, {len(private)} private samples), "
                               f"{len(split.anchors[modality])} anchors, trunk {cfg.trunk.name}, device {trainer.device}, "
                               f"site config {path if path.is_file() else 'absent (defaults)'}, delta_site "
                               f"{'resumed from round ' + str(resumed) if resumed is not None else 'new'} at {self._delta_path} "

@@ -12,9 +12,11 @@ folder as resources.json), by default ``local/fedanchor_site.json``::
       "state_dir": "/data/fedanchor"    # where delta_site is kept (default: the job's run folder)
     }
 
-Every key is optional and the file itself may be absent. Only the ``bundled``
-data source (the seeded split of a demo scenario) exists for now; a hospital
-folder source comes later and fails here with a message that says so.
+Every key is optional and the file itself may be absent. The data source is
+``bundled`` (the seeded split of a demo scenario) or ``folder``: the hospital's
+own files, ``{"source": "folder", "path": "/data/fedanchor"}``, in the format of
+``fedanchor.data.folder`` (check it with ``fedanchor check-data``); the job's
+site list still decides the site's modality.
 
 Which shard of a bundled scenario a site trains on is decided, in order, by
 ``data.shard``, by the site's own name when the job's site list holds it, or by
@@ -45,7 +47,7 @@ class SiteConfigError(ValueError):
 class DataSource:
     source: str = "bundled"
     shard: str | None = None  # bundled only: which demo site's private shard
-    path: str | None = None  # folder only (not yet supported)
+    path: str | None = None  # folder only: the hospital's data folder
 
 
 @dataclass
@@ -75,9 +77,12 @@ class SiteConfig:
         data = DataSource(**dict(data_values))
         if data.source not in DATA_SOURCES:
             raise SiteConfigError(f"{where}: data.source={data.source!r} is unknown; use one of {list(DATA_SOURCES)}")
-        if data.source == "folder":
-            raise SiteConfigError(f"{where}: data.source='folder' (a hospital's own files) is not supported yet; "
-                                  "use 'bundled' (the demo scenario's seeded split)")
+        if data.source == "folder" and not data.path:
+            raise SiteConfigError(f"{where}: data.source='folder' needs data.path, the folder that holds the site's file "
+                                  "(format: fedanchor.data.folder; check it with `fedanchor check-data`)")
+        if data.source == "bundled" and data.path:
+            raise SiteConfigError(f"{where}: data.path is set but data.source is 'bundled'; set data.source to 'folder' "
+                                  "to train on that folder")
         num_threads = values.get("num_threads")
         if num_threads is not None and (not isinstance(num_threads, int) or num_threads < 1):
             raise SiteConfigError(f"{where}: num_threads={num_threads!r} must be a positive integer")
