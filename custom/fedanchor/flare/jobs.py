@@ -61,6 +61,17 @@ DEMO_JOBS: dict[str, dict[str, Any]] = {
             "alignment": {"anchor_batch": 32},
         },
     },
+    # The deployment test's job (tests/deployment): motion on the tiny trunk, dealt to the provisioned hospitals.
+    "hospitals-motion": {
+        "num_rounds": 2,
+        "config": {
+            "trunk": {"name": "tiny"},
+            "data": {"scenario": "motion", "n_anchors": 16, "n_test": 24,
+                     "sites": {"hospital-a": "accel", "hospital-b": "gyro", "hospital-c": "accel"}},
+            "train": {"local_steps": 8, "batch_size": 8},
+            "precision": {"site_scalar_samples": 2},
+        },
+    },
     # Two image sites (pixels) and two vector sites (Zernike moments), tiny trunk.
     "digits": {
         "num_rounds": 3,
@@ -137,9 +148,14 @@ def client_config(config: Mapping[str, Any]) -> dict[str, Any]:
     }
 
 
+# The privacy scope every fedanchor job asks for. A site with a local/privacy.json must define it (else it refuses
+# the job); provision/site/privacy.json does, and puts fedanchor's output filter on every task result in it.
+PRIVACY_SCOPE = "fedanchor"
+
+
 def job_meta(name: str, min_clients: int) -> dict[str, Any]:
     return {"name": name, "resource_spec": {}, "deploy_map": {"app": ["@ALL"]}, "min_clients": min_clients,
-            "mandatory_clients": []}
+            "mandatory_clients": [], "scope": PRIVACY_SCOPE}
 
 
 def write_job(job_dir: str | Path, name: str, config: Mapping[str, Any] | None = None, num_rounds: int = 3,
@@ -157,7 +173,7 @@ def write_job(job_dir: str | Path, name: str, config: Mapping[str, Any] | None =
 
 
 def write_demo_jobs(root: str | Path) -> list[Path]:
-    """(Re)write jobs/motion, jobs/xray and jobs/digits from DEMO_JOBS."""
+    """(Re)write every jobs/<name>/ of DEMO_JOBS."""
     return [write_job(Path(root) / name, f"fedanchor-{name}", spec["config"], spec["num_rounds"]) for name, spec in DEMO_JOBS.items()]
 
 
