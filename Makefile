@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 TORCH_PIN := torch==2.13.0
 ROUNDS ?= 3
 
-.PHONY: install demo test test-fast compare jobs clean
+.PHONY: install demo test test-fast compare jobs trial clean
 
 $(STAMP): pyproject.toml requirements-data.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -25,7 +25,7 @@ test: $(STAMP)
 	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(PY) -m pytest -q
 
 test-fast: $(STAMP)
-	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(PY) -m pytest -q -m "not slow"
+	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(PY) -m pytest -q -m "not slow and not deployment"
 
 # Issue 2's figure: the full objective against the same run without the alignment terms, in process.
 compare: $(STAMP)
@@ -34,6 +34,12 @@ compare: $(STAMP)
 # The default job, jobs/xray, in the real FLARE simulator: a line per round, then the results table, results.json and rounds.png.
 demo: $(STAMP)
 	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(VENV)/bin/fedanchor simulate jobs/xray --out runs/demo-xray
+
+# The provisioned path on 127.0.0.1: provision (mutual TLS), start the server and hospital-a/-b/-c, submit TRIAL_JOB as
+# the lead user, watch, download, print the results, shut down; prints the cycle's wall time (see README, Deploying).
+TRIAL_JOB ?= jobs/xray
+trial: $(STAMP)
+	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(PY) -m fedanchor.deploy.trial $(TRIAL_JOB)
 
 # Rebuild jobs/*/ from fedanchor.flare.jobs.DEMO_JOBS (a test checks they agree).
 jobs: $(STAMP)
