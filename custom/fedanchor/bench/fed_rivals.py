@@ -210,6 +210,23 @@ def _anchor_term(config: FedAnchorConfig, site: _Site, targets: Mapping[str, tor
     return term
 
 
+def _own_model_sites(config: FedAnchorConfig, split: FederatedSplit) -> dict[str, _Site]:
+    """Every site with its own fedanchor model, for the rivals that never average parameters."""
+    _check_inputs(config, split)
+    torch.manual_seed(config.train.seed)
+    device = resolve_device(config.train.device)
+    modalities = {m: d.spec for m, d in split.anchors.items()}
+    return _make_sites(config, split, device, lambda: build_model(config, modalities, split.feature_stats))
+
+
+def _own_round(config: FedAnchorConfig, site: _Site, round_: int, extra: ExtraTerm | None = None,
+               use_anchors: bool = False) -> dict[str, float]:
+    """One local round of an own-model site: what a fedanchor site trains (S, m, delta, its projector)."""
+    return _local_round(config, site, round_, _geolora_params(site.model),
+                        list(projector_params(site.model, site.modality).values()), extra,
+                        config.alignment.lambda_cross, use_anchors=use_anchors)
+
+
 def _geolora_params(model: HomogeneousTransformer) -> list[nn.Parameter]:
     """What a fedanchor site trains besides its projector (S, m, delta of every layer): for the own-model rivals."""
     return [p for layer in model.adapters().values() for p in (layer.S, layer.m, layer.delta)]
@@ -466,12 +483,8 @@ def fedproto(config: FedAnchorConfig, split: FederatedSplit) -> RivalRun:
     scoring (centring on each modality's anchor mean). Each modality is scored with
     the model of the first site of that modality (split.private order).
     """
-    _check_inputs(config, split)
     started = time.perf_counter()
-    torch.manual_seed(config.train.seed)
-    device = resolve_device(config.train.device)
-    modalities = {m: d.spec for m, d in split.anchors.items()}
-    sites = _make_sites(config, split, device, lambda: build_model(config, modalities, split.feature_stats))
+    sites = _own_model_sites(config, split)
     global_protos: dict[str, torch.Tensor] = {}  # round 0: the server has no prototypes yet and sends nothing
     bytes_up: list[dict[str, int]] = []
     bytes_down: list[dict[str, int]] = []
@@ -482,9 +495,7 @@ def fedproto(config: FedAnchorConfig, split: FederatedSplit) -> RivalRun:
         for name, site in sites.items():
             down_round[name] = tensor_nbytes(global_protos)
             extra = _prototype_term(site, global_protos) if (global_protos and use_protos) else None
-            loss_round[name] = _local_round(config, site, r, _geolora_params(site.model),
-                                            list(projector_params(site.model, site.modality).values()), extra,
-                                            config.alignment.lambda_cross)
+            loss_round[name] = _own_round(config, site, r, extra)
             upload = class_prototypes(site.model, site.private)
             up_round[name] = tensor_nbytes(upload)
             uploads.append(upload)
@@ -508,17 +519,11 @@ def local_only(config: FedAnchorConfig, split: FederatedSplit) -> RivalRun:
     its first site, so what its geometry shares with the other modality comes from
     the common frozen trunk and, at scoring, the anchor readout alone.
     """
-    _check_inputs(config, split)
     started = time.perf_counter()
-    torch.manual_seed(config.train.seed)
-    device = resolve_device(config.train.device)
-    modalities = {m: d.spec for m, d in split.anchors.items()}
-    sites = _make_sites(config, split, device, lambda: build_model(config, modalities, split.feature_stats))
+    sites = _own_model_sites(config, split)
     losses = []
     for r in range(config.rounds):
-        losses.append({name: _local_round(config, site, r, _geolora_params(site.model),
-                                          list(projector_params(site.model, site.modality).values()))
-                       for name, site in sites.items()})
+        losses.append({name: _own_round(config, site, r) for name, site in sites.items()})
     evaluated = _first_site_per_modality(sites)
     metrics = score_models({m: s.model for m, s in evaluated.items()}, split, config)
     silent = [{name: 0 for name in sites} for _ in range(config.rounds)]
@@ -566,9 +571,7 @@ def creamfl(config: FedAnchorConfig, split: FederatedSplit) -> RivalRun:
         for name, site in sites.items():
             down_round[name] = tensor_nbytes(message)
             extra = _anchor_term(config, site, reps) if use_cross else None
-            loss_round[name] = _local_round(config, site, r, _geolora_params(site.model),
-                                            list(projector_params(site.model, site.modality).values()), extra,
-                                            config.alignment.lambda_cross, use_anchors=use_cross)
+            loss_round[name] = _own_round(config, site, r, extra, use_anchors=use_cross)
             z = site.model.embed_all(site.modality, site.anchors.items)
             up_round[name] = tensor_nbytes({ANCHOR_PREFIX + site.modality: z})
             uploads.setdefault(site.modality, []).append((z, len(site.private)))
