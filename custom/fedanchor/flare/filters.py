@@ -19,6 +19,7 @@ other tasks (validate, submit_model) pass unchanged; issue 6 hardens those.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
 from numbers import Real
@@ -32,13 +33,13 @@ from nvflare.apis.fl_constant import FLContextKey, ReturnCode
 from nvflare.apis.fl_context import FLContext
 from nvflare.apis.shareable import ReservedHeaderKey, Shareable, make_reply
 
-from ..federation.messages import GRAM_KEY, PARAM_PREFIX, PRECISION_PREFIX
+from ..federation.messages import GRAM_KEY, PARAM_PREFIX, PRECISION_PREFIX, SiteUpdate
 
 ADAPTER_PARAM = re.compile(r"^param/adapter/[^/]+/[Sm]$")
 ADAPTER_PRECISION = re.compile(r"^log_precision/adapter/[^/]+/[Sm]$")
 PROJECTOR_PARAM = re.compile(r"^param/projector/(?P<modality>[^/]+)/[^/]+$")
-# The SiteUpdate fields that travel in the DXO's meta (to_arrays puts everything but the arrays there).
-META_KEYS = frozenset({"site", "modality", "round", "anchor_fingerprint", "n_samples", "uncertainty", "metrics"})
+# The SiteUpdate fields that travel in the DXO's meta: to_arrays puts every field but the arrays there.
+META_KEYS = frozenset(f.name for f in dataclasses.fields(SiteUpdate)) - {"params", "precision", "gram_upper"}
 # What a FLARE Shareable may hold: the headers FLARE itself sets and the DXO (stored under "DXO" by DXO.to_shareable).
 SHAREABLE_KEYS = frozenset({ReservedHeaderKey.HEADERS, "DXO"})
 
