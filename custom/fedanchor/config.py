@@ -119,6 +119,9 @@ class ServerConfig:
     # this many times the median change of the updates accepted in the current and previous round is rejected.
     outlier_factor: float = 10.0
     outlier_min_reference: int = 2  # accepted updates needed before the outlier check applies
+    # Whatever the others sent: an update whose cores and magnitudes, or whose projector, move by more than this many
+    # times the global model's own norm holds absurd (if finite) values, and is refused.
+    max_change: float = 1000.0
 
 
 @dataclass
@@ -159,6 +162,7 @@ class FedAnchorConfig:
             (self.alignment.readout_dims >= 0, f"alignment.readout_dims={self.alignment.readout_dims} must be >= 0 (0: n_anchors // 2)"),
             (self.server.outlier_factor > 1.0,
              f"server.outlier_factor={self.server.outlier_factor} must be above 1 (10 rejects only gross outliers; use a large value to turn the check off)"),
+            (self.server.max_change > 0, f"server.max_change={self.server.max_change} must be positive"),
             (self.server.outlier_min_reference >= 1, f"server.outlier_min_reference={self.server.outlier_min_reference} must be at least 1"),
             (not self.privacy.dp or self.privacy.noise_multiplier > 0,
              f"privacy.noise_multiplier={self.privacy.noise_multiplier}: differential privacy needs noise (> 0); or set privacy.dp=false"),

@@ -53,6 +53,9 @@ def fit_anchor_readout(anchors: Mapping[str, torch.Tensor], reg: float = 0.1, di
         raise ValueError(f"anchor features must have one row per anchor in every modality, got {rows}")
     if not reg > 0:
         raise ValueError(f"readout ridge reg={reg} must be > 0: with N anchors and p features the covariance is singular when p >= N")
+    bad = [m for m, x in anchors.items() if not bool(torch.isfinite(x).all())]
+    if bad:
+        raise ValueError(f"anchor features of {bad} hold NaN or Inf; a readout needs finite features")
     n = next(iter(rows.values()))
     if n < 3:
         raise ValueError(f"{n} anchors are too few to fit a readout; use at least 3")

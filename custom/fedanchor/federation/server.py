@@ -161,9 +161,14 @@ class FederatedServer:
             reject(f"n_samples={update.n_samples}")
         if not (math.isfinite(update.uncertainty) and update.uncertainty > 0):
             reject(f"uncertainty scalar {update.uncertainty} is not a positive finite number")
-        change = self.update_change(update)
-        reference = self._previous_changes + self._changes
         cfg = self.config.server
+        change = self.update_change(update)
+        projector_change = self.update_change(update, projector=True)
+        for what, value in (("cores and magnitudes", change), ("projector", projector_change)):
+            if value > cfg.max_change:
+                reject(f"its {what} move by {value:.3g} times the global model's norm (limit server.max_change="
+                       f"{cfg.max_change:g}): values that no training step produces")
+        reference = self._previous_changes + self._changes
         if len(reference) >= cfg.outlier_min_reference:
             median = float(np.median(reference))
             if change > cfg.outlier_factor * max(median, 1e-12):
@@ -171,12 +176,13 @@ class FederatedServer:
                        f"{change / max(median, 1e-12):.1f}x the median of {len(reference)} accepted updates ({median:.3g}); "
                        f"the limit is server.outlier_factor={cfg.outlier_factor:g}")
 
-    def update_change(self, update: SiteUpdate) -> float:
-        """||update - global|| / ||global|| over the cores and magnitudes: comparable across sites and modalities."""
+    def update_change(self, update: SiteUpdate, projector: bool = False) -> float:
+        """||update - global|| / ||global|| over the cores and magnitudes (comparable across sites and modalities),
+        or over the site's projector."""
         assert self.state is not None
         diff = total = 0.0
         for key, value in update.params.items():
-            if is_core_or_magnitude(key):
+            if is_core_or_magnitude(key) != projector:
                 base = self.state.tensors[key].double()
                 diff += float(((value.double() - base) ** 2).sum())
                 total += float((base ** 2).sum())
@@ -238,9 +244,15 @@ class FederatedServer:
         for merge in self._projector_merges.values():
             tensors.update(merge.result())
         load_shared(self.model, {k: v for k, v in tensors.items() if k.startswith(("adapter/", "projector/"))})
+        anchors = self._anchor_embeddings()
+        broken = [m for m, z in anchors.items() if not bool(torch.isfinite(z).all())]
+        if broken:
+            load_shared(self.model, self.state.shared_params())  # keep serving the last good model
+            raise RoundFailed(f"round {self.state.round}: the merged model embeds the {broken} anchors as NaN/Inf "
+                              f"(contributions of {self.report.accepted}); the global model is left unchanged")
         previous = from_upper_triangle(self.state.tensors[CONSENSUS_KEY].double()) if CONSENSUS_KEY in self.state.tensors else None
         tensors[CONSENSUS_KEY] = upper_triangle(self._consensus.combine(previous)).float()
-        tensors.update(self._targets_and_readout(self._anchor_embeddings()))
+        tensors.update(self._targets_and_readout(anchors))
         self.state = GlobalState(round=self.state.round + 1, anchor_fingerprint=self.anchor_fingerprint, tensors=tensors)
         log.info("round %d merged from %s (weights %s)", self.report.round, self.report.accepted,
                  {s: round(w, 3) for s, w in self.report.site_weights.items()})
