@@ -73,6 +73,15 @@ REFUSED = [
     ("integer array", with_data(lambda d: d.__setitem__("gram_upper", np.arange(10))), "not floating-point"),
     ("extra meta key", with_meta(lambda m: m.__setitem__("embeddings", [[0.1, 0.2]])), "meta keys outside"),
     ("metrics that are not numbers", with_meta(lambda m: m.__setitem__("metrics", {"ids": "17,18,19"})), "numbers"),
+    ("per-sample embeddings as a magnitude", with_data(lambda d: d.update(
+        {"param/adapter/layer.0.query/m": np.zeros((20, 8), np.float32)})), "shape"),
+    ("per-sample embeddings as a core", with_data(lambda d: d.update(
+        {"param/adapter/layer.0.query/S": np.zeros((20, 8), np.float32),
+         "log_precision/adapter/layer.0.query/S": np.zeros((20, 8), np.float16)})), "square"),
+    ("cores of two ranks", with_data(lambda d: d.update(
+        {"param/adapter/layer.0.query/S": np.zeros((5, 5), np.float32),
+         "log_precision/adapter/layer.0.query/S": np.zeros((5, 5), np.float16)})), "several ranks"),
+    ("Gram of no anchor count", with_data(lambda d: d.update({"gram_upper": np.zeros(11, np.float16)})), "n(n+1)/2"),
     ("an entry outside the DXO", outside_dxo(), "outside its DXO"),
     ("weights instead of a collection", DXO(DataKind.WEIGHTS, data=update_to_dxo(site_update()).data).to_shareable(), "COLLECTION"),
     ("not a DXO", Shareable(), "not a DXO"),

@@ -88,6 +88,30 @@ def _array_violation(data: Mapping[str, Any]) -> str | None:
     not_arrays = sorted(k for k, v in data.items() if not (isinstance(v, np.ndarray) and v.dtype.kind == "f"))
     if not_arrays:
         return f"entries that are not floating-point arrays: {not_arrays[:5]}"
+    return _shape_violation(data, adapter)
+
+
+def _shape_violation(data: Mapping[str, Any], adapter: set[str]) -> str | None:
+    """Shapes that a section-5 update has whatever the model: square cores of one rank, 1-D magnitudes, a precision
+    shaped like its parameter, a Gram upper triangle of n(n+1)/2 values. A per-sample array smuggled under one of
+    these names breaks at least one of them."""
+    ranks = set()
+    for key in sorted(adapter):
+        value, precision = data[PARAM_PREFIX + key], data[PRECISION_PREFIX + key]
+        if precision.shape != value.shape:
+            return f"{PRECISION_PREFIX + key} has shape {precision.shape}, its parameter {value.shape}"
+        if key.endswith("/S"):
+            if value.ndim != 2 or value.shape[0] != value.shape[1]:
+                return f"{PARAM_PREFIX + key} has shape {value.shape}; a core is square (r x r)"
+            ranks.add(value.shape[0])
+        elif value.ndim != 1:
+            return f"{PARAM_PREFIX + key} has shape {value.shape}; a magnitude is one value per output row"
+    if len(ranks) > 1:
+        return f"cores of several ranks {sorted(ranks)}; every layer shares one rank"
+    gram = data[GRAM_KEY]
+    n = int((math.isqrt(8 * gram.size + 1) - 1) // 2) if gram.ndim == 1 else -1
+    if gram.ndim != 1 or n * (n + 1) // 2 != gram.size:
+        return f"{GRAM_KEY} has shape {gram.shape}; it is the n(n+1)/2 upper triangle of an n-anchor Gram"
     return None
 
 
