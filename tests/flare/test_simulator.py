@@ -342,3 +342,61 @@ def test_motion_job_in_the_flare_simulator(tmp_path):
     # delta_site stayed at each site, on its disk
     for site in ("site-1", "site-2"):
         assert list((workspace / site / "simulate_job" / "fedanchor").glob("delta_site-*.safetensors")), site
+
+
+@pytest.mark.parametrize("folder_file,content,reason", [
+    (None, None, "does not exist"),
+    ("accel.npy", b"not an array", "not a readable .npy"),
+    ("gyro.npy", None, "accel.npy is missing"),
+])
+def test_a_site_with_broken_data_fails_before_training_naming_the_file(tmp_path, caplog, folder_file, content, reason):
+    from nvflare.apis.event_type import EventType
+    from nvflare.apis.fl_constant import ReturnCode
+    from nvflare.apis.signal import Signal
+
+    from fedanchor.flare.executor import FedAnchorExecutor
+    from fedanchor.flare.persistor import FedAnchorPersistor
+    from fedanchor.flare.server_state import FedAnchorServerComponent
+
+    config = jobs.read_job_config(JOBS / "motion")
+    server_ctx = fake_ctx(tmp_path / "server", "server", {"fedanchor_server": FedAnchorServerComponent(config=config)})
+    task = FedAnchorShareableGenerator().learnable_to_shareable(FedAnchorPersistor().load_model(server_ctx), server_ctx)
+    site_ctx = fake_ctx(tmp_path / "site-1", "site-1")
+    data = tmp_path / "hospital-data"
+    if folder_file is not None:
+        data.mkdir()
+        if content is not None:
+            (data / folder_file).write_bytes(content)
+        else:
+            np.save(data / folder_file, np.zeros((4, 3, 100), np.float32))
+    (tmp_path / "site-1/local/fedanchor_site.json").write_text(json.dumps({"data": {"source": "folder", "path": str(data)}}))
+    executor = FedAnchorExecutor(config=config)
+    executor.handle_event(EventType.START_RUN, site_ctx)
+    with caplog.at_level("ERROR"):
+        reply = executor.execute("train", task, site_ctx, Signal())
+    assert reply.get_return_code() == ReturnCode.EXECUTION_EXCEPTION
+    assert reason in caplog.text and "cannot start" in caplog.text
+    assert not list((tmp_path / "site-1").rglob("delta_site-*.safetensors"))  # nothing was trained
+
+
+def test_a_site_trains_on_its_own_folder(tmp_path):
+    from nvflare.apis.dxo import from_shareable
+    from nvflare.apis.event_type import EventType
+    from nvflare.apis.signal import Signal
+
+    from fedanchor.flare.executor import FedAnchorExecutor
+    from fedanchor.flare.persistor import FedAnchorPersistor
+    from fedanchor.flare.server_state import FedAnchorServerComponent
+
+    config = jobs.read_job_config(JOBS / "motion")
+    server_ctx = fake_ctx(tmp_path / "server", "server", {"fedanchor_server": FedAnchorServerComponent(config=config)})
+    task = FedAnchorShareableGenerator().learnable_to_shareable(FedAnchorPersistor().load_model(server_ctx), server_ctx)
+    site_ctx = fake_ctx(tmp_path / "site-1", "site-1")
+    data = tmp_path / "hospital-data"
+    data.mkdir()
+    np.save(data / "accel.npy", np.random.default_rng(0).normal(size=(12, 3, 100)).astype(np.float32))
+    (tmp_path / "site-1/local/fedanchor_site.json").write_text(json.dumps({"data": {"source": "folder", "path": str(data)}}))
+    executor = FedAnchorExecutor(config=config)
+    executor.handle_event(EventType.START_RUN, site_ctx)
+    update = from_shareable(executor.execute("train", task, site_ctx, Signal()))
+    assert update.get_meta_props()["n_samples"] == 12
