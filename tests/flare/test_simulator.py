@@ -400,3 +400,26 @@ def test_a_site_trains_on_its_own_folder(tmp_path):
     executor.handle_event(EventType.START_RUN, site_ctx)
     update = from_shareable(executor.execute("train", task, site_ctx, Signal()))
     assert update.get_meta_props()["n_samples"] == 12
+
+
+@pytest.mark.slow
+def test_a_failing_site_drops_out_and_the_rounds_complete_without_it(tmp_path):
+    """Three simulated sites, one of which is not in the job's site list and fails at set-up: with min_clients=2 the
+    job still runs every round on the other two, and the failure is in the failing site's log, not a stopped job."""
+    import subprocess
+
+    from fedanchor.simulate import find_summary, nvflare_command
+
+    config = jobs.read_job_config(JOBS / "motion")
+    job = jobs.write_job(tmp_path / "job", "fedanchor-dropout", config, num_rounds=2, min_clients=2)
+    workspace = tmp_path / "ws"
+    jobs.prepare_simulator_workspace(workspace)
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    done = subprocess.run(nvflare_command() + ["simulator", "-w", str(workspace), "-c", "site-1,site-2,site-9", "-t", "3",
+                                               str(job)], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    summary = json.loads(find_summary(workspace).read_text())
+    assert [r["round"] for r in summary["rounds"]] == [0, 1], done.stdout[-3000:]
+    for record in summary["rounds"]:
+        assert record["accepted"] == ["site-1", "site-2"], record
+    log = (workspace / "site-9" / "log.txt").read_text()
+    assert "not in the job's site list" in log

@@ -126,6 +126,9 @@ def server_config(config: Mapping[str, Any], num_rounds: int, min_clients: int, 
                     "shareable_generator_id": "shareable_generator",
                     "train_task_name": "train",
                     "train_timeout": train_timeout,
+                    # A site that fails (bad data, crash) must not end the job: its error reply is dropped and the
+                    # round goes on with the others; the aggregator fails the round only below min_sites valid ones.
+                    "ignore_result_error": True,
                 },
             }
         ],
