@@ -150,7 +150,9 @@ class FedAnchorExecutor(Executor):
         private = load_folder(site_cfg.data.path, modalities[modality]) if site_cfg.data.source == "folder" else split.private[shard]
         self._trainer = trainer = SiteTrainer(cfg, site, private, split.anchors[modality], split.anchor_fingerprint,
                                               modalities, split.feature_stats, device=effective_device(cfg, site_cfg))
-        state_dir = Path(site_cfg.state_dir) if site_cfg.state_dir else \
+        # A state_dir outlives the job (a resubmitted job finds its delta_site there); one sub-folder per site, so
+        # that sites sharing a file system or a simulator workspace never read each other's.
+        state_dir = Path(site_cfg.state_dir) / site if site_cfg.state_dir else \
             Path(fl_ctx.get_engine().get_workspace().get_run_dir(fl_ctx.get_job_id())) / "fedanchor"
         self._delta_path = state_dir / f"delta_site-{split.anchor_fingerprint[:12]}.safetensors"
         resumed = self._load_delta(site)

@@ -9,7 +9,8 @@ folder as resources.json), by default ``local/fedanchor_site.json``::
       "data": {"source": "bundled", "shard": "hospital-a"},
       "device": "auto",                 # "auto", "cpu", "cuda", "cuda:1"; overrides train.device
       "num_threads": 4,                 # torch CPU threads (optional)
-      "state_dir": "/data/fedanchor"    # where delta_site is kept (default: the job's run folder)
+      "state_dir": "/data/fedanchor"    # where delta_site is kept, in <state_dir>/<site>/ (default: the job's
+                                        # run folder); set it so that a resubmitted job resumes the site's delta
     }
 
 Every key is optional and the file itself may be absent. The data source is
