@@ -101,6 +101,24 @@ def cmd_check_data(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    """A global checkpoint as a PEFT DoRA adapter folder (export.py)."""
+    from .export import export_state
+    from .federation.loop import make_split
+    from .flare.jobs import read_job_config
+    from .flare.persistor import load_state
+
+    state = load_state(args.checkpoint)
+    config = config_from_dict(read_job_config(Path(args.job)))
+    split = make_split(config)
+    if state.anchor_fingerprint != split.anchor_fingerprint:
+        raise ValueError(f"{args.checkpoint} was trained with anchor set {state.anchor_fingerprint[:12]}, the job "
+                         f"{args.job} uses {split.anchor_fingerprint[:12]}; give the job that wrote the checkpoint")
+    out = export_state(state, config, {m: d.spec for m, d in split.anchors.items()}, args.out, split.feature_stats)
+    print(f"wrote {out} (round {state.round}): load it with PeftModel.from_pretrained(<{config.trunk.name}>, {str(out)!r})")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "simulate":
@@ -127,6 +145,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override one key, e.g. train.local_steps=10")
         p.add_argument("--out", default=None, help="folder for results.json")
         p.set_defaults(func=func)
+    p = sub.add_parser("export", help="a global checkpoint as a PEFT (DoRA) adapter folder")
+    p.add_argument("checkpoint", help="e.g. <server run dir>/checkpoints/best.safetensors")
+    p.add_argument("--job", required=True, help="the job folder that wrote the checkpoint (its config builds the model)")
+    p.add_argument("--out", required=True, help="folder for the adapter, head, tokenizers and fedanchor_export.json")
+    p.set_defaults(func=cmd_export)
     p = sub.add_parser("check-data", help="check a site's data folder (see fedanchor.data.folder for the format)")
     p.add_argument("folder", help="the folder named by data.path in the site's fedanchor_site.json")
     p.add_argument("--scenario", choices=("xray", "digits", "motion"), required=True, help="the job's scenario")
