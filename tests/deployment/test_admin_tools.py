@@ -83,6 +83,7 @@ def test_the_admin_command_prints_metrics_and_asks_for_a_kit(tmp_path):
         admin_api.kit_user(tmp_path)
 
 
+@pytest.mark.skipif(not Path("/proc").is_dir(), reason="marked processes are found in Linux /proc")
 def test_stop_signals_exactly_the_marked_processes(tmp_path):
     marker = "test-" + os.urandom(4).hex()
     env = processes.flare_env(tmp_path / "home", marker, threads=1)
