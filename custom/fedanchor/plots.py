@@ -1,4 +1,5 @@
-"""Pictures of a run: held-out recall, each site's CKA to the consensus and its merge weight, over rounds."""
+"""Pictures of a run: held-out recall, each site's CKA to the consensus and its merge weight, over rounds; and a
+2-D map of the held-out embeddings, coloured by modality, with true pairs joined."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -47,6 +48,48 @@ def plot_rounds(rounds: Sequence[Mapping[str, Any]], path: Path, title: str = "f
         ax.grid(alpha=0.3)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     fig.suptitle(title)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_embedding_map(embeddings: Mapping[str, Any], path: Path, title: str = "held-out embeddings",
+                       max_pairs: int = 40) -> Path:
+    """PCA of every modality's held-out embeddings together (row i of each modality is one true pair).
+
+    Modalities that occupy one region, with short grey lines between partners, are aligned; two separate clouds
+    are not, whatever the recall says about a few items.
+    """
+    import matplotlib
+    import numpy as np
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(embeddings)
+    arrays = [np.asarray(embeddings[m].detach().cpu() if hasattr(embeddings[m], "detach") else embeddings[m], dtype=np.float64)
+              for m in names]
+    if not arrays or any(a.ndim != 2 for a in arrays) or len({a.shape[1] for a in arrays}) != 1:
+        raise ValueError(f"embedding map needs one (n, p) array per modality of one width, got {[a.shape for a in arrays]}")
+    stacked = np.concatenate(arrays)
+    centred = stacked - stacked.mean(0)
+    _, s, vt = np.linalg.svd(centred, full_matrices=False)
+    xy = centred @ vt[:2].T
+    explained = (s[:2] ** 2).sum() / max((s ** 2).sum(), 1e-300)
+    parts = np.split(xy, np.cumsum([len(a) for a in arrays])[:-1])
+    fig, ax = plt.subplots(figsize=(6.5, 6))
+    n_pairs = min(max_pairs, *(len(a) for a in arrays)) if len(arrays) > 1 else 0
+    for i in range(n_pairs):
+        ax.plot([p[i, 0] for p in parts], [p[i, 1] for p in parts], color="grey", alpha=0.35, linewidth=0.7, zorder=1)
+    for name, part in zip(names, parts):
+        ax.scatter(part[:, 0], part[:, 1], s=9, alpha=0.6, label=f"{name} ({len(part)})", zorder=2)
+    ax.set(title=f"{title}\nPCA of all modalities together ({explained:.0%} of the variance); "
+                 f"grey: {n_pairs} true pairs", xlabel="PC 1", ylabel="PC 2")
+    ax.title.set_fontsize(9)
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)

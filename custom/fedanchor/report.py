@@ -7,6 +7,7 @@ from typing import Mapping
 
 from .config import config_to_dict
 from .evaluation import KS
+from .plots import plot_embedding_map, plot_rounds
 
 
 def recall_rows(metrics: Mapping[str, float]) -> list[tuple[str, str, list[float], list[float]]]:
@@ -42,6 +43,12 @@ def write_run(folder: Path, runs: Mapping[str, object]) -> Path:
         }
     path = folder / "results.json"
     path.write_text(json.dumps(payload, indent=1, default=float))
+    for label, result in runs.items():
+        stem = label.replace(" ", "_").replace("/", "_")
+        plot_rounds([r.as_dict() for r in result.rounds], folder / f"{stem}-rounds.png", title=label,  # type: ignore[attr-defined]
+                    initial_eval=result.initial_eval)  # type: ignore[attr-defined]
+        if getattr(result, "embeddings", None):
+            plot_embedding_map(result.embeddings, folder / f"{stem}-embeddings.png", title=f"{label}: held-out pairs")  # type: ignore[attr-defined]
     return path
 
 

@@ -80,6 +80,9 @@ def simulate(job: Path, out: Path, threads: int | None = None, echo=print) -> di
     summary["wall_seconds"] = wall
     summary["sites"] = sites
     (out / "results.json").write_text(json.dumps(summary, indent=1, default=float))
+    embedding_map = find_summary(workspace).with_name("embeddings.png")
+    if embedding_map.is_file():
+        shutil.copyfile(embedding_map, out / "embeddings.png")
     plot_rounds(summary["rounds"], out / "rounds.png", title=f"{job.name}: {len(sites)} sites in the FLARE simulator",
                 initial_eval=summary.get("initial_eval"))
     return summary
@@ -93,7 +96,7 @@ def show(summary: dict, out: Path, echo=print) -> None:
     bytes_up = summary["rounds"][-1].get("bytes_up", {})
     echo("")
     echo("bytes sent per site per round (serialized): " + ", ".join(f"{s} {b / 1e6:.2f} MB" for s, b in bytes_up.items()))
-    echo(f"wall time {summary['wall_seconds']:.0f}s | {out / 'results.json'} | {out / 'rounds.png'}")
+    echo(f"wall time {summary['wall_seconds']:.0f}s | {out / 'results.json'} | {out / 'rounds.png'} | {out / 'embeddings.png'}")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

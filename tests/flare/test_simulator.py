@@ -305,6 +305,7 @@ def test_motion_job_in_the_flare_simulator(tmp_path):
     assert (run_dir / "fedanchor_summary.json").is_file()
     assert sum("round " in line for line in lines) == 2, lines  # one line of progress per round
     assert (out / "results.json").is_file() and (out / "rounds.png").stat().st_size > 10_000
+    assert (out / "embeddings.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
     # every site contributed each round, nothing rejected, bytes up recorded per site
     assert [r["round"] for r in summary["rounds"]] == [0, 1]
@@ -312,6 +313,7 @@ def test_motion_job_in_the_flare_simulator(tmp_path):
         assert record["accepted"] == ["site-1", "site-2"], record
         assert record["rejected"] == {}
         assert set(record["bytes_up"]) == {"site-1", "site-2"} and min(record["bytes_up"].values()) > 0
+        assert set(record["bytes_down"]) == {"site-1", "site-2"} and min(record["bytes_down"].values()) > 0
         assert set(record["site_weights"]) == {"site-1", "site-2"}
     final = summary["final_eval"]
     assert {"accel->gyro/recall@1", "gyro->accel/recall@1"} <= set(final)

@@ -64,6 +64,7 @@ class RunResult:
     initial_eval: dict[str, float]
     rounds: list[RoundRecord] = field(default_factory=list)
     final_state: GlobalState | None = None
+    embeddings: dict[str, Any] = field(default_factory=dict)  # the final model's scored held-out embeddings
 
     @property
     def final_eval(self) -> dict[str, float]:
@@ -123,6 +124,7 @@ def run_in_process(config: FedAnchorConfig, progress: Callable[[str], None] | No
         if moved:
             raise RuntimeError(f"site(s) {moved}: delta moved although it was frozen")
     result.final_state = state
+    result.embeddings = dict(server.last_embeddings)
     return result
 
 

@@ -85,6 +85,7 @@ class FederatedServer:
         self.state: GlobalState | None = None
         self.report: RoundReport | None = None
         self._previous_changes: list[float] = []  # accepted update sizes of the last round: the outlier reference
+        self.last_embeddings: dict[str, torch.Tensor] = {}  # the scored held-out embeddings of the last evaluate()
 
     # -- round 0 -------------------------------------------------------------
     def initial_state(self) -> GlobalState:
@@ -290,6 +291,7 @@ class FederatedServer:
         embeddings = {m: readout.apply(m, self.model.embed_all(m, d.items)) if readout is not None
                       else centre_on_anchors(self.model.embed_all(m, d.items), anchors[m]) for m, d in self.test.items()}
         labels = {m: np.asarray(d.semantic_labels) for m, d in self.test.items()}
+        self.last_embeddings = embeddings  # held-out pairs, row i of every modality is one pair: for the map
         metrics = cross_modal_metrics(embeddings, labels)
         kernel = self.state.consensus() if self.state is not None else None
         if kernel is not None:

@@ -19,11 +19,13 @@ from nvflare.app_common.abstract.aggregator import Aggregator
 
 from ..federation.loop import RoundRecord, format_round
 from ..federation.server import ContributionRejected, RoundFailed
+from ..plots import plot_embedding_map
 from .persistor import atomic_write_bytes
 from .server_state import get_server_component, selection_metric
 from .shareable import dxo_to_update, state_to_dxo
 
 SUMMARY_FILE = "fedanchor_summary.json"
+EMBEDDING_MAP = "embeddings.png"  # the held-out pairs of the latest global model, redrawn each round
 
 
 def serialized_size(shareable: Shareable) -> int | None:
@@ -120,14 +122,26 @@ class FedAnchorAggregator(Aggregator):
             report = server.report
             assert report is not None
             bytes_up = {site: self._bytes_serialized.get(site, n) for site, n in report.bytes_up.items()}
+            down = previous.nbytes() if previous is not None else 0  # the state every site received this round
             record = RoundRecord(report.round, time.perf_counter() - self._round_started, report.site_metrics,
-                                 report.site_weights, report.site_uncertainty, report.rejected, bytes_up, metrics)
+                                 report.site_weights, report.site_uncertainty, report.rejected, bytes_up, metrics,
+                                 {s: down for s in report.accepted})
+            self._plot_embeddings(fl_ctx, server.last_embeddings, report.round)
             cka = " ".join(f"{s}:{m['cka_to_consensus']:.3f}" for s, m in report.site_metrics.items() if "cka_to_consensus" in m)
             self.log_info(fl_ctx, f"fedanchor {format_round(record)} | cka {cka or '-'} | bytes up "
                                   f"{' '.join(f'{s}:{b}' for s, b in bytes_up.items())}"
                                   + (f" | rejected {report.rejected}" if report.rejected else ""))
             self._append_round(fl_ctx, record, payload_bytes=dict(report.bytes_up))
             return state_to_dxo(state, component.state_meta(metrics)).to_shareable()
+
+    def _plot_embeddings(self, fl_ctx: FLContext, embeddings, round_: int) -> None:
+        if not embeddings:
+            return
+        path = self._component(fl_ctx).run_dir(fl_ctx) / EMBEDDING_MAP
+        try:
+            plot_embedding_map(embeddings, path, title=f"held-out pairs after round {round_ + 1}")
+        except (ValueError, OSError, RuntimeError) as err:  # a picture must never stop a round
+            self.log_warning(fl_ctx, f"could not draw {path.name}: {err}")
 
     def reset(self, fl_ctx: FLContext) -> None:
         # ScatterAndGather calls this after each round; the next accept opens the next round on the server.
