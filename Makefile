@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 TORCH_PIN := torch==2.13.0
 ROUNDS ?= 3
 
-.PHONY: install demo test test-fast compare jobs trial clean
+.PHONY: install demo test test-fast compare jobs docs trial clean
 
 $(STAMP): pyproject.toml requirements-data.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -44,6 +44,10 @@ trial: $(STAMP)
 # Rebuild jobs/*/ from fedanchor.flare.jobs.DEMO_JOBS (a test checks they agree).
 jobs: $(STAMP)
 	$(PY) -m fedanchor.flare.jobs write-demo-jobs jobs
+
+# Rebuild docs/CONFIG.md from config.py's defaults and comments (a test checks it is current).
+docs: $(STAMP)
+	$(PY) -m fedanchor.config_reference > docs/CONFIG.md
 
 clean:
 	rm -rf runs .pytest_cache

@@ -32,3 +32,13 @@ def test_a_bad_key_is_named_and_exits_2(capsys):
 def test_simulate_refuses_a_folder_that_is_not_a_job(tmp_path, capsys):
     assert main(["simulate", str(tmp_path)]) == 2
     assert "not a FLARE job folder" in capsys.readouterr().err
+
+
+def test_the_configuration_reference_is_current():
+    from pathlib import Path
+
+    from fedanchor.config_reference import config_reference
+
+    page = Path(__file__).resolve().parents[1] / "docs" / "CONFIG.md"
+    assert page.read_text() == config_reference(), "docs/CONFIG.md is stale: run `make docs`"
+    assert "| `privacy.noise_multiplier` |" in page.read_text() and "|  |" not in page.read_text()

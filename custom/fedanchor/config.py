@@ -22,28 +22,28 @@ class TrunkConfig:
     max_text_tokens: int = 32  # the impression comes first in xray reports; 32 tokens keep a CPU step near a second
     embed_dim: int = 128  # p: width of the shared head's unit vectors
     tiny_hidden: int = 128  # only for name="tiny": a random-init BERT for fast tests
-    tiny_layers: int = 2
-    tiny_heads: int = 4
+    tiny_layers: int = 2  # only for name="tiny"
+    tiny_heads: int = 4  # only for name="tiny"
 
 
 @dataclass
 class AdapterConfig:
     """GeoLoRA on the trunk's linear layers (DESIGN.md section 2)."""
 
-    rank: int = 8
-    targets: tuple[str, ...] = ("query", "key", "value", "attention.output.dense")
+    rank: int = 8  # r: the core S is r x r per adapted layer
+    targets: tuple[str, ...] = ("query", "key", "value", "attention.output.dense")  # linear layers adapted, by name suffix or glob
     basis_init: str = "svd"  # "svd": top singular vectors of W0; "random": seeded orthonormal
-    seed: int = 0
+    seed: int = 0  # seeds the bases, the projectors and the head: identical at every site
 
 
 @dataclass
 class AlignmentConfig:
     """Anchor Gram alignment and the cross-modal anchor term (DESIGN.md section 3)."""
 
-    lambda_cka: float = 1.0
-    lambda_cross: float = 1.0
-    lambda_delta: float = 1e-3
-    temperature: float = 0.1
+    lambda_cka: float = 1.0  # weight of 1 - CKA(site anchor Gram, consensus)
+    lambda_cross: float = 1.0  # weight of the cross-modal anchor InfoNCE against the other modalities' anchor targets
+    lambda_delta: float = 1e-3  # L2 penalty on the site's own log-gains delta
+    temperature: float = 0.1  # of the anchor InfoNCE
     consensus_ema: float = 0.5  # weight of the previous consensus
     modality_weights: dict[str, float] = field(default_factory=dict)  # beta_m; missing = 1
     anchor_batch: int = 64  # anchors per local step
@@ -56,9 +56,9 @@ class AlignmentConfig:
 class PrivateConfig:
     """The site's own self-supervised objective on its private data."""
 
-    weight: float = 1.0
-    temperature: float = 0.1
-    augment_strength: float = 1.0
+    weight: float = 1.0  # weight of the two-view contrastive loss on private data
+    temperature: float = 0.1  # of that loss
+    augment_strength: float = 1.0  # scales every augmentation (0: identical views)
 
 
 @dataclass
@@ -69,22 +69,22 @@ class PrecisionConfig:
     window: int = 8  # last local steps whose iterates (or gradients) estimate the precision
     sample_exponent: float = 0.5  # gamma in n_k ** gamma
     site_scalar: bool = True  # pi_k from the embedding spread under sampled cores
-    site_scalar_samples: int = 4
-    site_scalar_anchors: int = 32
-    eps: float = 1e-12
+    site_scalar_samples: int = 4  # cores sampled around S_k with variance 1/Lambda for the epistemic spread
+    site_scalar_anchors: int = 32  # anchors (and private items) the site scalar embeds
+    eps: float = 1e-12  # floor of a precision
 
 
 @dataclass
 class TrainConfig:
     """Local training at each site."""
 
-    local_steps: int = 20
-    batch_size: int = 32
-    lr: float = 5e-3
+    local_steps: int = 20  # optimiser steps per site per round
+    batch_size: int = 32  # private items per step (each in two augmented views)
+    lr: float = 5e-3  # Adam learning rate of S, m and delta
     projector_lr: float = 2e-2  # a code table starts at word-embedding scale (~0.05) and must move within a few rounds
-    weight_decay: float = 0.0
+    weight_decay: float = 0.0  # Adam weight decay
     warmup_fraction: float = 0.25  # of local steps, with a linear learning-rate warm-up each round
-    seed: int = 0
+    seed: int = 0  # private batches, augmentations and dropout, per site and round
     device: str = "auto"  # "auto", "cpu", "cuda", "cuda:1"
 
 
@@ -92,11 +92,11 @@ class TrainConfig:
 class DataConfig:
     """The scenario and its seeded split into anchors, test pairs and private sets."""
 
-    scenario: str = "xray"
-    n_anchors: int = 200
-    n_test: int = 500
-    seed: int = 0
-    max_private_per_site: int | None = None
+    scenario: str = "xray"  # "xray", "digits" or "motion": the bundled data and its public anchors
+    n_anchors: int = 200  # public paired anchors
+    n_test: int = 500  # held-out pairs, for evaluation only
+    seed: int = 0  # the split into anchors, test pairs and private shards
+    max_private_per_site: int | None = None  # cap on each site's private shard (null: all)
     sites: dict[str, str] = field(default_factory=dict)  # site name -> modality; empty = scenario default
 
 
@@ -104,7 +104,7 @@ class DataConfig:
 class PrivacyConfig:
     """Optional differential privacy of what a site uploads (dp.py): clipped, Gaussian-noised cores and Gram."""
 
-    dp: bool = False
+    dp: bool = False  # release each upload through the Gaussian mechanism (dp.py)
     noise_multiplier: float = 1.0  # noise std on every coordinate = noise_multiplier x the clip bound
     clip_update: float = 1.0  # L2 bound on the change of the cores, magnitudes and projector in one round
     clip_gram: float = 1.0  # L2 bound on the Gram upper triangle (a centred, unit-norm Gram has norm <= 1)
@@ -135,7 +135,7 @@ class FedAnchorConfig:
     data: DataConfig = field(default_factory=DataConfig)
     server: ServerConfig = field(default_factory=ServerConfig)
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
-    rounds: int = 5
+    rounds: int = 5  # federated rounds (a FLARE job's num_rounds)
 
     def validate(self) -> "FedAnchorConfig":
         checks = [

@@ -465,3 +465,8 @@ def test_a_job_resubmitted_after_a_server_crash_resumes_and_matches_the_uninterr
         if key.endswith(("/S", "/m")):
             # The merge sums the sites in arrival order, which the simulator does not fix: equal up to rounding.
             assert torch.allclose(value, resumed.tensors[key], rtol=1e-4, atol=1e-6), key
+
+
+def test_the_template_site_configuration_is_valid():
+    cfg = load_site_config(ROOT / "provision" / "templates" / "fedanchor_site.json")
+    assert cfg.data.source == "folder" and cfg.data.path and cfg.state_dir and cfg.modality == "report"
