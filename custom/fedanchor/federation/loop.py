@@ -17,6 +17,7 @@ from ..data.scenario import FederatedSplit
 from ..model.homogeneous import build_model
 from .messages import GlobalState
 from .server import ContributionRejected, FederatedServer
+from .progress import local_step_bar
 from .site import SiteTrainer
 
 log = logging.getLogger(__name__)
@@ -105,7 +106,8 @@ def run_in_process(config: FedAnchorConfig, progress: Callable[[str], None] | No
         down = state.nbytes()
         server.start_round()
         for name, trainer in sites.items():
-            update = trainer.train_round(state)
+            with local_step_bar(f"{name} round {r + 1}", config.train.local_steps) as bar:
+                update = trainer.train_round(state, progress=bar if progress is not None else None)
             try:
                 server.accept(update)
             except ContributionRejected:
