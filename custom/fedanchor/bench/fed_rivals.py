@@ -55,12 +55,11 @@ from torch import nn
 from ..adapters.geolora import geolora_layers
 from ..alignment.losses import anchor_info_nce, two_view_contrastive
 from ..config import FedAnchorConfig
-from ..data.augment import augment
 from ..data.scenario import FederatedSplit, ModalityData, ModalitySpec
 from ..federation.messages import TARGET_PREFIX, tensor_nbytes
-from ..federation.site import _concat, resolve_device, same_items
+from ..federation.site import embed_step, resolve_device, same_items, take_step
 from ..federation.state import projector_params
-from ..model.homogeneous import HomogeneousTransformer, build_model, take_items
+from ..model.homogeneous import HomogeneousTransformer, build_model
 from .rivals import score_models
 
 LORA_ADAPTER = "default"  # peft's adapter name; one adapter per layer
@@ -167,25 +166,12 @@ def _local_round(config: FedAnchorConfig, site: _Site, round_: int, adapters: Se
     sums = {"loss": 0.0, "private": 0.0, "extra": 0.0}
     model.train()
     for step in range(cfg.train.local_steps):
-        index = rng.choice(n, size=batch, replace=False)
-        items = take_items(site.private.items, index)
-        views = [augment(site.spec, items, rng, cfg.private.augment_strength) for _ in range(2)]
-        parts = [views[0], views[1]]
-        anchor_index = rng.choice(n_anchor, size=anchor_batch, replace=False) if use_anchors else None
-        if anchor_index is not None:
-            parts.append(take_items(site.anchors.items, anchor_index))
-        z = model.embed(site.modality, _concat(parts))
-        z1, z2 = z[:batch], z[batch:2 * batch]
-        za = z[2 * batch:] if anchor_index is not None else None
+        items, index, z1, z2, za, anchor_index = embed_step(model, site.spec, site.private, site.anchors, rng, batch,
+                                                            anchor_batch, cfg.private.augment_strength, use_anchors)
         loss_private = two_view_contrastive(z1, z2, cfg.private.temperature, same_items(items))
-        loss_extra = extra(z1, z2, index, za, anchor_index) if extra is not None else z.new_zeros(())
+        loss_extra = extra(z1, z2, index, za, anchor_index) if extra is not None else z1.new_zeros(())
         loss = cfg.private.weight * loss_private + extra_weight * loss_extra
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"site {site.name!r} round {round_} step {step}: the local loss became {loss.item()}; lower train.lr")
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        scheduler.step()
+        take_step(loss, optimizer, scheduler, f"site {site.name!r} round {round_} step {step}")
         for key, value in (("loss", loss), ("private", loss_private), ("extra", loss_extra)):
             sums[key] += float(value.detach())
     model.eval()

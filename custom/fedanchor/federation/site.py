@@ -115,31 +115,20 @@ class SiteTrainer:
             torch.manual_seed((self._seed * 1_000_003 + state.round) % (2 ** 63))
             model.train()
             for step in range(cfg.train.local_steps):
-                index = rng.choice(n, size=batch, replace=False)
-                items = take_items(self.private.items, index)
-                views = [augment(self.spec, items, rng, cfg.private.augment_strength) for _ in range(2)]
-                parts = [views[0], views[1]]
-                anchor_index = rng.choice(n_anchor, size=anchor_batch, replace=False) if (use_cka or use_cross) else None
+                items, _, z1, z2, za, anchor_index = embed_step(model, self.spec, self.private, self.anchors, rng, batch,
+                                                                anchor_batch, cfg.private.augment_strength, use_cka or use_cross)
                 if anchor_index is not None:
-                    parts.append(take_items(self.anchors.items, anchor_index))
                     index_t = torch.as_tensor(anchor_index)
-                z = model.embed(self.modality, _concat(parts))
-                z1, z2, za = z[:batch], z[batch:2 * batch], z[2 * batch:]
                 loss_private = two_view_contrastive(z1, z2, cfg.private.temperature, same_items(items))
                 loss = cfg.private.weight * loss_private
-                loss_cka = cka_loss(za, kernel, index_t.to(self.device)) if use_cka else z.new_zeros(())
+                loss_cka = cka_loss(za, kernel, index_t.to(self.device)) if use_cka else z1.new_zeros(())
                 same = self._anchor_same[index_t][:, index_t] if use_cross else None
                 loss_cross = (sum(anchor_info_nce(za, t[index_t.to(self.device)], cfg.alignment.temperature, target_means[m], same)
                                   for m, t in targets.items()) / len(targets)
-                              if use_cross else z.new_zeros(()))
+                              if use_cross else z1.new_zeros(()))
                 loss_delta = sum((layer.delta ** 2).sum() for layer in model.adapters().values())
                 loss = loss + cfg.alignment.lambda_cka * loss_cka + cfg.alignment.lambda_cross * loss_cross + cfg.alignment.lambda_delta * loss_delta
-                if not torch.isfinite(loss):
-                    raise FloatingPointError(f"site {self.site!r} round {state.round} step {step}: the local loss became {loss.item()}; lower train.lr")
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                scheduler.step()
+                take_step(loss, optimizer, scheduler, f"site {self.site!r} round {state.round} step {step}")
                 tracker.record()
                 for key, value in (("loss", loss), ("private", loss_private), ("cka", loss_cka), ("cross", loss_cross)):
                     sums[key] += float(value.detach())
@@ -195,6 +184,34 @@ class SiteTrainer:
         public = {"seconds": metrics["seconds"], "dp/epsilon": spent.epsilon, "dp/delta": spent.delta,
                   "dp/rounds": float(self._dp_rounds)}
         return params, gram_upper, precision, 1.0, public
+
+
+def take_step(loss: torch.Tensor, optimizer: torch.optim.Optimizer, scheduler, where: str) -> None:
+    """One optimiser step; a non-finite loss stops the round with the fix instead of poisoning the update."""
+    if not torch.isfinite(loss):
+        raise FloatingPointError(f"{where}: the local loss became {loss.item()}; lower train.lr")
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    scheduler.step()
+
+
+def embed_step(model: HomogeneousTransformer, spec: ModalitySpec, private: ModalityData, anchors: ModalityData,
+               rng: np.random.Generator, batch: int, anchor_batch: int, strength: float, use_anchors: bool):
+    """One local step's forward: a private batch in two augmented views and, if asked, an anchor batch, in one pass.
+
+    Drawn from ``rng`` in this order (batch, views, anchors), so that the bench's rivals see a site's batches.
+    Returns (private items, their index, z view 1, z view 2, z anchors or None, anchor index or None).
+    """
+    index = rng.choice(len(private), size=batch, replace=False)
+    items = take_items(private.items, index)
+    parts = [augment(spec, items, rng, strength) for _ in range(2)]
+    anchor_index = rng.choice(len(anchors), size=anchor_batch, replace=False) if use_anchors else None
+    if anchor_index is not None:
+        parts.append(take_items(anchors.items, anchor_index))
+    z = model.embed(spec.name, _concat(parts))
+    za = z[2 * batch:] if anchor_index is not None else None
+    return items, index, z[:batch], z[batch:2 * batch], za, anchor_index
 
 
 def same_items(items: object) -> torch.Tensor:
