@@ -306,6 +306,14 @@ def test_motion_job_in_the_flare_simulator(tmp_path):
     assert sum("round " in line for line in lines) == 2, lines  # one line of progress per round
     assert (out / "results.json").is_file() and (out / "rounds.png").stat().st_size > 10_000
     assert (out / "embeddings.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # every round's metrics went to TensorBoard through FLARE's analytics events
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(next((run_dir / "tensorboard").rglob("events.out.tfevents.*")).parent))
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    assert {"eval/accel->gyro/recall@1", "weight/site-1", "site/site-2/loss/loss"} <= tags, sorted(tags)[:10]
+    assert [e.step for e in events.Scalars("weight/site-1")] == [1, 2]
 
     # every site contributed each round, nothing rejected, bytes up recorded per site
     assert [r["round"] for r in summary["rounds"]] == [0, 1]
@@ -470,3 +478,13 @@ def test_a_job_resubmitted_after_a_server_crash_resumes_and_matches_the_uninterr
 def test_the_template_site_configuration_is_valid():
     cfg = load_site_config(ROOT / "provision" / "templates" / "fedanchor_site.json")
     assert cfg.data.source == "folder" and cfg.data.path and cfg.state_dir and cfg.modality == "report"
+
+
+def test_round_scalars_tag_the_global_model_the_sites_and_their_weights():
+    from fedanchor.federation.loop import RoundRecord
+    from fedanchor.flare.tracking import round_scalars
+
+    record = RoundRecord(0, 1.0, {"site-1": {"loss/loss": 2.5, "cka_to_consensus": 0.7}}, {"site-1": 1.0}, {"site-1": 3.0},
+                         {}, {"site-1": 1234}, {"a->b/recall@1": 0.1, "a->b/chance_recall@1": 0.01})
+    assert round_scalars(record) == {"eval/a->b/recall@1": 0.1, "site/site-1/loss/loss": 2.5,
+                                     "site/site-1/cka_to_consensus": 0.7, "weight/site-1": 1.0, "bytes_up/site-1": 1234.0}

@@ -11,10 +11,12 @@ import json
 import time
 from typing import Any
 
+from nvflare.apis.analytix import AnalyticsDataType
 from nvflare.apis.dxo import from_shareable
 from nvflare.apis.fl_constant import ReservedKey
 from nvflare.apis.fl_context import FLContext
 from nvflare.apis.shareable import Shareable
+from nvflare.apis.utils.analytix_utils import create_analytic_dxo, send_analytic_dxo
 from nvflare.app_common.abstract.aggregator import Aggregator
 
 from ..federation.loop import RoundRecord, format_round
@@ -23,6 +25,7 @@ from ..plots import plot_embedding_map
 from .persistor import atomic_write_bytes
 from .server_state import get_server_component, selection_metric
 from .shareable import dxo_to_update, state_to_dxo
+from .tracking import round_scalars
 
 SUMMARY_FILE = "fedanchor_summary.json"
 EMBEDDING_MAP = "embeddings.png"  # the held-out pairs of the latest global model, redrawn each round
@@ -127,12 +130,22 @@ class FedAnchorAggregator(Aggregator):
                                  report.site_weights, report.site_uncertainty, report.rejected, bytes_up, metrics,
                                  {s: down for s in report.accepted})
             self._plot_embeddings(fl_ctx, server.last_embeddings, report.round)
+            self._stream(fl_ctx, record)
             cka = " ".join(f"{s}:{m['cka_to_consensus']:.3f}" for s, m in report.site_metrics.items() if "cka_to_consensus" in m)
             self.log_info(fl_ctx, f"fedanchor {format_round(record)} | cka {cka or '-'} | bytes up "
                                   f"{' '.join(f'{s}:{b}' for s, b in bytes_up.items())}"
                                   + (f" | rejected {report.rejected}" if report.rejected else ""))
             self._append_round(fl_ctx, record, payload_bytes=dict(report.bytes_up))
             return state_to_dxo(state, component.state_meta(metrics)).to_shareable()
+
+    def _stream(self, fl_ctx: FLContext, record: RoundRecord) -> None:
+        """The round's metrics as FLARE analytics events, for whichever tracking receiver the job configures."""
+        try:
+            for tag, value in round_scalars(record).items():
+                dxo = create_analytic_dxo(tag, value, AnalyticsDataType.SCALAR, global_step=record.round + 1)
+                send_analytic_dxo(self, dxo, fl_ctx)
+        except (TypeError, ValueError) as err:  # tracking must never stop a round
+            self.log_warning(fl_ctx, f"could not stream round {record.round} metrics: {err}")
 
     def _plot_embeddings(self, fl_ctx: FLContext, embeddings, round_: int) -> None:
         if not embeddings:

@@ -37,6 +37,7 @@ SERVER_COMPONENT = "fedanchor.flare.server_state.FedAnchorServerComponent"
 PERSISTOR = "fedanchor.flare.persistor.FedAnchorPersistor"
 SHAREABLE_GENERATOR = "fedanchor.flare.shareable.FedAnchorShareableGenerator"
 AGGREGATOR = "fedanchor.flare.aggregator.FedAnchorAggregator"
+TENSORBOARD = "fedanchor.flare.tb_receiver.FedAnchorTensorBoard"
 EXECUTOR = "fedanchor.flare.executor.FedAnchorExecutor"
 SAG = "nvflare.app_common.workflows.scatter_and_gather.ScatterAndGather"
 
@@ -111,6 +112,8 @@ def server_config(config: Mapping[str, Any], num_rounds: int, min_clients: int, 
             {"id": "persistor", "path": PERSISTOR, "args": {"server_id": "fedanchor_server", "checkpoint_dir": "checkpoints"}},
             {"id": "shareable_generator", "path": SHAREABLE_GENERATOR, "args": {}},
             {"id": "aggregator", "path": AGGREGATOR, "args": {"server_id": "fedanchor_server", "min_sites": 1}},
+            # Every round's metrics to <run dir>/tensorboard (tracking.py); another FLARE receiver can replace it.
+            {"id": "tensorboard", "path": TENSORBOARD, "args": {"tb_folder": "tensorboard"}},
         ],
         "workflows": [
             {
