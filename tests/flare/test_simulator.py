@@ -168,7 +168,8 @@ def test_job_folders_are_plain_and_match_their_definition(name, tmp_path):
     assert server["min_clients"] == n_sites and server["workflows"][0]["args"]["wait_time_after_min_received"] == 0
     # jobs/<name> is what DEMO_JOBS describes (regenerate with jobs.write_demo_jobs("jobs"))
     spec = jobs.DEMO_JOBS[name]
-    fresh = jobs.write_job(tmp_path / name, f"fedanchor-{name}", spec["config"], spec["num_rounds"])
+    fresh = jobs.write_job(tmp_path / name, f"fedanchor-{name}", spec["config"], spec["num_rounds"],
+                           cross_site_eval=spec.get("cross_site_eval", False))
     for rel in ("meta.json", "app/config/config_fed_server.json", "app/config/config_fed_client.json"):
         assert json.loads((fresh / rel).read_text()) == json.loads((job / rel).read_text()), rel
 
@@ -314,6 +315,10 @@ def test_motion_job_in_the_flare_simulator(tmp_path):
     tags = set(events.Tags()["scalars"])
     assert {"eval/accel->gyro/recall@1", "weight/site-1", "site/site-2/loss/loss"} <= tags, sorted(tags)[:10]
     assert [e.step for e in events.Scalars("weight/site-1")] == [1, 2]
+    # cross-site evaluation (a job option, on in jobs/motion): every site scored the last and the best global model
+    table = json.loads((run_dir / "cross_site_val" / "fedanchor_cross_site.json").read_text())
+    assert set(table) == {"site-1", "site-2"} and all(set(models) == {"SRV_last", "SRV_best"} for models in table.values())
+    assert all("anchor/cka_to_consensus" in m for models in table.values() for m in models.values()), table
 
     # every site contributed each round, nothing rejected, bytes up recorded per site
     assert [r["round"] for r in summary["rounds"]] == [0, 1]

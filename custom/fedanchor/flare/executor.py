@@ -72,10 +72,14 @@ def anchor_validation(trainer: SiteTrainer, state: GlobalState) -> dict[str, flo
     load_shared(trainer.model, state.shared_params())
     z = trainer.model.embed_all(trainer.modality, trainer.anchors.items)
     labels = trainer.anchors.semantic_labels
+    readout = state.readout()  # the server's scoring space when the job fits one
+
+    def scored(modality: str, emb):
+        return readout.apply(modality, emb) if readout is not None else centre_on_anchors(emb, emb)
     metrics: dict[str, float] = {}
     for other, target in state.targets().items():
         if other != trainer.modality:
-            for key, value in retrieval(centre_on_anchors(z, z), centre_on_anchors(target, target), labels, labels).items():
+            for key, value in retrieval(scored(trainer.modality, z), scored(other, target), labels, labels).items():
                 if not key.startswith("chance_"):
                     metrics[f"anchor/{trainer.modality}->{other}/{key}"] = value
     kernel = state.consensus()

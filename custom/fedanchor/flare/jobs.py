@@ -38,6 +38,9 @@ PERSISTOR = "fedanchor.flare.persistor.FedAnchorPersistor"
 SHAREABLE_GENERATOR = "fedanchor.flare.shareable.FedAnchorShareableGenerator"
 AGGREGATOR = "fedanchor.flare.aggregator.FedAnchorAggregator"
 TENSORBOARD = "fedanchor.flare.tb_receiver.FedAnchorTensorBoard"
+CROSS_SITE_EVAL = "fedanchor.flare.cross_site.FedAnchorCrossSiteEval"
+MODEL_LOCATOR = "fedanchor.flare.cross_site.FedAnchorModelLocator"
+CROSS_SITE_TABLE = "fedanchor.flare.cross_site.CrossSiteTable"
 EXECUTOR = "fedanchor.flare.executor.FedAnchorExecutor"
 SAG = "nvflare.app_common.workflows.scatter_and_gather.ScatterAndGather"
 
@@ -46,6 +49,7 @@ DEMO_JOBS: dict[str, dict[str, Any]] = {
     # The test job: tiny random trunk, two sites, seconds per round.
     "motion": {
         "num_rounds": 2,
+        "cross_site_eval": True,  # after training, each site scores the last and best global models on its anchors
         "config": {
             "trunk": {"name": "tiny"},
             "data": {"scenario": "motion", "n_anchors": 16, "n_test": 24},
@@ -100,7 +104,20 @@ def job_sites(config: Mapping[str, Any]) -> dict[str, str]:
     return site_modality(config_from_dict(config))
 
 
-def server_config(config: Mapping[str, Any], num_rounds: int, min_clients: int, train_timeout: int = 0) -> dict[str, Any]:
+def server_config(config: Mapping[str, Any], num_rounds: int, min_clients: int, train_timeout: int = 0,
+                  cross_site_eval: bool = False) -> dict[str, Any]:
+    out = _server_config(config, num_rounds, min_clients, train_timeout)
+    if cross_site_eval:
+        # After training: every site scores the last and the best global model on its anchors (cross_site.py).
+        out["components"] += [
+            {"id": "model_locator", "path": MODEL_LOCATOR, "args": {"persistor_id": "persistor"}},
+            {"id": "cross_site_table", "path": CROSS_SITE_TABLE, "args": {}},
+        ]
+        out["workflows"].append({"id": "cross_site_eval", "path": CROSS_SITE_EVAL, "args": {"model_locator_id": "model_locator"}})
+    return out
+
+
+def _server_config(config: Mapping[str, Any], num_rounds: int, min_clients: int, train_timeout: int) -> dict[str, Any]:
     return {
         "format_version": 2,
         "num_rounds": num_rounds,
@@ -165,7 +182,7 @@ def job_meta(name: str, min_clients: int) -> dict[str, Any]:
 
 
 def write_job(job_dir: str | Path, name: str, config: Mapping[str, Any] | None = None, num_rounds: int = 3,
-              min_clients: int | None = None) -> Path:
+              min_clients: int | None = None, cross_site_eval: bool = False) -> Path:
     """Write a FLARE job folder for ``config``; min_clients defaults to the number of sites (see FLARE-NOTES)."""
     cfg = full_config(config, num_rounds)
     n_sites = len(job_sites(cfg))
@@ -173,14 +190,16 @@ def write_job(job_dir: str | Path, name: str, config: Mapping[str, Any] | None =
     job_dir = Path(job_dir)
     (job_dir / "app" / "config").mkdir(parents=True, exist_ok=True)
     _write_json(job_dir / "meta.json", job_meta(name, min_clients))
-    _write_json(job_dir / "app" / "config" / "config_fed_server.json", server_config(cfg, num_rounds, min_clients))
+    _write_json(job_dir / "app" / "config" / "config_fed_server.json", server_config(cfg, num_rounds, min_clients,
+                                                                                         cross_site_eval=cross_site_eval))
     _write_json(job_dir / "app" / "config" / "config_fed_client.json", client_config(cfg))
     return job_dir
 
 
 def write_demo_jobs(root: str | Path) -> list[Path]:
     """(Re)write every jobs/<name>/ of DEMO_JOBS."""
-    return [write_job(Path(root) / name, f"fedanchor-{name}", spec["config"], spec["num_rounds"]) for name, spec in DEMO_JOBS.items()]
+    return [write_job(Path(root) / name, f"fedanchor-{name}", spec["config"], spec["num_rounds"],
+                      cross_site_eval=spec.get("cross_site_eval", False)) for name, spec in DEMO_JOBS.items()]
 
 
 def read_job_config(job_dir: str | Path, app: str = "app") -> dict[str, Any]:

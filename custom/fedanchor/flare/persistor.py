@@ -184,7 +184,8 @@ class FedAnchorPersistor(ModelPersistor):
         self.resume = resume
         self._best: float | None = None
 
-    def _folder(self, fl_ctx: FLContext) -> Path:
+    def checkpoint_folder(self, fl_ctx: FLContext) -> Path:
+        """Where the round files, last and best live (the model locator of cross-site evaluation reads it)."""
         folder = Path(self.checkpoint_dir)
         if not folder.is_absolute():
             workspace = fl_ctx.get_engine().get_workspace()
@@ -195,7 +196,7 @@ class FedAnchorPersistor(ModelPersistor):
     def load_model(self, fl_ctx: FLContext) -> ModelLearnable:
         component = get_server_component(fl_ctx, self.server_id)
         server = component.server(fl_ctx)
-        folder = self._folder(fl_ctx)
+        folder = self.checkpoint_folder(fl_ctx)
         state = latest_state(folder) if self.resume else None
         if state is not None:
             server.resume(state)
@@ -215,7 +216,7 @@ class FedAnchorPersistor(ModelPersistor):
 
     def save_model(self, model: ModelLearnable, fl_ctx: FLContext) -> None:
         state = learnable_to_state(model)
-        folder = self._folder(fl_ctx)
+        folder = self.checkpoint_folder(fl_ctx)
         save_state(folder / f"round-{state.round:04d}.safetensors", state)
         save_state(folder / LAST_FILE, state)
         score = selection_score(state.meta)
