@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 
 from fedanchor.bench.runner import FED_RIVALS, METHODS
@@ -62,3 +63,19 @@ def test_bench_noisy_study_needs_two_sites_of_a_modality(tmp_path, capsys):
     code = main(["bench", "--scenario", "motion", "--trunk", "tiny", "--quick", "--threads", "1", "--noisy",
                  "--method", "anchors-only CCA", "--out", str(tmp_path)])
     assert code == 2 and "two sites" in capsys.readouterr().err
+
+
+def test_bench_speed_times_a_local_step_against_peft_lora(tmp_path):
+    threads = torch.get_num_threads()
+    try:
+        code = main(["bench", "--scenario", "motion", "--trunk", "tiny", "--quick", "--threads", "1", "--speed",
+                     "--out", str(tmp_path)])
+    finally:
+        torch.set_num_threads(threads)
+    assert code == 0
+    result = json.loads((tmp_path / "speed.json").read_text())
+    assert set(result["modalities"]) == {"accel", "gyro"}
+    for r in result["modalities"].values():
+        assert r["fedanchor_s_per_step"] > 0 and r["peft_lora_s_per_step"] > 0
+        assert r["ratio"] == pytest.approx(r["peft_lora_s_per_step"] / r["fedanchor_s_per_step"])
+    assert "ratio (LoRA / fedanchor)" in (tmp_path / "speed.md").read_text()

@@ -45,6 +45,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0], metavar="SEED",
                         help="split, training and adapter seed; several give the split-to-split spread")
     parser.add_argument("--noisy", action="store_true", help="also run the noisy-site study on the first split")
+    parser.add_argument("--speed", action="store_true",
+                        help="only time a local step: fedanchor against a plain Hugging Face + peft LoRA step (speed.md)")
     parser.add_argument("--noisy-mode", action="append", choices=sorted(NOISY_MODES),
                         help="corruptions of the noisy-site study (repeatable; default all)")
     parser.add_argument("--trunk", default=None, help="all-MiniLM-L6-v2 (default), 'tiny', or a local model folder")
@@ -62,6 +64,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     out = Path(args.out)
     if len(set(args.seeds)) != len(args.seeds):
         raise SystemExit(f"--seeds {args.seeds} repeats a seed; give each split once")
+    if args.speed:
+        from .speed import speed_markdown, step_speed
+
+        try:
+            result = step_speed(bench_config(args.scenario, args.quick, args.seeds[0], args.trunk, _parse_set(args.set or [])))
+        except (ValueError, FileNotFoundError, ModuleNotFoundError, RuntimeError) as err:
+            print(f"fedanchor bench: error: {err}", file=sys.stderr)
+            return 2
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "speed.json").write_text(json.dumps(result, indent=2))
+        (out / "speed.md").write_text(speed_markdown(result))
+        print(speed_markdown(result))
+        return 0
     try:
         benches = []
         for seed in args.seeds:

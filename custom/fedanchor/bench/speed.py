@@ -1,0 +1,85 @@
+"""Local training speed: a fedanchor site step against the same step on a plain Hugging Face + peft LoRA model.
+
+Both models are the same trunk, tokenizers and head (``build_model``); the
+baseline swaps GeoLoRA for peft's LoRA of the same rank on the same layers
+(``fed_rivals.build_lora_model``). Both take the same batches (``embed_step``:
+two augmented views of a private batch and an anchor batch, in one forward),
+the same two-view contrastive loss, a backward pass and an Adam step. The ratio
+printed is baseline seconds / fedanchor seconds per step (1.0: GeoLoRA costs
+nothing extra; issue 8 aims at 0.9 or better), median of the timed steps after
+warm-up, in one process, so machine noise hits both alike.
+"""
+from __future__ import annotations
+
+import statistics
+import time
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..alignment.losses import two_view_contrastive
+from ..config import FedAnchorConfig
+from ..federation.loop import make_split
+from ..federation.site import embed_step, resolve_device, same_items
+from ..model.homogeneous import build_model
+from .fed_rivals import build_lora_model
+
+
+def _time_steps(model, config: FedAnchorConfig, split, modality: str, steps: int, warmup: int, seed: int) -> list[float]:
+    private = next(d for d in split.private.values() if d.spec.name == modality)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.Adam(params, lr=config.train.lr)
+    rng = np.random.default_rng(seed)
+    batch = min(config.train.batch_size, len(private))
+    anchor_batch = min(config.alignment.anchor_batch, len(split.anchors[modality]))
+    device = next(model.parameters()).device
+    times = []
+    model.train()
+    for i in range(warmup + steps):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        started = time.perf_counter()
+        items, _, z1, z2, za, _ = embed_step(model, private.spec, private, split.anchors[modality], rng, batch,
+                                             anchor_batch, config.private.augment_strength, True)
+        loss = two_view_contrastive(z1, z2, config.private.temperature, same_items(items)) + za.square().mean()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        if i >= warmup:
+            times.append(time.perf_counter() - started)
+    return times
+
+
+def step_speed(config: FedAnchorConfig, steps: int = 10, warmup: int = 3) -> dict[str, Any]:
+    """Seconds per local step for fedanchor and the peft LoRA baseline, per modality, and their ratio."""
+    if steps < 1 or warmup < 0:
+        raise ValueError(f"steps={steps} must be >= 1 and warmup={warmup} >= 0")
+    split = make_split(config)
+    modalities = {m: d.spec for m, d in split.anchors.items()}
+    device = resolve_device(config.train.device)
+    out: dict[str, Any] = {"device": str(device), "trunk": config.trunk.name, "rank": config.adapter.rank,
+                           "batch": config.train.batch_size, "anchor_batch": config.alignment.anchor_batch, "modalities": {}}
+    for modality in sorted({d.spec.name for d in split.private.values()}):
+        torch.manual_seed(config.train.seed)
+        ours = _time_steps(build_model(config, modalities, split.feature_stats).to(device), config, split, modality,
+                           steps, warmup, config.train.seed)
+        torch.manual_seed(config.train.seed)
+        base = _time_steps(build_lora_model(config, modalities, split.feature_stats).to(device), config, split, modality,
+                           steps, warmup, config.train.seed)
+        fed, lora = statistics.median(ours), statistics.median(base)
+        out["modalities"][modality] = {"fedanchor_s_per_step": fed, "peft_lora_s_per_step": lora, "ratio": lora / fed,
+                                       "samples_per_s": (2 * config.train.batch_size + config.alignment.anchor_batch) / fed}
+    return out
+
+
+def speed_markdown(result: dict[str, Any]) -> str:
+    lines = [f"Local step speed on {result['device']} (trunk {result['trunk']}, rank {result['rank']}, batch "
+             f"{result['batch']} x 2 views + {result['anchor_batch']} anchors):", "",
+             "| modality | fedanchor s/step | peft LoRA s/step | ratio (LoRA / fedanchor) | fedanchor items/s |", "|---|---|---|---|---|"]
+    for m, r in result["modalities"].items():
+        lines.append(f"| {m} | {r['fedanchor_s_per_step']:.4f} | {r['peft_lora_s_per_step']:.4f} | {r['ratio']:.2f} | "
+                     f"{r['samples_per_s']:.0f} |")
+    return "\n".join(lines) + "\n"
