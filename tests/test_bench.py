@@ -79,3 +79,15 @@ def test_bench_speed_times_a_local_step_against_peft_lora(tmp_path):
         assert r["fedanchor_s_per_step"] > 0 and r["peft_lora_s_per_step"] > 0
         assert r["ratio"] == pytest.approx(r["peft_lora_s_per_step"] / r["fedanchor_s_per_step"])
     assert "ratio (LoRA / fedanchor)" in (tmp_path / "speed.md").read_text()
+
+
+def test_server_peak_folds_updates_as_they_arrive_and_the_table_reads_them():
+    from fedanchor.bench.runner import bench_config
+    from fedanchor.bench.scale import scale_markdown, server_peak
+
+    config = bench_config("motion", quick=True, trunk="tiny", overrides={"train.local_steps": 4, "precision.window": 2})
+    row = server_peak(config, 3)
+    assert row["sites"] == 3 and row["peak_after_mib"] >= row["peak_before_mib"] > 0
+    table = scale_markdown([dict(row, sites=0), row], {"job": "jobs/motion", "rounds": 2, "simulator_s": 20.0,
+                                                       "in_process_s": 4.0, "ratio": 5.0})
+    assert "| 3 |" in table and "ratio 5.00" in table

@@ -45,6 +45,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0], metavar="SEED",
                         help="split, training and adapter seed; several give the split-to-split spread")
     parser.add_argument("--noisy", action="store_true", help="also run the noisy-site study on the first split")
+    parser.add_argument("--scale", action="store_true",
+                        help="only the scale figures: server peak memory for 0/2/4/8/16 sites, and FLARE's cost (scale.md)")
+    parser.add_argument("--job", default="jobs/motion", help="with --scale: the job run in the simulator and in process")
     parser.add_argument("--speed", action="store_true",
                         help="only time a local step: fedanchor against a plain Hugging Face + peft LoRA step (speed.md)")
     parser.add_argument("--noisy-mode", action="append", choices=sorted(NOISY_MODES),
@@ -64,6 +67,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     out = Path(args.out)
     if len(set(args.seeds)) != len(args.seeds):
         raise SystemExit(f"--seeds {args.seeds} repeats a seed; give each split once")
+    if args.scale:
+        from .scale import flare_cost, scale_markdown, server_memory
+
+        try:
+            config = bench_config(args.scenario, args.quick, args.seeds[0], args.trunk, _parse_set(args.set or []))
+            memory = server_memory(config)
+            cost = flare_cost(Path(args.job).resolve(), out)
+        except (ValueError, FileNotFoundError, ModuleNotFoundError, RuntimeError) as err:
+            print(f"fedanchor bench: error: {err}", file=sys.stderr)
+            return 2
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "scale.json").write_text(json.dumps({"server_memory": memory, "flare_cost": cost}, indent=2))
+        (out / "scale.md").write_text(scale_markdown(memory, cost))
+        print(scale_markdown(memory, cost))
+        return 0
     if args.speed:
         from .speed import speed_markdown, step_speed
 
