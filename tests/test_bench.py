@@ -91,3 +91,10 @@ def test_server_peak_folds_updates_as_they_arrive_and_the_table_reads_them():
     table = scale_markdown([dict(row, sites=0), row], {"job": "jobs/motion", "rounds": 2, "simulator_s": 20.0,
                                                        "in_process_s": 4.0, "ratio": 5.0})
     assert "| 3 |" in table and "ratio 5.00" in table
+    from fedanchor.bench.scale import bytes_vs_anchors
+
+    rows = bytes_vs_anchors(config, counts=(8, 16))
+    by = {(r["modality"], r["anchors"]): r for r in rows}
+    for modality in ("accel", "gyro"):
+        # the update grows by exactly the float16 Gram's growth: 16*17/2 - 8*9/2 = 100 values, 200 bytes
+        assert by[(modality, 16)]["bytes_up"] - by[(modality, 8)]["bytes_up"] == 200

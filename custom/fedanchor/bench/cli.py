@@ -68,19 +68,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     if len(set(args.seeds)) != len(args.seeds):
         raise SystemExit(f"--seeds {args.seeds} repeats a seed; give each split once")
     if args.scale:
-        from .scale import flare_cost, scale_markdown, server_memory
+        from .scale import bytes_vs_anchors, flare_cost, scale_markdown, server_memory
 
         try:
             config = bench_config(args.scenario, args.quick, args.seeds[0], args.trunk, _parse_set(args.set or []))
             memory = server_memory(config)
+            anchors = bytes_vs_anchors(config)
             cost = flare_cost(Path(args.job).resolve(), out)
         except (ValueError, FileNotFoundError, ModuleNotFoundError, RuntimeError) as err:
             print(f"fedanchor bench: error: {err}", file=sys.stderr)
             return 2
         out.mkdir(parents=True, exist_ok=True)
-        (out / "scale.json").write_text(json.dumps({"server_memory": memory, "flare_cost": cost}, indent=2))
-        (out / "scale.md").write_text(scale_markdown(memory, cost))
-        print(scale_markdown(memory, cost))
+        (out / "scale.json").write_text(json.dumps({"server_memory": memory, "bytes_vs_anchors": anchors, "flare_cost": cost}, indent=2))
+        (out / "scale.md").write_text(scale_markdown(memory, cost, anchors))
+        print(scale_markdown(memory, cost, anchors))
         return 0
     if args.speed:
         from .speed import speed_markdown, step_speed

@@ -68,6 +68,29 @@ def server_memory(config: FedAnchorConfig, counts: Sequence[int] = (0, 2, 4, 8, 
     return rows
 
 
+def bytes_vs_anchors(config: FedAnchorConfig, counts: Sequence[int] = (50, 100, 200, 400, 800)) -> list[dict[str, Any]]:
+    """Bytes up of one site's update (serialized arrays) per number of anchors: the Gram grows as N(N+1)/2."""
+    from ..federation.loop import make_split
+    from ..federation.messages import SiteUpdate
+    from ..federation.state import core_params, projector_params
+    from ..model.homogeneous import build_model
+
+    split = make_split(config)
+    model = build_model(config, {m: d.spec for m, d in split.anchors.items()}, split.feature_stats)
+    rows = []
+    for private in {d.spec.name: d for d in split.private.values()}.values():
+        modality = private.spec.name
+        params = {k: v.detach().clone() for k, v in core_params(model).items()}
+        params.update({k: v.detach().clone() for k, v in projector_params(model, modality).items()})
+        precision = {k: torch.ones_like(v, dtype=torch.float64) for k, v in core_params(model).items()}
+        for n in counts:
+            update = SiteUpdate("site", modality, 0, "0" * 64, params, precision, torch.zeros(n * (n + 1) // 2), 10, 1.0)
+            gram = n * (n + 1) // 2 * 2  # float16
+            rows.append({"modality": modality, "anchors": n, "bytes_up": update.nbytes(), "gram_bytes": gram,
+                         "gram_share": gram / update.nbytes()})
+    return rows
+
+
 def flare_cost(job: Path, out: Path) -> dict[str, Any]:
     """The job in the FLARE simulator and the same config in process: wall seconds and the ratio."""
     from ..federation.loop import run_in_process
@@ -83,11 +106,15 @@ def flare_cost(job: Path, out: Path) -> dict[str, Any]:
             "ratio": summary["wall_seconds"] / in_process}
 
 
-def scale_markdown(memory: list[dict[str, float]], cost: dict[str, Any] | None) -> str:
+def scale_markdown(memory: list[dict[str, float]], cost: dict[str, Any] | None,
+                   anchors: list[dict[str, Any]] | None = None) -> str:
     lines = ["| sites | server process peak RSS (MiB) | growth while accepting and merging (MiB) | accept + merge s |",
              "|---|---|---|---|"]
     lines += [f"| {r['sites']} | {r['peak_after_mib']:.0f} | {r['peak_after_mib'] - r['peak_before_mib']:.1f} | "
               f"{r['seconds']:.2f} |" for r in memory]
+    if anchors:
+        lines += ["", "| modality | anchors | bytes up per site per round | of which the Gram (float16) |", "|---|---|---|---|"]
+        lines += [f"| {r['modality']} | {r['anchors']} | {r['bytes_up'] / 1024:.1f} KiB | {r['gram_share']:.0%} |" for r in anchors]
     if cost:
         lines += ["", f"FLARE cost ({cost['job']}, {cost['rounds']} rounds): simulator {cost['simulator_s']:.1f} s, in process "
                       f"{cost['in_process_s']:.1f} s, ratio {cost['ratio']:.2f}."]
