@@ -493,3 +493,16 @@ def test_round_scalars_tag_the_global_model_the_sites_and_their_weights():
                          {}, {"site-1": 1234}, {"a->b/recall@1": 0.1, "a->b/chance_recall@1": 0.01})
     assert round_scalars(record) == {"eval/a->b/recall@1": 0.1, "site/site-1/loss/loss": 2.5,
                                      "site/site-1/cka_to_consensus": 0.7, "weight/site-1": 1.0, "bytes_up/site-1": 1234.0}
+
+
+@pytest.mark.slow
+def test_sixteen_hospitals_in_the_flare_simulator(tmp_path):
+    """jobs/digits16: sixteen sites, eight per modality, every one counted in every round."""
+    from fedanchor.simulate import simulate
+
+    summary = simulate(JOBS / "digits16", tmp_path / "run", echo=lambda _line: None)
+    sites = {f"hospital-{i:02d}" for i in range(1, 17)}
+    assert [r["round"] for r in summary["rounds"]] == [0, 1]
+    for record in summary["rounds"]:
+        assert set(record["accepted"]) == sites and not record["rejected"], record["rejected"]
+        assert sum(record["site_weights"].values()) == pytest.approx(1.0)

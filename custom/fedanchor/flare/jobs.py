@@ -86,6 +86,19 @@ DEMO_JOBS: dict[str, dict[str, Any]] = {
             "train": {"local_steps": 10, "batch_size": 16},
         },
     },
+    # Sixteen hospitals (issue 8): eight image sites and eight Zernike sites, tiny trunk, small shards.
+    "digits16": {
+        "num_rounds": 2,
+        "config": {
+            "trunk": {"name": "tiny", "embed_dim": 32},
+            "adapter": {"rank": 4},
+            "data": {"scenario": "digits", "n_anchors": 100, "n_test": 200, "max_private_per_site": 60,
+                     "sites": {f"hospital-{i:02d}": ("pixels" if i % 2 else "zernike") for i in range(1, 17)}},
+            "train": {"local_steps": 8, "batch_size": 16},
+            "alignment": {"anchor_batch": 16},
+            "precision": {"window": 4, "site_scalar_samples": 2, "site_scalar_anchors": 8},
+        },
+    },
 }
 
 
