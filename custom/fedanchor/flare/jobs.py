@@ -44,18 +44,21 @@ CROSS_SITE_TABLE = "fedanchor.flare.cross_site.CrossSiteTable"
 EXECUTOR = "fedanchor.flare.executor.FedAnchorExecutor"
 SAG = "nvflare.app_common.workflows.scatter_and_gather.ScatterAndGather"
 
+# The tiny motion settings that the test job and the deployment test's job share.
+_MOTION: dict[str, Any] = {
+    "trunk": {"name": "tiny"},
+    "data": {"scenario": "motion", "n_anchors": 16, "n_test": 24},
+    "train": {"local_steps": 8, "batch_size": 8},
+    "precision": {"site_scalar_samples": 2},
+}
+
 # The demo jobs: what jobs/<name>/ holds. Only the keys that differ from fedanchor's defaults.
 DEMO_JOBS: dict[str, dict[str, Any]] = {
     # The test job: tiny random trunk, two sites, seconds per round.
     "motion": {
         "num_rounds": 2,
         "cross_site_eval": True,  # after training, each site scores the last and best global models on its anchors
-        "config": {
-            "trunk": {"name": "tiny"},
-            "data": {"scenario": "motion", "n_anchors": 16, "n_test": 24},
-            "train": {"local_steps": 8, "batch_size": 8},
-            "precision": {"site_scalar_samples": 2},
-        },
+        "config": _MOTION,
     },
     # MiniLM trunk; hospital-a and hospital-b hold reports, hospital-c findings. Sized for a 2-core CPU (see docs/FLARE.md).
     "xray": {
@@ -69,13 +72,8 @@ DEMO_JOBS: dict[str, dict[str, Any]] = {
     # The deployment test's job (tests/deployment): motion on the tiny trunk, dealt to the provisioned hospitals.
     "hospitals-motion": {
         "num_rounds": 2,
-        "config": {
-            "trunk": {"name": "tiny"},
-            "data": {"scenario": "motion", "n_anchors": 16, "n_test": 24,
-                     "sites": {"hospital-a": "accel", "hospital-b": "gyro", "hospital-c": "accel"}},
-            "train": {"local_steps": 8, "batch_size": 8},
-            "precision": {"site_scalar_samples": 2},
-        },
+        "config": {**_MOTION, "data": {**_MOTION["data"],
+                                       "sites": {"hospital-a": "accel", "hospital-b": "gyro", "hospital-c": "accel"}}},
     },
     # Two image sites (pixels) and two vector sites (Zernike moments), tiny trunk.
     "digits": {
