@@ -121,8 +121,8 @@ class FederatedServer:
         self._projector_merges: dict[str, PrecisionWeightedMerge] = {}
         self._consensus = GramConsensus(self.config.alignment.modality_weights, ema=self.config.alignment.consensus_ema)
 
-    def check(self, update: SiteUpdate) -> None:
-        """Raise ContributionRejected with a reason, or return if the update may count."""
+    def check(self, update: SiteUpdate) -> float:
+        """Raise ContributionRejected with a reason, or return the update's change (``update_change``) if it may count."""
         site, report = update.site, self.report
         assert report is not None and self.state is not None
         def reject(reason: str) -> None:
@@ -176,6 +176,7 @@ class FederatedServer:
                 reject(f"its change of the cores and magnitudes ({change:.3g}, relative to the global model) is "
                        f"{change / max(median, 1e-12):.1f}x the median of {len(reference)} accepted updates ({median:.3g}); "
                        f"the limit is server.outlier_factor={cfg.outlier_factor:g}")
+        return change
 
     def update_change(self, update: SiteUpdate, projector: bool = False) -> float:
         """||update - global|| / ||global|| over the cores and magnitudes (comparable across sites and modalities),
@@ -199,7 +200,7 @@ class FederatedServer:
         """Check and fold one update into the running sums."""
         assert self.report is not None
         try:
-            self.check(update)
+            change = self.check(update)
         except ContributionRejected as err:
             self.reject(update.site, err.reason)
             raise
@@ -219,7 +220,7 @@ class FederatedServer:
             self._projector_merges.setdefault(update.modality, PrecisionWeightedMerge()).add(update.site, projector, scale)
         self._consensus.add(update.modality, from_upper_triangle(update.gram_upper.double()), scale)
         self.report.accepted.append(update.site)
-        self._changes.append(self.update_change(update))
+        self._changes.append(change)
         self.report.site_uncertainty[update.site] = update.uncertainty
         self.report.site_metrics[update.site] = dict(update.metrics)
         self.report.bytes_up[update.site] = update.nbytes()
