@@ -141,7 +141,8 @@ class SiteTrainer:
         precision = tracker.precision(cfg.precision.eps)
         uncertainty = 1.0
         metrics: dict[str, float] = {}
-        if cfg.precision.site_scalar and cfg.precision.method != "uniform":
+        # Under differential privacy the site scalar is not sent (it depends on private data), so it is not computed.
+        if cfg.precision.site_scalar and cfg.precision.method != "uniform" and not cfg.privacy.dp:
             probe = min(cfg.precision.site_scalar_anchors, n_anchor)
             epistemic = embedding_spread(model, self.modality, take_items(self.anchors.items, np.arange(probe)),
                                          core_params(model), precision, cfg.precision.site_scalar_samples, self._seed + state.round)
