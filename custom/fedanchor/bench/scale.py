@@ -11,6 +11,7 @@ in-process loop (``run_in_process``), wall time of each and their ratio.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import resource
 import subprocess
@@ -21,7 +22,7 @@ from typing import Any, Sequence
 
 import torch
 
-from ..config import FedAnchorConfig, config_from_dict, config_to_dict, with_overrides
+from ..config import FedAnchorConfig, config_from_dict, config_to_dict
 
 
 def _peak_rss_mib() -> float:
@@ -47,7 +48,7 @@ def server_peak(config: FedAnchorConfig, n_sites: int) -> dict[str, float]:
     g = torch.Generator().manual_seed(0)
     for k in range(n_sites):
         params = {key: v + 1e-4 * torch.randn(v.shape, generator=g) for key, v in update.params.items()}
-        server.accept(type(update)(**{**update.__dict__, "site": f"site-{k}", "params": params}))
+        server.accept(dataclasses.replace(update, site=f"site-{k}", params=params))
     if n_sites:
         server.finish_round(min_sites=1)
     return {"sites": n_sites, "peak_before_mib": before, "peak_after_mib": _peak_rss_mib(),
@@ -99,7 +100,7 @@ def flare_cost(job: Path, out: Path) -> dict[str, Any]:
 
     config = config_from_dict(read_job_config(job))
     started = time.perf_counter()
-    run_in_process(with_overrides(config, {}), progress=None)
+    run_in_process(config, progress=None)
     in_process = time.perf_counter() - started
     summary = simulate(job, out / "simulator", echo=lambda _line: None)
     return {"job": str(job), "rounds": config.rounds, "in_process_s": in_process, "simulator_s": summary["wall_seconds"],
