@@ -37,7 +37,7 @@ from ..config import FedAnchorConfig, config_to_dict, with_overrides
 from ..data.corrupt import CORRUPTIONS
 from ..data.scenario import FederatedSplit
 from ..federation.loop import RunResult, make_split, run_in_process
-from .runner import _json_default, mean_recall
+from .runner import json_default, mean_recall
 
 PRECISION = "precision"
 UNIFORM = "uniform"
@@ -348,7 +348,7 @@ def write_noisy(study: NoisyStudy, out: Path) -> dict[str, Path]:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     paths = {"json": out / "noisy.json", "md": out / "noisy.md", "png": out / "noisy_weights.png"}
-    paths["json"].write_text(json.dumps(study.as_dict(), indent=2, default=_json_default))
+    paths["json"].write_text(json.dumps(study.as_dict(), indent=2, default=json_default))
     paths["md"].write_text(study.markdown())
     study.plot(paths["png"])
     return paths

@@ -337,7 +337,7 @@ def plot_bench(bench: BenchResult, path: Path) -> Path:
 def write_bench(bench: BenchResult, out: Path, command: str = "") -> dict[str, Path]:
     out.mkdir(parents=True, exist_ok=True)
     paths = {"json": out / "results.json", "md": out / "results.md", "png": out / "recall.png"}
-    paths["json"].write_text(json.dumps(bench.as_dict(), indent=2, default=_json_default))
+    paths["json"].write_text(json.dumps(bench.as_dict(), indent=2, default=json_default))
     paths["md"].write_text(results_markdown(bench, command))
     plot_bench(bench, paths["png"])
     return paths
@@ -374,7 +374,8 @@ def spread_markdown(benches: Sequence[BenchResult], command: str = "") -> str:
     return "\n".join(lines) + "\n"
 
 
-def _json_default(value: Any) -> Any:
+def json_default(value: Any) -> Any:
+    """JSON for what the bench's results hold besides plain types (numpy scalars, tuples); the noisy study uses it too."""
     if isinstance(value, (np.floating, np.integer)):
         return value.item()
     if isinstance(value, tuple):
