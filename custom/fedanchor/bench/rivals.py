@@ -19,7 +19,7 @@ from ..config import FedAnchorConfig
 from ..data import load_scenario
 from ..data.scenario import FederatedSplit, ModalityData
 from ..evaluation import cross_modal_metrics
-from ..federation.server import centre_on_anchors
+from ..federation.server import centre_on_anchors, to_scoring_space
 from ..federation.site import resolve_device, same_items
 from ..model.homogeneous import HomogeneousTransformer, build_model, take_items
 
@@ -93,12 +93,8 @@ def score_models(models: Mapping[str, HomogeneousTransformer], split: FederatedS
     anchors = {m: models[m].embed_all(m, split.anchors[m].items) for m in split.test}
     tests = {m: models[m].embed_all(m, d.items) for m, d in split.test.items()}
     cfg = config.alignment
-    if cfg.readout == "cca":
-        readout = fit_anchor_readout(anchors, cfg.readout_reg, cfg.readout_dims or None)
-        embeddings = {m: readout.apply(m, z) for m, z in tests.items()}
-    else:
-        embeddings = {m: centre_on_anchors(z, anchors[m]) for m, z in tests.items()}
-    return cross_modal_metrics(embeddings, _labels(split))
+    readout = fit_anchor_readout(anchors, cfg.readout_reg, cfg.readout_dims or None) if cfg.readout == "cca" else None
+    return cross_modal_metrics(to_scoring_space(tests, anchors, readout), _labels(split))
 
 
 def _labels(split: FederatedSplit) -> dict[str, np.ndarray]:

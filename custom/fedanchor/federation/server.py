@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from ..alignment.gram import GramConsensus, centred_gram, from_upper_triangle, upper_triangle
-from ..alignment.readout import fit_anchor_readout
+from ..alignment.readout import AnchorReadout, fit_anchor_readout
 from ..config import FedAnchorConfig
 from ..data.scenario import ModalityData, ModalitySpec
 from ..evaluation import cross_modal_metrics
@@ -56,6 +56,13 @@ class RoundReport:
 def centre_on_anchors(z: torch.Tensor, anchor_z: torch.Tensor) -> torch.Tensor:
     """Embeddings with their modality's anchor mean removed, renormalised: the space retrieval is scored in."""
     return torch.nn.functional.normalize(z - anchor_z.mean(0), dim=-1)
+
+
+def to_scoring_space(embeddings: Mapping[str, torch.Tensor], anchors: Mapping[str, torch.Tensor],
+                     readout: AnchorReadout | None) -> dict[str, torch.Tensor]:
+    """Embeddings in the space held-out retrieval is scored in: the anchor CCA readout's when the job fits one,
+    else each modality's anchor mean removed (the space the cross-modal term trains)."""
+    return {m: readout.apply(m, z) if readout is not None else centre_on_anchors(z, anchors[m]) for m, z in embeddings.items()}
 
 
 def _unit_mean(precision: torch.Tensor) -> torch.Tensor:
@@ -286,11 +293,8 @@ class FederatedServer:
         source = state if state is not None else self.state
         targets = source.targets() if source is not None else {}
         anchors = targets if set(targets) >= set(self.modalities) else self._anchor_embeddings()
-        # Score in the anchor CCA readout's shared space when the job fits one; otherwise in the centred space the
-        # cross-modal term trains (each modality's anchor mean removed).
         readout = source.readout() if source is not None else None
-        embeddings = {m: readout.apply(m, self.model.embed_all(m, d.items)) if readout is not None
-                      else centre_on_anchors(self.model.embed_all(m, d.items), anchors[m]) for m, d in self.test.items()}
+        embeddings = to_scoring_space({m: self.model.embed_all(m, d.items) for m, d in self.test.items()}, anchors, readout)
         labels = {m: np.asarray(d.semantic_labels) for m, d in self.test.items()}
         self.last_embeddings = embeddings  # held-out pairs, row i of every modality is one pair: for the map
         metrics = cross_modal_metrics(embeddings, labels)

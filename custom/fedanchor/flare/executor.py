@@ -34,7 +34,7 @@ from ..config import FedAnchorConfig, config_from_dict, config_to_dict
 from ..evaluation import retrieval
 from ..federation.loop import make_split, site_modality
 from ..federation.messages import GlobalState
-from ..federation.server import centre_on_anchors
+from ..federation.server import to_scoring_space
 from ..federation.site import SiteTrainer
 from ..federation.state import core_params, load_shared, projector_params
 from .persistor import CheckpointError, load_tensors, save_tensors
@@ -73,13 +73,12 @@ def anchor_validation(trainer: SiteTrainer, state: GlobalState) -> dict[str, flo
     z = trainer.model.embed_all(trainer.modality, trainer.anchors.items)
     labels = trainer.anchors.semantic_labels
     readout = state.readout()  # the server's scoring space when the job fits one
-
-    def scored(modality: str, emb):
-        return readout.apply(modality, emb) if readout is not None else centre_on_anchors(emb, emb)
     metrics: dict[str, float] = {}
     for other, target in state.targets().items():
         if other != trainer.modality:
-            for key, value in retrieval(scored(trainer.modality, z), scored(other, target), labels, labels).items():
+            pair = {trainer.modality: z, other: target}
+            scored = to_scoring_space(pair, pair, readout)
+            for key, value in retrieval(scored[trainer.modality], scored[other], labels, labels).items():
                 if not key.startswith("chance_"):
                     metrics[f"anchor/{trainer.modality}->{other}/{key}"] = value
     kernel = state.consensus()
