@@ -315,6 +315,15 @@ def test_motion_job_in_the_flare_simulator(tmp_path):
     tags = set(events.Tags()["scalars"])
     assert {"eval/accel->gyro/recall@1", "weight/site-1", "site/site-2/loss/loss"} <= tags, sorted(tags)[:10]
     assert [e.step for e in events.Scalars("weight/site-1")] == [1, 2]
+    # ... and to MLflow (a job option, on in jobs/motion): one run for the job, every round a step, the config as params
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{run_dir / 'mlflow.db'}")
+    (run,) = client.search_runs([client.get_experiment_by_name("fedanchor").experiment_id])
+    assert run.info.status == "FINISHED" and run.data.tags["job_name"] == "fedanchor-motion"
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "weight/site-1")] == [1, 2]
+    assert {"eval/accel_to_gyro/recall_at_1", "site/site-2/loss/loss"} <= set(run.data.metrics)  # MLflow's charset
+    assert run.data.params["data.scenario"] == "motion" and run.data.params["rounds"] == "2"
     # cross-site evaluation (a job option, on in jobs/motion): every site scored the last and the best global model
     table = json.loads((run_dir / "cross_site_val" / "fedanchor_cross_site.json").read_text())
     assert set(table) == {"site-1", "site-2"} and all(set(models) == {"SRV_last", "SRV_best"} for models in table.values())
@@ -493,6 +502,63 @@ def test_round_scalars_tag_the_global_model_the_sites_and_their_weights():
                          {}, {"site-1": 1234}, {"a->b/recall@1": 0.1, "a->b/chance_recall@1": 0.01})
     assert round_scalars(record) == {"eval/a->b/recall@1": 0.1, "site/site-1/loss/loss": 2.5,
                                      "site/site-1/cka_to_consensus": 0.7, "weight/site-1": 1.0, "bytes_up/site-1": 1234.0}
+
+
+@pytest.mark.parametrize("tag, key", [
+    ("eval/a->b/recall@1", "eval/a_to_b/recall_at_1"),
+    ("site/hospital-a/loss/loss", "site/hospital-a/loss/loss"),
+    ("weight/site 1", "weight/site 1"),
+    ("odd/é[x]", "odd/é_x_"),
+])
+def test_mlflow_metric_keys_keep_to_its_charset(tag, key):
+    from fedanchor.flare.mlflow_receiver import metric_key
+
+    assert metric_key(tag) == key
+
+
+def test_mlflow_params_are_the_flattened_config():
+    from fedanchor.flare.mlflow_receiver import flatten
+
+    assert flatten({"rounds": 3, "train": {"lr": 0.001, "sched": {"warmup": 2}}, "targets": ["q", "v"]}) == {
+        "rounds": "3", "train.lr": "0.001", "train.sched.warmup": "2", "targets": "['q', 'v']"}
+
+
+@pytest.mark.parametrize("tracking, ids", [
+    ((), []),
+    (("tensorboard",), ["tensorboard"]),
+    (("mlflow", "tensorboard"), ["mlflow", "tensorboard"]),
+])
+def test_tracking_option_adds_its_receivers(tracking, ids):
+    cfg = jobs.full_config(jobs.DEMO_JOBS["motion"]["config"])
+    components = jobs.server_config(cfg, 2, 2, tracking=tracking)["components"]
+    receivers = [c["id"] for c in components if c["path"] in (jobs.TENSORBOARD, jobs.MLFLOW)]
+    assert receivers == ids
+    assert all(c["args"].get("tracking_uri") is None for c in components if c["id"] == "mlflow")  # no secret, no host
+
+
+@pytest.mark.parametrize("tracking", [("wandb",), ("mlflow", "mlflow"), ("TensorBoard",)])
+def test_tracking_option_refuses_what_it_does_not_know(tracking):
+    with pytest.raises(ValueError, match="may be named once"):
+        jobs.server_config(jobs.full_config(jobs.DEMO_JOBS["motion"]["config"]), 2, 2, tracking=tracking)
+
+
+def test_mlflow_receiver_without_mlflow_says_what_to_install(monkeypatch):
+    import builtins
+
+    from fedanchor.flare.mlflow_receiver import FedAnchorMLflow
+
+    real_import = builtins.__import__
+
+    def no_mlflow(name, *args, **kwargs):
+        if name.startswith("mlflow"):
+            raise ImportError(f"No module named {name!r}")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_mlflow)
+    with pytest.raises(RuntimeError, match=r'pip install "fedanchor\[mlflow\]"'):
+        FedAnchorMLflow().initialize(None)
+    with pytest.raises(ValueError, match="tracking_uri"):
+        FedAnchorMLflow(tracking_uri="  ")
 
 
 @pytest.mark.slow

@@ -38,6 +38,7 @@ PERSISTOR = "fedanchor.flare.persistor.FedAnchorPersistor"
 SHAREABLE_GENERATOR = "fedanchor.flare.shareable.FedAnchorShareableGenerator"
 AGGREGATOR = "fedanchor.flare.aggregator.FedAnchorAggregator"
 TENSORBOARD = "fedanchor.flare.tb_receiver.FedAnchorTensorBoard"
+MLFLOW = "fedanchor.flare.mlflow_receiver.FedAnchorMLflow"
 CROSS_SITE_EVAL = "fedanchor.flare.cross_site.FedAnchorCrossSiteEval"
 MODEL_LOCATOR = "fedanchor.flare.cross_site.FedAnchorModelLocator"
 CROSS_SITE_TABLE = "fedanchor.flare.cross_site.CrossSiteTable"
@@ -58,6 +59,7 @@ DEMO_JOBS: dict[str, dict[str, Any]] = {
     "motion": {
         "num_rounds": 2,
         "cross_site_eval": True,  # after training, each site scores the last and best global models on its anchors
+        "tracking": ("tensorboard", "mlflow"),  # <run dir>/tensorboard and <run dir>/mlflow.db
         "config": _MOTION,
     },
     # MiniLM trunk; hospital-a and hospital-b hold reports, hospital-c findings. Sized for a 2-core CPU (see docs/FLARE.md).
@@ -115,9 +117,28 @@ def job_sites(config: Mapping[str, Any]) -> dict[str, str]:
     return site_modality(config_from_dict(config))
 
 
+TRACKERS = ("tensorboard", "mlflow")
+
+
+def tracking_components(tracking: Sequence[str]) -> list[dict[str, Any]]:
+    """The receivers of the aggregator's round metrics (tracking.py); none of them needs a secret in the job."""
+    unknown = [t for t in tracking if t not in TRACKERS]
+    if unknown or len(set(tracking)) != len(tracking):
+        raise ValueError(f"tracking={list(tracking)}: each of {list(TRACKERS)} may be named once "
+                         f"(unknown: {unknown or 'none'}); e.g. tracking=('tensorboard', 'mlflow')")
+    components = {
+        # Every round's metrics to <run dir>/tensorboard.
+        "tensorboard": {"id": "tensorboard", "path": TENSORBOARD, "args": {"tb_folder": "tensorboard"}},
+        # One MLflow run per job in <run dir>/mlflow.db; set tracking_uri to use a tracking server instead.
+        "mlflow": {"id": "mlflow", "path": MLFLOW, "args": {"tracking_uri": None, "experiment_name": "fedanchor"}},
+    }
+    return [components[t] for t in tracking]
+
+
 def server_config(config: Mapping[str, Any], num_rounds: int, min_clients: int, train_timeout: int = 0,
-                  cross_site_eval: bool = False) -> dict[str, Any]:
+                  cross_site_eval: bool = False, tracking: Sequence[str] = ("tensorboard",)) -> dict[str, Any]:
     out = _server_config(config, num_rounds, min_clients, train_timeout)
+    out["components"] += tracking_components(tracking)
     if cross_site_eval:
         # After training: every site scores the last and the best global model on its anchors (cross_site.py).
         out["components"] += [
@@ -140,8 +161,6 @@ def _server_config(config: Mapping[str, Any], num_rounds: int, min_clients: int,
             {"id": "persistor", "path": PERSISTOR, "args": {"server_id": "fedanchor_server", "checkpoint_dir": "checkpoints"}},
             {"id": "shareable_generator", "path": SHAREABLE_GENERATOR, "args": {}},
             {"id": "aggregator", "path": AGGREGATOR, "args": {"server_id": "fedanchor_server", "min_sites": 1}},
-            # Every round's metrics to <run dir>/tensorboard (tracking.py); another FLARE receiver can replace it.
-            {"id": "tensorboard", "path": TENSORBOARD, "args": {"tb_folder": "tensorboard"}},
         ],
         "workflows": [
             {
@@ -193,7 +212,8 @@ def job_meta(name: str, min_clients: int) -> dict[str, Any]:
 
 
 def write_job(job_dir: str | Path, name: str, config: Mapping[str, Any] | None = None, num_rounds: int = 3,
-              min_clients: int | None = None, cross_site_eval: bool = False) -> Path:
+              min_clients: int | None = None, cross_site_eval: bool = False,
+              tracking: Sequence[str] = ("tensorboard",)) -> Path:
     """Write a FLARE job folder for ``config``; min_clients defaults to the number of sites (see FLARE-NOTES)."""
     cfg = full_config(config, num_rounds)
     n_sites = len(job_sites(cfg))
@@ -202,7 +222,8 @@ def write_job(job_dir: str | Path, name: str, config: Mapping[str, Any] | None =
     (job_dir / "app" / "config").mkdir(parents=True, exist_ok=True)
     _write_json(job_dir / "meta.json", job_meta(name, min_clients))
     _write_json(job_dir / "app" / "config" / "config_fed_server.json", server_config(cfg, num_rounds, min_clients,
-                                                                                         cross_site_eval=cross_site_eval))
+                                                                                         cross_site_eval=cross_site_eval,
+                                                                                         tracking=tracking))
     _write_json(job_dir / "app" / "config" / "config_fed_client.json", client_config(cfg))
     return job_dir
 
@@ -210,7 +231,8 @@ def write_job(job_dir: str | Path, name: str, config: Mapping[str, Any] | None =
 def write_demo_jobs(root: str | Path) -> list[Path]:
     """(Re)write every jobs/<name>/ of DEMO_JOBS."""
     return [write_job(Path(root) / name, f"fedanchor-{name}", spec["config"], spec["num_rounds"],
-                      cross_site_eval=spec.get("cross_site_eval", False)) for name, spec in DEMO_JOBS.items()]
+                      cross_site_eval=spec.get("cross_site_eval", False),
+                      tracking=spec.get("tracking", ("tensorboard",))) for name, spec in DEMO_JOBS.items()]
 
 
 def read_job_config(job_dir: str | Path, app: str = "app") -> dict[str, Any]:

@@ -1,19 +1,21 @@
-"""Experiment tracking through FLARE's analytics: every round's metrics to TensorBoard on the server.
+"""Experiment tracking through FLARE's analytics: every round's metrics to TensorBoard (and MLflow) on the server.
 
 The server already receives what tracking needs: each site's losses, its anchor CKA
 to the consensus and its uncertainty travel in its update (DESIGN.md section 5,
 "metrics"), and the server scores the global model itself. After each round the
 aggregator fires them as FLARE analytics events (``analytix_log_stats``), and
+the receivers the job's ``tracking`` option names write them under the run folder:
 ``tb_receiver.FedAnchorTensorBoard`` (FLARE's ``TBAnalyticsReceiver`` under
-fedanchor's name, so a server allow-list of ``fedanchor.`` admits it) writes them
-under the run folder:
+fedanchor's name, so a server allow-list of ``fedanchor.`` admits it) and
+``mlflow_receiver.FedAnchorMLflow`` (one MLflow run per job):
 
     tensorboard --logdir <server run dir>/tensorboard
+    mlflow ui --backend-store-uri sqlite:///<server run dir>/mlflow.db
 
 Tags: ``eval/<direction>/<metric>`` for the global model, ``site/<site>/<metric>``
 and ``weight/<site>`` for each site, ``bytes_up/<site>``. Nothing leaves the
-server; nothing needs a secret. Another FLARE receiver (MLflow, W&B) listens to
-the same events: add its component to the server config instead.
+server; nothing needs a secret. Another FLARE receiver (W&B) listens to the same
+events: add its component to the server config.
 """
 from __future__ import annotations
 
