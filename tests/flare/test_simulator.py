@@ -167,9 +167,7 @@ def test_job_folders_are_plain_and_match_their_definition(name, tmp_path):
     server = json.loads((job / "app/config/config_fed_server.json").read_text())
     assert server["min_clients"] == n_sites and server["workflows"][0]["args"]["wait_time_after_min_received"] == 0
     # jobs/<name> is what DEMO_JOBS describes (regenerate with jobs.write_demo_jobs("jobs"))
-    spec = jobs.DEMO_JOBS[name]
-    fresh = jobs.write_job(tmp_path / name, f"fedanchor-{name}", spec["config"], spec["num_rounds"],
-                           cross_site_eval=spec.get("cross_site_eval", False))
+    fresh = jobs.write_demo_job(tmp_path, name)
     for rel in ("meta.json", "app/config/config_fed_server.json", "app/config/config_fed_client.json"):
         assert json.loads((fresh / rel).read_text()) == json.loads((job / rel).read_text()), rel
 

@@ -228,11 +228,16 @@ def write_job(job_dir: str | Path, name: str, config: Mapping[str, Any] | None =
     return job_dir
 
 
+def write_demo_job(root: str | Path, name: str) -> Path:
+    """(Re)write <root>/<name>/ as DEMO_JOBS[name] describes it."""
+    spec = DEMO_JOBS[name]
+    return write_job(Path(root) / name, f"fedanchor-{name}", spec["config"], spec["num_rounds"],
+                     cross_site_eval=spec.get("cross_site_eval", False), tracking=spec.get("tracking", ("tensorboard",)))
+
+
 def write_demo_jobs(root: str | Path) -> list[Path]:
     """(Re)write every jobs/<name>/ of DEMO_JOBS."""
-    return [write_job(Path(root) / name, f"fedanchor-{name}", spec["config"], spec["num_rounds"],
-                      cross_site_eval=spec.get("cross_site_eval", False),
-                      tracking=spec.get("tracking", ("tensorboard",))) for name, spec in DEMO_JOBS.items()]
+    return [write_demo_job(root, name) for name in DEMO_JOBS]
 
 
 def read_job_config(job_dir: str | Path, app: str = "app") -> dict[str, Any]:
