@@ -31,11 +31,20 @@ def trained_like_model():
     return config, model
 
 
-def test_peft_loads_the_export_and_embeds_text_like_fedanchor(tmp_path, trained_like_model):
+@pytest.mark.parametrize("refreshed", [False, True], ids=["one rank", "ranks after a basis refresh"])
+def test_peft_loads_the_export_and_embeds_text_like_fedanchor(tmp_path, trained_like_model, refreshed):
     config, model = trained_like_model
+    if refreshed:  # a refresh leaves layers of different ranks (adapters/refresh.py)
+        g = torch.Generator().manual_seed(4)
+        for i, layer in enumerate(model.adapters().values()):
+            r = 1 + i % (config.adapter.rank + 2)
+            u = torch.linalg.qr(torch.randn(layer.out_features, r, generator=g))[0]
+            v = torch.linalg.qr(torch.randn(layer.in_features, r, generator=g))[0]
+            layer.set_basis(u, v, 0.2 * torch.randn(r, r, generator=g))
     out = export_peft(model, config, tmp_path / "export")
     meta = json.loads((out / "fedanchor_export.json").read_text())
-    assert (out / "adapter_config.json").is_file() and meta["rank"] == config.adapter.rank
+    assert (out / "adapter_config.json").is_file()
+    assert meta["rank"] == max(meta["ranks"].values()) and (len(set(meta["ranks"].values())) > 1) == refreshed
     peft_model = PeftModel.from_pretrained(load_trunk(config.trunk), str(out)).eval()
     head = load_file(str(out / "fedanchor_head.safetensors"))["weight"]
 

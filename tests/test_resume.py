@@ -1,6 +1,7 @@
 """A crashed server (or site) resumes from its last checkpoint and reproduces the uninterrupted run bit for bit."""
 from __future__ import annotations
 
+import pytest
 import torch
 
 from conftest import tiny_config
@@ -34,8 +35,11 @@ def assert_identical(a, b):
         assert torch.equal(a.tensors[key], b.tensors[key]), key
 
 
-def test_resumed_server_and_restarted_sites_reproduce_the_uninterrupted_run(tmp_path):
-    config = tiny_config(rounds=ROUNDS)
+@pytest.mark.parametrize("adapter", [{}, {"refresh_every": 2, "refresh_tolerance": 0.3, "rank_max": 6}],
+                         ids=["fixed basis", "after a basis refresh"])
+def test_resumed_server_and_restarted_sites_reproduce_the_uninterrupted_run(tmp_path, adapter):
+    """With a refresh, the checkpoint after round 2 holds truncated bases of other ranks than a fresh model's."""
+    config = tiny_config(rounds=ROUNDS, adapter=adapter)
     split = make_split(config)
     server, sites = world(config, split)
     uninterrupted = run_rounds(server, sites, server.initial_state(), ROUNDS)

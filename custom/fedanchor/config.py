@@ -34,6 +34,9 @@ class AdapterConfig:
     targets: tuple[str, ...] = ("query", "key", "value", "attention.output.dense")  # linear layers adapted, by name suffix or glob
     basis_init: str = "svd"  # "svd": top singular vectors of W0; "random": seeded orthonormal
     seed: int = 0  # seeds the bases, the projectors and the head: identical at every site
+    refresh_every: int = 0  # T: 0 keeps the basis fixed; T >= 2 refreshes it every T rounds (adapters/refresh.py)
+    refresh_tolerance: float = 0.1  # tau: a refresh discards singular values whose norm is at most tau of the core's
+    rank_max: int = 0  # the most a layer's rank may grow to at a refresh; 0: adapter.rank
 
 
 @dataclass
@@ -141,6 +144,15 @@ class FedAnchorConfig:
         checks = [
             (self.rounds >= 1, f"rounds={self.rounds} must be at least 1"),
             (self.adapter.rank >= 1, f"adapter.rank={self.adapter.rank} must be at least 1"),
+            (self.adapter.refresh_every == 0 or self.adapter.refresh_every >= 2,
+             f"adapter.refresh_every={self.adapter.refresh_every}: a refresh takes two rounds (gradients, then the "
+             "augmented core); use 0 (fixed basis) or at least 2"),
+            (0.0 <= self.adapter.refresh_tolerance < 1.0,
+             f"adapter.refresh_tolerance={self.adapter.refresh_tolerance} must be in [0, 1), e.g. 0.1"),
+            (self.adapter.rank_max >= 0, f"adapter.rank_max={self.adapter.rank_max} must be >= 0 (0: adapter.rank)"),
+            (not (self.adapter.refresh_every and self.privacy.dp),
+             "adapter.refresh_every > 0 sends projected gradients, which privacy.dp does not release through the "
+             "Gaussian mechanism; set adapter.refresh_every=0 under differential privacy"),
             (self.adapter.basis_init in ("svd", "random"),
              f"adapter.basis_init={self.adapter.basis_init!r} is unknown; use 'svd' or 'random'"),
             (len(self.adapter.targets) > 0, "adapter.targets is empty; name at least one linear layer, e.g. 'query'"),

@@ -17,6 +17,7 @@ pooling, the round and anchor fingerprint it came from).
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Mapping
 
@@ -47,10 +48,14 @@ def export_peft(model: HomogeneousTransformer, config: FedAnchorConfig, out: str
     if moved:
         raise ValueError(f"layers {moved[:3]} carry a site's delta; export the global model (delta = 0), "
                          "which is what a checkpoint holds")
-    rank = next(iter(trunk_layers.values())).rank
+    ranks = {name: layer.rank for name, layer in trunk_layers.items()}
+    rank = max(ranks.values())
+    # After a basis refresh layers may differ in rank: peft's rank_pattern / alpha_pattern name them (alpha = r keeps
+    # the LoRA scaling at 1, so B A is exactly U S V^T). The patterns are regexes: anchor each full name.
+    pattern = {f"^{re.escape(name)}$": r for name, r in ranks.items() if r != rank}
     base = load_trunk(config.trunk)
     peft_config = LoraConfig(r=rank, lora_alpha=rank, lora_dropout=0.0, use_dora=True, bias="none",
-                             target_modules=sorted(trunk_layers))
+                             target_modules=sorted(trunk_layers), rank_pattern=pattern, alpha_pattern=dict(pattern))
     peft_model = get_peft_model(base, peft_config)
     with torch.no_grad():
         for name, layer in trunk_layers.items():
@@ -66,7 +71,7 @@ def export_peft(model: HomogeneousTransformer, config: FedAnchorConfig, out: str
                   for k, v in model.tokenizer(m).state_dict().items() if v.is_floating_point()}
     save_file(tokenizers, str(out / "fedanchor_tokenizers.safetensors"))
     meta = {"format": "fedanchor-export-1", "trunk": config.trunk.name, "pooling": "mean over the attention mask",
-            "head": "unit vector of fedanchor_head @ pooled", "rank": rank, "adapted_layers": sorted(trunk_layers),
+            "head": "unit vector of fedanchor_head @ pooled", "rank": rank, "ranks": ranks, "adapted_layers": sorted(trunk_layers),
             "modalities": model.modalities,
             "round": state.round if state is not None else None,
             "anchor_fingerprint": state.anchor_fingerprint if state is not None else None}

@@ -78,9 +78,17 @@ REFUSED = [
     ("per-sample embeddings as a core", with_data(lambda d: d.update(
         {"param/adapter/layer.0.query/S": np.zeros((20, 8), np.float32),
          "log_precision/adapter/layer.0.query/S": np.zeros((20, 8), np.float16)})), "square"),
-    ("cores of two ranks", with_data(lambda d: d.update(
-        {"param/adapter/layer.0.query/S": np.zeros((5, 5), np.float32),
-         "log_precision/adapter/layer.0.query/S": np.zeros((5, 5), np.float16)})), "several ranks"),
+    ("basis gradient G V alone", with_data(lambda d: d.update(
+        {"basis_grad/adapter/layer.0.query/U": np.zeros((8, 4), np.float32)})), "travel together"),
+    ("per-sample embeddings as G^T U", with_data(lambda d: d.update(
+        {"basis_grad/adapter/layer.0.query/U": np.zeros((8, 4), np.float32),
+         "basis_grad/adapter/layer.0.query/V": np.zeros((500, 4), np.float32)})), "at most 4 x d_out"),
+    ("per-sample embeddings as G V", with_data(lambda d: d.update(
+        {"basis_grad/adapter/layer.0.query/U": np.zeros((20, 8), np.float32),
+         "basis_grad/adapter/layer.0.query/V": np.zeros((8, 4), np.float32)})), "G V is d_out x r"),
+    ("basis gradients of a layer it does not send", with_data(lambda d: d.update(
+        {"basis_grad/adapter/layer.9.key/U": np.zeros((8, 4), np.float32),
+         "basis_grad/adapter/layer.9.key/V": np.zeros((8, 4), np.float32)})), "does not carry"),
     ("Gram of no anchor count", with_data(lambda d: d.update({"gram_upper": np.zeros(11, np.float16)})), "n(n+1)/2"),
     ("an entry outside the DXO", outside_dxo(), "outside its DXO"),
     ("weights instead of a collection", DXO(DataKind.WEIGHTS, data=update_to_dxo(site_update()).data).to_shareable(), "COLLECTION"),
@@ -92,6 +100,20 @@ def test_a_section5_update_passes_unchanged():
     result = update_to_dxo(site_update()).to_shareable()
     assert section5_violation(result) is None
     assert Section5OutputFilter().process(result, ctx()) is result
+
+
+def test_a_refresh_gradient_round_update_passes_with_cores_of_several_ranks():
+    """After a basis refresh layers keep different ranks; in a gradient round G V and G^T U go up for each layer."""
+    import dataclasses
+
+    update = site_update()
+    params, precision = dict(update.params), dict(update.precision)
+    params["adapter/layer.1.value/S"], precision["adapter/layer.1.value/S"] = torch.zeros(3, 3), torch.ones(3, 3, dtype=torch.float64)
+    gradients = {"adapter/layer.0.query/U": torch.zeros(8, 4), "adapter/layer.0.query/V": torch.zeros(32, 4),
+                 "adapter/layer.1.value/U": torch.zeros(8, 3), "adapter/layer.1.value/V": torch.zeros(8, 3)}
+    result = update_to_dxo(dataclasses.replace(update, params=params, precision=precision,
+                                               basis_gradients=gradients)).to_shareable()
+    assert section5_violation(result) is None
 
 
 @pytest.mark.parametrize("case,result,reason", REFUSED, ids=[c[0] for c in REFUSED])

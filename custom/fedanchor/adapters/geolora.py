@@ -55,15 +55,48 @@ class GeoLoRALinear(nn.Module):
         self.S = nn.Parameter(torch.zeros(rank, rank))
         self.m = nn.Parameter(self.row_norm0_sq.sqrt().clone())
         self.delta = nn.Parameter(torch.zeros(self.out_features))
+        self.grad_probe: torch.Tensor | None = None
 
-    def set_basis(self, u: torch.Tensor, v: torch.Tensor) -> None:
-        """Install a new shared basis (after a server-side refresh); S must be reset by the caller."""
-        if u.shape != self.U.shape or v.shape != self.V.shape:
-            raise ValueError(f"basis shapes {tuple(u.shape)}, {tuple(v.shape)} do not match U{tuple(self.U.shape)}, V{tuple(self.V.shape)}")
-        self.U.copy_(u)
-        self.V.copy_(v)
-        self.W0V.copy_(self.weight @ self.V)
-        self.VtV.copy_(self.V.T @ self.V)
+    def set_basis(self, u: torch.Tensor, v: torch.Tensor, s: torch.Tensor | None = None) -> None:
+        """Install a shared basis (after a server-side refresh), of this rank or another; ``s`` is the core in it.
+
+        A new rank replaces S by a new Parameter (an optimiser built before holds the old one); without ``s``
+        the core becomes zero, which changes the function unless the caller installs the matching core.
+        """
+        rank = u.shape[1] if u.ndim == 2 else -1
+        if u.shape != (self.out_features, rank) or v.shape != (self.in_features, rank) or rank < 1:
+            raise ValueError(f"basis shapes U{tuple(u.shape)}, V{tuple(v.shape)} do not fit this layer: U is "
+                             f"{self.out_features} x r and V {self.in_features} x r with the same r >= 1")
+        if s is not None and tuple(s.shape) != (rank, rank):
+            raise ValueError(f"core shape {tuple(s.shape)} does not match the basis rank {rank}")
+        device, dtype = self.weight.device, self.weight.dtype
+        u, v = u.to(device, dtype), v.to(device, dtype)
+        if rank != self.rank:
+            self.U, self.V = u.clone(), v.clone()  # buffers: assigning a tensor to a registered buffer name replaces it
+            self.S = nn.Parameter(torch.zeros(rank, rank, device=device, dtype=dtype))
+            self.rank = rank
+        else:
+            self.U.copy_(u)
+            self.V.copy_(v)
+        self.W0V = self.weight @ self.V
+        self.VtV = self.V.T @ self.V
+        with torch.no_grad():
+            self.S.copy_(s.to(device, dtype) if s is not None else torch.zeros_like(self.S))
+
+    # -- projected basis gradients (DESIGN.md section 2, basis refresh) ----
+    def start_gradient_probe(self) -> None:
+        """Route the forward through a dense zero matrix P added to the direction, so that after backward
+        P.grad is the loss's gradient G with respect to the low-rank update U S V^T (summed over steps)."""
+        self.grad_probe = torch.zeros(self.out_features, self.in_features, device=self.weight.device,
+                                      dtype=self.weight.dtype, requires_grad=True)
+
+    def stop_gradient_probe(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(G V, G^T U): the projected gradients the server augments the basis with; ends the probe."""
+        probe, self.grad_probe = self.grad_probe, None
+        if probe is None:
+            raise RuntimeError("stop_gradient_probe() without start_gradient_probe()")
+        g = probe.grad if probe.grad is not None else torch.zeros_like(probe)
+        return (g @ self.V).detach(), (g.T @ self.U).detach()
 
     def row_norm(self) -> torch.Tensor:
         p = self.U @ self.S  # rows of U S
@@ -79,6 +112,11 @@ class GeoLoRALinear(nn.Module):
         return self.row_scale()[:, None] * direction
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.grad_probe is not None:  # refresh rounds only: the same function, formed densely
+            direction = self.weight + self.U @ self.S @ self.V.T + self.grad_probe
+            scale = self.m * torch.exp(self.delta) / direction.norm(dim=1).clamp_min(1e-6)
+            out = F.linear(x, direction) * scale
+            return out if self.bias is None else out + self.bias
         base = F.linear(x, self.weight)
         low_rank = F.linear(F.linear(x, self.V.T), self.U @ self.S)
         out = (base + low_rank) * self.row_scale()

@@ -6,7 +6,8 @@ the maths. DESIGN.md section 5 is the contract:
 
 Up, per site per round: S and its precision, m and its precision, the projector
 of the site's modality, the Gram upper triangle on public anchors, n_k, one
-uncertainty scalar, metrics. Down: U and V (when they change), S, m, the
+uncertainty scalar, metrics; in a basis refresh's gradient round (adapters/refresh.py)
+also G V and G^T U per layer, sums over the site's steps and samples. Down: U and V, S, m, the
 projectors, K_bar, the anchor targets and the anchor CCA readout fitted on them.
 """
 from __future__ import annotations
@@ -23,6 +24,7 @@ from ..alignment.readout import AnchorReadout
 
 PARAM_PREFIX = "param/"
 PRECISION_PREFIX = "log_precision/"  # precisions travel as float16 logarithms
+BASIS_GRADIENT_PREFIX = "basis_grad/"  # refresh gradient rounds only: basis_grad/adapter/<layer>/U is G V, .../V is G^T U
 GRAM_KEY = "gram_upper"  # travels as float16
 # Precisions and the Gram are statistics that only weigh and steer the merge (the server normalises each site's
 # precisions to unit mean; centred, unit-norm Gram entries lie in [-1, 1]), so they travel at half precision; the
@@ -107,6 +109,9 @@ class GlobalState:
         return cls(round=int(meta["round"]), anchor_fingerprint=str(meta["anchor_fingerprint"]), tensors=_to_torch(arrays), meta=extra)
 
 
+ARRAY_FIELDS = ("params", "precision", "gram_upper", "basis_gradients")  # the SiteUpdate fields that travel as arrays
+
+
 @dataclass
 class SiteUpdate:
     """One site's contribution to one round."""
@@ -121,6 +126,7 @@ class SiteUpdate:
     n_samples: int
     uncertainty: float  # pi_k: inverse embedding spread under sampled cores (1.0 when not estimated)
     metrics: dict[str, float] = field(default_factory=dict)
+    basis_gradients: dict[str, torch.Tensor] = field(default_factory=dict)  # refresh gradient rounds: adapter/<layer>/U|V
 
     def __post_init__(self) -> None:
         # Round the statistics to what the wire carries, so an in-process run merges exactly what FLARE would.
@@ -131,7 +137,8 @@ class SiteUpdate:
         arrays = {PARAM_PREFIX + k: v for k, v in _to_numpy(self.params).items()}
         arrays.update({PRECISION_PREFIX + k: _log_wire(v).numpy() for k, v in self.precision.items()})
         arrays[GRAM_KEY] = self.gram_upper.detach().cpu().to(WIRE_STATISTICS).numpy()
-        meta = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in ("params", "precision", "gram_upper")}
+        arrays.update({BASIS_GRADIENT_PREFIX + k: v for k, v in _to_numpy(self.basis_gradients).items()})
+        meta = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in ARRAY_FIELDS}
         meta["metrics"] = {k: float(v) for k, v in self.metrics.items()}
         return arrays, meta
 
@@ -143,7 +150,7 @@ class SiteUpdate:
             raise ValueError(f"site update meta lacks {missing}")
         if GRAM_KEY not in arrays:
             raise ValueError(f"site update lacks {GRAM_KEY!r}")
-        unknown = [k for k in arrays if k != GRAM_KEY and not k.startswith((PARAM_PREFIX, PRECISION_PREFIX))]
+        unknown = [k for k in arrays if k != GRAM_KEY and not k.startswith((PARAM_PREFIX, PRECISION_PREFIX, BASIS_GRADIENT_PREFIX))]
         if unknown:
             raise ValueError(f"site update carries unexpected entries {sorted(unknown)[:5]}; only parameters, precisions and the Gram may travel")
         uncertainty = float(meta["uncertainty"])
@@ -157,6 +164,7 @@ class SiteUpdate:
             precision={k[len(PRECISION_PREFIX):]: v.double().exp() for k, v in tensors.items() if k.startswith(PRECISION_PREFIX)},
             gram_upper=tensors[GRAM_KEY].float(), n_samples=int(meta["n_samples"]), uncertainty=uncertainty,
             metrics={k: float(v) for k, v in dict(meta.get("metrics", {})).items()},
+            basis_gradients={k[len(BASIS_GRADIENT_PREFIX):]: v for k, v in tensors.items() if k.startswith(BASIS_GRADIENT_PREFIX)},
         )
 
     def nbytes(self) -> int:

@@ -22,9 +22,11 @@ from ..data.scenario import ModalityData, ModalitySpec
 from ..evaluation import cross_modal_metrics
 from ..model.homogeneous import HomogeneousTransformer, build_model
 from ..precision import PrecisionWeightedMerge, sample_weight
-from .messages import CONSENSUS_KEY, READOUT_PREFIX, TARGET_PREFIX, GlobalState, SiteUpdate, is_core_or_magnitude
+from ..adapters.refresh import augment_basis, refresh_phase, truncate
+from .messages import (CONSENSUS_KEY, READOUT_PREFIX, TARGET_PREFIX, GlobalState, SiteUpdate, adapter_key,
+                       is_core_or_magnitude)
 from .site import resolve_device
-from .state import core_params, expected_shapes, load_shared, projector_params, shared_tensors
+from .state import core_params, load_shared, projector_params, shared_tensors
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +53,7 @@ class RoundReport:
     site_uncertainty: dict[str, float] = field(default_factory=dict)
     site_metrics: dict[str, dict[str, float]] = field(default_factory=dict)
     bytes_up: dict[str, int] = field(default_factory=dict)
+    basis: dict[str, object] = field(default_factory=dict)  # a refresh's phase, each layer's rank, what truncation discarded
 
 
 def centre_on_anchors(z: torch.Tensor, anchor_z: torch.Tensor) -> torch.Tensor:
@@ -86,7 +89,7 @@ class FederatedServer:
         self.device = resolve_device(device or config.train.device)
         self.model = (model or build_model(config, modalities, feature_stats)).to(self.device)
         self.model.eval()
-        self._shapes = expected_shapes(self.model)
+        self._shapes: dict[str, tuple[int, ...]] = {}  # of the shared tensors, from the state each round (ranks may change)
         self._core_keys = set(core_params(self.model))
         self._projector_keys = {m: set(projector_params(self.model, m)) for m in self.modalities}
         self.state: GlobalState | None = None
@@ -122,6 +125,9 @@ class FederatedServer:
         if self.report is not None and self.report.round == self.state.round - 1:
             self._previous_changes = list(self._changes)
         self.report = RoundReport(round=self.state.round)
+        self._shapes = {k: tuple(v.shape) for k, v in self.state.shared_params().items()}
+        self._phase = refresh_phase(self.state.round, self.config.adapter.refresh_every)
+        self._gradient_merge = PrecisionWeightedMerge()  # a refresh's projected gradients, by sample mass
         self._changes: list[float] = []
         self._merges: dict[str, PrecisionWeightedMerge] = {}  # one per modality: sums, not sites, are held
         self._modality_mass: dict[str, float] = {}
@@ -160,6 +166,7 @@ class FederatedServer:
                 reject(f"{key!r} holds NaN or Inf")
         if any(bool((v <= 0).any()) for v in update.precision.values()):
             reject("a precision is zero or negative")
+        self._check_basis_gradients(update, reject)
         if update.gram_upper.numel() != self.n_anchors * (self.n_anchors + 1) // 2:
             reject(f"Gram upper triangle has {update.gram_upper.numel()} values, expected {self.n_anchors * (self.n_anchors + 1) // 2} "
                    f"for {self.n_anchors} anchors")
@@ -184,6 +191,21 @@ class FederatedServer:
                        f"{change / max(median, 1e-12):.1f}x the median of {len(reference)} accepted updates ({median:.3g}); "
                        f"the limit is server.outlier_factor={cfg.outlier_factor:g}")
         return change
+
+    def _check_basis_gradients(self, update: SiteUpdate, reject) -> None:
+        expected = ({adapter_key(k.split("/")[1], side) for k in self._core_keys for side in ("U", "V")}
+                    if self._phase == "gradients" else set())
+        got = set(update.basis_gradients)
+        if got != expected:
+            reject(f"round {self.state.round} is a basis refresh's gradient round: G V and G^T U of every layer are "
+                   f"needed (missing {sorted(expected - got)[:2]})" if expected else
+                   f"it sends basis gradients in round {self.state.round}, which is not a refresh's gradient round "
+                   f"(adapter.refresh_every={self.config.adapter.refresh_every}); is the site's job config the server's?")
+        for key, value in update.basis_gradients.items():
+            if tuple(value.shape) != self._shapes[key]:
+                reject(f"basis gradient {key!r} has shape {tuple(value.shape)}, expected {self._shapes[key]}")
+            if not value.is_floating_point() or not bool(torch.isfinite(value).all()):
+                reject(f"basis gradient {key!r} is not a finite floating-point array")
 
     def update_change(self, update: SiteUpdate, projector: bool = False) -> float:
         """||update - global|| / ||global|| over the cores and magnitudes (comparable across sites and modalities),
@@ -226,6 +248,8 @@ class FederatedServer:
         if projector:
             self._projector_merges.setdefault(update.modality, PrecisionWeightedMerge()).add(update.site, projector, scale)
         self._consensus.add(update.modality, from_upper_triangle(update.gram_upper.double()), scale)
+        if update.basis_gradients:
+            self._gradient_merge.add(update.site, update.basis_gradients, mass)
         self.report.accepted.append(update.site)
         self._changes.append(change)
         self.report.site_uncertainty[update.site] = update.uncertainty
@@ -252,6 +276,7 @@ class FederatedServer:
         tensors.update({k: v.float() for k, v in merged.items()})
         for merge in self._projector_merges.values():
             tensors.update(merge.result())
+        tensors.update(self._refresh_basis(tensors))
         load_shared(self.model, {k: v for k, v in tensors.items() if k.startswith(("adapter/", "projector/"))})
         anchors = self._anchor_embeddings()
         broken = [m for m, z in anchors.items() if not bool(torch.isfinite(z).all())]
@@ -266,6 +291,36 @@ class FederatedServer:
         log.info("round %d merged from %s (weights %s)", self.report.round, self.report.accepted,
                  {s: round(w, 3) for s, w in self.report.site_weights.items()})
         return self.state
+
+    def _refresh_basis(self, tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Augment the bases after a gradient round, truncate them after an augmented one (adapters/refresh.py)."""
+        assert self.report is not None
+        if self._phase == "fixed":
+            return {}
+        cfg = self.config.adapter
+        layers = sorted({k.split("/")[1] for k in self._core_keys})
+        out: dict[str, torch.Tensor] = {}
+        ranks: dict[str, int] = {}
+        discarded: dict[str, float] = {}
+        gradients = self._gradient_merge.result() if self._phase == "gradients" else {}
+        for layer in layers:
+            u, v, s = (tensors[adapter_key(layer, part)] for part in ("U", "V", "S"))
+            if self._phase == "gradients":
+                u, v, s = augment_basis(u, v, s, gradients[adapter_key(layer, "U")], gradients[adapter_key(layer, "V")])
+            else:
+                cut = truncate(u, v, s, cfg.refresh_tolerance, cfg.rank_max or cfg.rank)
+                u, v, s = cut.u, cut.v, cut.s
+                discarded[layer] = cut.discarded
+            out.update({adapter_key(layer, "U"): u, adapter_key(layer, "V"): v, adapter_key(layer, "S"): s})
+            ranks[layer] = int(s.shape[0])
+        self.report.basis = {"phase": self._phase, "ranks": ranks}
+        if discarded:
+            self.report.basis["discarded"] = discarded
+        log.info("round %d: basis %s, ranks %s%s", self.report.round,
+                 "augmented by the sites' projected gradients" if self._phase == "gradients" else "truncated",
+                 sorted(set(ranks.values())),
+                 f", at most {max(discarded.values()):.3f} of a core's norm discarded" if discarded else "")
+        return out
 
     # -- views of the model --------------------------------------------------
     def _targets_and_readout(self, embeddings: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -26,7 +26,9 @@ from ..model.homogeneous import HomogeneousTransformer, build_model, take_items
 from ..dp import fresh_generator, gaussian_release, privacy_spent, privatize_change
 from ..precision import PrecisionTracker
 from .messages import GlobalState, SiteUpdate, is_core_or_magnitude
-from .state import core_params, load_local, load_shared, local_tensors, projector_params
+from ..adapters.refresh import refresh_phase
+from .state import (core_params, load_local, load_shared, local_tensors, projected_gradients, projector_params,
+                    set_gradient_probes)
 
 log = logging.getLogger(__name__)
 
@@ -111,6 +113,8 @@ class SiteTrainer:
         # Dropout draws from torch's global generator: seed a private copy of it by site and round, so that a round
         # is a function of the state it starts from (a resumed job reproduces the uninterrupted one).
         devices = [self.device.index or 0] if self.device.type == "cuda" else []
+        collect_gradients = refresh_phase(state.round, cfg.adapter.refresh_every) == "gradients"
+        set_gradient_probes(model, collect_gradients)
         with torch.random.fork_rng(devices=devices):
             torch.manual_seed((self._seed * 1_000_003 + state.round) % (2 ** 63))
             model.train()
@@ -134,7 +138,7 @@ class SiteTrainer:
                     sums[key] += float(value.detach())
                 if progress is not None:
                     progress(step + 1, cfg.train.local_steps, float(loss.detach()))
-
+        basis_gradients = projected_gradients(model, cfg.train.local_steps) if collect_gradients else {}
 
         anchor_z = model.embed_all(self.modality, self.anchors.items)
         gram = centred_gram(anchor_z.double())
@@ -163,7 +167,7 @@ class SiteTrainer:
         update = SiteUpdate(
             site=self.site, modality=self.modality, round=state.round, anchor_fingerprint=self.anchor_fingerprint,
             params=params, precision=precision, gram_upper=gram_upper, n_samples=n,
-            uncertainty=float(uncertainty), metrics=metrics,
+            uncertainty=float(uncertainty), metrics=metrics, basis_gradients=basis_gradients,
         )
         log.info("site %s round %d: loss %.4f (private %.4f, cka %.4f, cross %.4f) in %.1fs", self.site, state.round,
                  sums["loss"] / steps, sums["private"] / steps, sums["cka"] / steps, sums["cross"] / steps, metrics["seconds"])

@@ -42,12 +42,16 @@ def expected_shapes(model: HomogeneousTransformer) -> dict[str, tuple[int, ...]]
 
 @torch.no_grad()
 def load_shared(model: HomogeneousTransformer, tensors: Mapping[str, torch.Tensor]) -> None:
-    """Install broadcast tensors; S and m are required, bases and projectors optional, anything unknown is an error."""
+    """Install broadcast tensors; S and m are required, bases and projectors optional, anything unknown is an error.
+
+    A basis of another rank (after a refresh) resizes its layer before the core is installed.
+    """
     adapters = model.adapters()
     projectors: dict[str, torch.nn.Parameter] = {}
     for modality in model.modalities:
         projectors.update(projector_params(model, modality))
     bases: dict[str, dict[str, torch.Tensor]] = {}
+    parts_of: dict[str, dict[str, torch.Tensor]] = {}
     for key, value in tensors.items():
         if key in projectors:
             _copy(projectors[key], value, key)
@@ -55,19 +59,40 @@ def load_shared(model: HomogeneousTransformer, tensors: Mapping[str, torch.Tenso
         parts = key.split("/")
         if len(parts) != 3 or parts[0] != "adapter" or parts[1] not in adapters or parts[2] not in ("S", "m", "U", "V"):
             raise KeyError(f"global state entry {key!r} matches no shared tensor of this model; was the job built for another trunk or adapter config?")
-        layer = adapters[parts[1]]
-        if parts[2] in ("U", "V"):
-            bases.setdefault(parts[1], {})[parts[2]] = value
-        else:
-            _copy(getattr(layer, parts[2]), value, key)
-    for name, basis in bases.items():
-        layer = adapters[name]
-        u, v = basis.get("U", layer.U), basis.get("V", layer.V)
-        if not (torch.equal(u.to(layer.U.device), layer.U) and torch.equal(v.to(layer.V.device), layer.V)):
-            layer.set_basis(u.to(layer.U.device, layer.U.dtype), v.to(layer.V.device, layer.V.dtype))
+        (bases if parts[2] in ("U", "V") else parts_of).setdefault(parts[1], {})[parts[2]] = value
     missing = [k for k in core_params(model) if k not in tensors]
     if missing:
         raise KeyError(f"global state lacks {len(missing)} core tensors, e.g. {missing[:3]}")
+    for name, basis in bases.items():
+        layer = adapters[name]
+        u, v = basis.get("U", layer.U), basis.get("V", layer.V)
+        if not (u.shape == layer.U.shape and v.shape == layer.V.shape
+                and torch.equal(u.to(layer.U.device), layer.U) and torch.equal(v.to(layer.V.device), layer.V)):
+            layer.set_basis(u, v, parts_of[name]["S"])
+    for name, values in parts_of.items():
+        for part, value in values.items():
+            _copy(getattr(adapters[name], part), value, adapter_key(name, part))
+
+
+def set_gradient_probes(model: HomogeneousTransformer, active: bool) -> None:
+    """Start (or drop) every adapted layer's accumulation of its gradient with respect to its low-rank update
+    (refresh.py, step 1); a round that failed half-way leaves nothing behind for the next."""
+    for layer in model.adapters().values():
+        if active:
+            layer.start_gradient_probe()
+        else:
+            layer.grad_probe = None
+
+
+def projected_gradients(model: HomogeneousTransformer, steps: int) -> dict[str, torch.Tensor]:
+    """The mean projected gradients over ``steps``, and the probes dropped: adapter/<layer>/U is G V (d_out x r),
+    adapter/<layer>/V is G^T U (d_in x r)."""
+    out: dict[str, torch.Tensor] = {}
+    for name, layer in model.adapters().items():
+        grad_u, grad_v = layer.stop_gradient_probe()
+        out[adapter_key(name, "U")] = (grad_u / max(steps, 1)).cpu()
+        out[adapter_key(name, "V")] = (grad_v / max(steps, 1)).cpu()
+    return out
 
 
 def local_tensors(model: HomogeneousTransformer) -> dict[str, torch.Tensor]:

@@ -135,7 +135,7 @@ class FedAnchorAggregator(Aggregator):
             self.log_info(fl_ctx, f"fedanchor {format_round(record)} | cka {cka or '-'} | bytes up "
                                   f"{' '.join(f'{s}:{b}' for s, b in bytes_up.items())}"
                                   + (f" | rejected {report.rejected}" if report.rejected else ""))
-            self._append_round(fl_ctx, record, payload_bytes=dict(report.bytes_up))
+            self._append_round(fl_ctx, record, payload_bytes=dict(report.bytes_up), basis=dict(report.basis))
             return state_to_dxo(state, component.state_meta(metrics)).to_shareable()
 
     def _stream(self, fl_ctx: FLContext, record: RoundRecord) -> None:
@@ -183,12 +183,15 @@ class FedAnchorAggregator(Aggregator):
             }
         return self._summary
 
-    def _append_round(self, fl_ctx: FLContext, record: RoundRecord, payload_bytes: dict[str, int]) -> None:
+    def _append_round(self, fl_ctx: FLContext, record: RoundRecord, payload_bytes: dict[str, int],
+                      basis: dict[str, Any]) -> None:
         summary = self._load_summary(fl_ctx)
         entry = record.as_dict()
         entry["bytes_up_payload"] = payload_bytes  # raw array bytes (SiteUpdate.nbytes), beside the serialised size
         entry["accepted"] = sorted(record.site_metrics)
         entry["selection_metric"] = selection_metric(record.eval)
+        if basis:  # a basis refresh's round: its phase and each layer's rank (adapters/refresh.py)
+            entry["basis"] = basis
         summary["rounds"].append(entry)
         scores = [(r["selection_metric"], r["round"]) for r in summary["rounds"] if r.get("selection_metric") is not None]
         summary["best_round"] = max(scores)[1] if scores else None

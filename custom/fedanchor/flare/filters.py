@@ -9,6 +9,8 @@ exactly what ``SiteUpdate.to_arrays`` produces, as one DXO of kind COLLECTION:
 - ``log_precision/adapter/<layer>/S|m``, one for every such parameter and no other,
 - ``param/projector/<modality>/<name>`` for the site's own modality only,
 - ``gram_upper`` (the anchor Gram's upper triangle),
+- in a basis refresh's gradient round only, ``basis_grad/adapter/<layer>/U`` (G V, d_out x r) and
+  ``.../V`` (G^T U, r columns), for layers whose core it also sends,
 
 with meta limited to the SiteUpdate fields (site, modality, round, anchor
 fingerprint, n_samples, uncertainty, numeric metrics). Anything else (an extra
@@ -33,13 +35,15 @@ from nvflare.apis.fl_constant import FLContextKey, ReturnCode
 from nvflare.apis.fl_context import FLContext
 from nvflare.apis.shareable import ReservedHeaderKey, Shareable, make_reply
 
-from ..federation.messages import GRAM_KEY, PARAM_PREFIX, PRECISION_PREFIX, SiteUpdate
+from ..federation.messages import ARRAY_FIELDS, BASIS_GRADIENT_PREFIX, GRAM_KEY, PARAM_PREFIX, PRECISION_PREFIX, SiteUpdate
 
 ADAPTER_PARAM = re.compile(r"^param/adapter/[^/]+/[Sm]$")
 ADAPTER_PRECISION = re.compile(r"^log_precision/adapter/[^/]+/[Sm]$")
 PROJECTOR_PARAM = re.compile(r"^param/projector/(?P<modality>[^/]+)/[^/]+$")
+BASIS_GRADIENT = re.compile(r"^basis_grad/adapter/(?P<layer>[^/]+)/[UV]$")
+WIDEST_LAYER = 4  # G^T U has d_in rows; no transformer linear layer is wider than 4x the widest output it adapts
 # The SiteUpdate fields that travel in the DXO's meta: to_arrays puts every field but the arrays there.
-META_KEYS = frozenset(f.name for f in dataclasses.fields(SiteUpdate)) - {"params", "precision", "gram_upper"}
+META_KEYS = frozenset(f.name for f in dataclasses.fields(SiteUpdate)) - set(ARRAY_FIELDS)
 # What a FLARE Shareable may hold: the headers FLARE itself sets and the DXO (stored under "DXO" by DXO.to_shareable).
 SHAREABLE_KEYS = frozenset({ReservedHeaderKey.HEADERS, "DXO"})
 
@@ -64,7 +68,7 @@ def section5_violation(shareable: Shareable) -> str | None:
 def _array_violation(data: Mapping[str, Any]) -> str | None:
     if GRAM_KEY not in data:
         return f"the update lacks {GRAM_KEY!r}"
-    adapter, precision, projector_modalities, unknown = set(), set(), set(), []
+    adapter, precision, projector_modalities, gradients, unknown = set(), set(), set(), set(), []
     for key in data:
         if not isinstance(key, str):
             unknown.append(repr(key))
@@ -72,6 +76,8 @@ def _array_violation(data: Mapping[str, Any]) -> str | None:
             adapter.add(key[len(PARAM_PREFIX):])
         elif ADAPTER_PRECISION.match(key):
             precision.add(key[len(PRECISION_PREFIX):])
+        elif BASIS_GRADIENT.match(key):
+            gradients.add(key[len(BASIS_GRADIENT_PREFIX):])
         elif PROJECTOR_PARAM.match(key):
             projector_modalities.add(PROJECTOR_PARAM.match(key).group("modality"))
         elif key != GRAM_KEY:
@@ -88,14 +94,13 @@ def _array_violation(data: Mapping[str, Any]) -> str | None:
     not_arrays = sorted(k for k, v in data.items() if not (isinstance(v, np.ndarray) and v.dtype.kind == "f"))
     if not_arrays:
         return f"entries that are not floating-point arrays: {not_arrays[:5]}"
-    return _shape_violation(data, adapter)
+    return _shape_violation(data, adapter) or _gradient_violation(data, adapter, gradients)
 
 
 def _shape_violation(data: Mapping[str, Any], adapter: set[str]) -> str | None:
-    """Shapes that a section-5 update has whatever the model: square cores of one rank, 1-D magnitudes, a precision
+    """Shapes that a section-5 update has whatever the model: square cores, 1-D magnitudes, a precision
     shaped like its parameter, a Gram upper triangle of n(n+1)/2 values. A per-sample array smuggled under one of
     these names breaks at least one of them."""
-    ranks = set()
     for key in sorted(adapter):
         value, precision = data[PARAM_PREFIX + key], data[PRECISION_PREFIX + key]
         if precision.shape != value.shape:
@@ -103,15 +108,30 @@ def _shape_violation(data: Mapping[str, Any], adapter: set[str]) -> str | None:
         if key.endswith("/S"):
             if value.ndim != 2 or value.shape[0] != value.shape[1]:
                 return f"{PARAM_PREFIX + key} has shape {value.shape}; a core is square (r x r)"
-            ranks.add(value.shape[0])
         elif value.ndim != 1:
             return f"{PARAM_PREFIX + key} has shape {value.shape}; a magnitude is one value per output row"
-    if len(ranks) > 1:
-        return f"cores of several ranks {sorted(ranks)}; every layer shares one rank"
     gram = data[GRAM_KEY]
     n = int((math.isqrt(8 * gram.size + 1) - 1) // 2) if gram.ndim == 1 else -1
     if gram.ndim != 1 or n * (n + 1) // 2 != gram.size:
         return f"{GRAM_KEY} has shape {gram.shape}; it is the n(n+1)/2 upper triangle of an n-anchor Gram"
+    return None
+
+
+def _gradient_violation(data: Mapping[str, Any], adapter: set[str], gradients: set[str]) -> str | None:
+    """Projected basis gradients pair up per layer, with the layer's core rank as columns and G V one row per output."""
+    layers = {key.rsplit("/", 1)[0] for key in gradients}
+    for layer in sorted(layers):
+        if f"{layer}/U" not in gradients or f"{layer}/V" not in gradients:
+            return f"{BASIS_GRADIENT_PREFIX}{layer}: G V and G^T U travel together"
+        if f"{layer}/S" not in adapter:
+            return f"{BASIS_GRADIENT_PREFIX}{layer} for a layer whose core the update does not carry"
+        rank, d_out = data[PARAM_PREFIX + layer + "/S"].shape[0], data[PARAM_PREFIX + layer + "/m"].shape[0]
+        grad_u, grad_v = data[BASIS_GRADIENT_PREFIX + layer + "/U"], data[BASIS_GRADIENT_PREFIX + layer + "/V"]
+        if grad_u.shape != (d_out, rank):
+            return f"{BASIS_GRADIENT_PREFIX}{layer}/U has shape {grad_u.shape}; G V is d_out x r = ({d_out}, {rank})"
+        if grad_v.ndim != 2 or grad_v.shape[1] != rank or not 1 <= grad_v.shape[0] <= WIDEST_LAYER * d_out:
+            return (f"{BASIS_GRADIENT_PREFIX}{layer}/V has shape {grad_v.shape}; G^T U is d_in x r with r={rank} "
+                    f"and d_in at most {WIDEST_LAYER} x d_out")
     return None
 
 
