@@ -329,6 +329,11 @@ def test_motion_job_in_the_flare_simulator(tmp_path):
 
     # every site contributed each round, nothing rejected, bytes up recorded per site
     assert [r["round"] for r in summary["rounds"]] == [0, 1]
+    # jobs/motion refreshes its bases (adapter.refresh_every=2): gradients up in round 0, augmented cores in round 1,
+    # then the server truncated every layer within the tolerance
+    assert [r["basis"]["phase"] for r in summary["rounds"]] == ["gradients", "augmented"]
+    assert all(1 <= rank <= 12 for rank in summary["rounds"][1]["basis"]["ranks"].values())
+    assert max(summary["rounds"][1]["basis"]["discarded"].values()) <= 0.2 + 1e-6
     for record in summary["rounds"]:
         assert record["accepted"] == ["site-1", "site-2"], record
         assert record["rejected"] == {}

@@ -60,7 +60,8 @@ DEMO_JOBS: dict[str, dict[str, Any]] = {
         "num_rounds": 2,
         "cross_site_eval": True,  # after training, each site scores the last and best global models on its anchors
         "tracking": ("tensorboard", "mlflow"),  # <run dir>/tensorboard and <run dir>/mlflow.db
-        "config": _MOTION,
+        # a basis refresh every 2 rounds: round 0 gathers projected gradients, round 1 trains the augmented cores
+        "config": {**_MOTION, "adapter": {"refresh_every": 2, "refresh_tolerance": 0.2, "rank_max": 12}},
     },
     # MiniLM trunk; hospital-a and hospital-b hold reports, hospital-c findings. Sized for a 2-core CPU (see docs/FLARE.md).
     "xray": {
