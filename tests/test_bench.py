@@ -98,3 +98,25 @@ def test_server_peak_folds_updates_as_they_arrive_and_the_table_reads_them():
     for modality in ("accel", "gyro"):
         # the update grows by exactly the float16 Gram's growth: 16*17/2 - 8*9/2 = 100 values, 200 bytes
         assert by[(modality, 16)]["bytes_up"] - by[(modality, 8)]["bytes_up"] == 200
+
+
+def test_bench_refresh_compares_fixed_and_refreshed_bases_at_equal_bytes(tmp_path, capsys):
+    threads = torch.get_num_threads()
+    try:
+        code = main(["bench", "--scenario", "motion", "--trunk", "tiny", "--quick", "--threads", "1", "--refresh",
+                     "--refresh-every", "2", "--set", "rounds=2", "--out", str(tmp_path)])
+    finally:
+        torch.set_num_threads(threads)
+    assert code == 0
+    study = json.loads((tmp_path / "refresh.json").read_text())
+    fixed, refreshed = study["rows"][:-1], study["rows"][-1]
+    assert [row["rank"] for row in fixed] == [4, 6, 8] and refreshed["refresh_every"] == 2
+    assert all(row["refresh_every"] == 0 and row["final_ranks"]["max"] == row["rank"] for row in fixed)
+    assert refreshed["final_ranks"]["max"] <= 4
+    # a refresh costs bytes: the projected gradients go up once, and fixed bytes grow with the rank
+    assert refreshed["bytes_up"] > fixed[0]["bytes_up"] and fixed[0]["bytes_up"] < fixed[-1]["bytes_up"]
+    assert study["equal_bytes"]["fixed"] in {row["method"] for row in fixed}
+    assert "At equal bytes" in (tmp_path / "refresh.md").read_text()
+    assert main(["bench", "--scenario", "motion", "--trunk", "tiny", "--quick", "--refresh", "--set", "rounds=2",
+                 "--out", str(tmp_path / "x")]) == 2
+    assert "no refresh would complete" in capsys.readouterr().err

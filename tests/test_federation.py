@@ -193,3 +193,40 @@ def test_dotted_overrides():
     assert config.alignment.lambda_cka == 0.0 and config.data.scenario == "digits"
     with pytest.raises(ValueError, match="unknown key"):
         with_overrides(config, {"alignment.lambda_ckaa": 1})
+
+
+@pytest.mark.parametrize("setting, expected", [("auto", None), ("off", None), ("bf16", torch.bfloat16)])
+def test_autocast_on_a_cpu_only_when_asked(setting, expected):
+    from fedanchor.federation.site import autocast_dtype
+
+    assert autocast_dtype(torch.device("cpu"), setting) is expected
+
+
+def test_autocast_on_a_gpu_without_bf16_falls_back_or_says_so(monkeypatch):
+    from fedanchor.federation.site import autocast_dtype
+
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a, **k: "Tesla V100")
+    assert autocast_dtype(torch.device("cuda"), "auto") is None
+    with pytest.raises(RuntimeError, match="V100 has no bfloat16; set train.autocast"):
+        autocast_dtype(torch.device("cuda"), "bf16")
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    assert autocast_dtype(torch.device("cuda"), "auto") is torch.bfloat16
+
+
+def test_a_bf16_autocast_round_trains_and_sends_float32():
+    config = tiny_config(train={"autocast": "bf16"})
+    split = make_split(config)
+    modalities = {m: d.spec for m, d in split.anchors.items()}
+    server = FederatedServer(config, modalities, split.anchors, split.anchor_fingerprint, split.feature_stats, split.test)
+    state = server.initial_state()
+    site, private = next(iter(split.private.items()))
+    trainer = SiteTrainer(config, site, private, split.anchors[private.spec.name], split.anchor_fingerprint, modalities,
+                          split.feature_stats)
+    update = trainer.train_round(state)
+    assert all(v.dtype == torch.float32 and bool(torch.isfinite(v).all()) for v in update.params.values())
+    assert any(not torch.equal(update.params[k], state.tensors[k]) for k in update.params if k.endswith("/S"))
+    server.start_round()
+    server.accept(update)
+    with pytest.raises(ValueError, match="train.autocast='fp16' is unknown"):
+        with_overrides(config, {"train.autocast": "fp16"})

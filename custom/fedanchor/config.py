@@ -89,6 +89,7 @@ class TrainConfig:
     warmup_fraction: float = 0.25  # of local steps, with a linear learning-rate warm-up each round
     seed: int = 0  # private batches, augmentations and dropout, per site and round
     device: str = "auto"  # "auto", "cpu", "cuda", "cuda:1"
+    autocast: str = "auto"  # "auto": bf16 autocast on a CUDA GPU that supports it, else fp32; "bf16"; "off"
 
 
 @dataclass
@@ -164,6 +165,7 @@ class FedAnchorConfig:
              "raise local_steps or lower the window"),
             (self.train.batch_size >= 2, f"train.batch_size={self.train.batch_size} must be at least 2 (contrastive views)"),
             (self.train.lr > 0, f"train.lr={self.train.lr} must be positive"),
+            (self.train.autocast in ("auto", "bf16", "off"), f"train.autocast={self.train.autocast!r} is unknown; use 'auto', 'bf16' or 'off'"),
             (0.0 <= self.train.warmup_fraction <= 1.0, f"train.warmup_fraction={self.train.warmup_fraction} must be in [0, 1]"),
             (self.alignment.anchor_batch >= 4, f"alignment.anchor_batch={self.alignment.anchor_batch} must be at least 4"),
             (0.0 <= self.alignment.consensus_ema < 1.0,

@@ -50,6 +50,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--job", default="jobs/motion", help="with --scale: the job run in the simulator and in process")
     parser.add_argument("--speed", action="store_true",
                         help="only time a local step: fedanchor against a plain Hugging Face + peft LoRA step (speed.md)")
+    parser.add_argument("--refresh", action="store_true",
+                        help="only compare fixed and refreshed GeoLoRA bases at equal bytes (refresh.md); "
+                             "give enough rounds, e.g. --set rounds=6")
+    parser.add_argument("--refresh-every", type=int, default=3, help="with --refresh: T, rounds between basis refreshes")
     parser.add_argument("--noisy-mode", action="append", choices=sorted(NOISY_MODES),
                         help="corruptions of the noisy-site study (repeatable; default all)")
     parser.add_argument("--trunk", default=None, help="all-MiniLM-L6-v2 (default), 'tiny', or a local model folder")
@@ -82,6 +86,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         (out / "scale.json").write_text(json.dumps({"server_memory": memory, "bytes_vs_anchors": anchors, "flare_cost": cost}, indent=2))
         (out / "scale.md").write_text(scale_markdown(memory, cost, anchors))
         print(scale_markdown(memory, cost, anchors))
+        return 0
+    if args.refresh:
+        from .refresh import refresh_markdown, refresh_study
+
+        try:
+            study = refresh_study(bench_config(args.scenario, args.quick, args.seeds[0], args.trunk, _parse_set(args.set or [])),
+                                  every=args.refresh_every)
+        except (ValueError, FileNotFoundError, ModuleNotFoundError, RuntimeError) as err:
+            print(f"fedanchor bench: error: {err}", file=sys.stderr)
+            return 2
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "refresh.json").write_text(json.dumps(study, indent=2))
+        (out / "refresh.md").write_text(refresh_markdown(study))
+        print(refresh_markdown(study))
         return 0
     if args.speed:
         from .speed import speed_markdown, step_speed

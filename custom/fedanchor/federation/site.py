@@ -42,6 +42,20 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
+def autocast_dtype(device: torch.device, setting: str) -> torch.dtype | None:
+    """The dtype local steps autocast to: bf16 where the GPU has it (Ampere and newer) or where asked, else None."""
+    if setting == "off":
+        return None
+    if device.type == "cuda":
+        if torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        if setting == "bf16":
+            raise RuntimeError(f"train.autocast='bf16' but {torch.cuda.get_device_name(device)} has no bfloat16; "
+                               "set train.autocast to 'auto' or 'off'")
+        return None
+    return torch.bfloat16 if setting == "bf16" else None  # on a CPU only when asked: slow without AMX
+
+
 class SiteTrainer:
     """A site's model, private data and own anchors; trains one round at a time."""
 
@@ -63,6 +77,7 @@ class SiteTrainer:
         self.anchors = anchors
         self.anchor_fingerprint = anchor_fingerprint
         self.device = resolve_device(device or config.train.device)
+        self.autocast = autocast_dtype(self.device, config.train.autocast)
         self.model = (model or build_model(config, modalities, feature_stats)).to(self.device)
         self._seed = zlib.crc32(site.encode()) ^ config.train.seed
         self._anchor_same = same_items(anchors.items)  # fixed for the run: which anchors are identical inputs here
@@ -119,8 +134,12 @@ class SiteTrainer:
             torch.manual_seed((self._seed * 1_000_003 + state.round) % (2 ** 63))
             model.train()
             for step in range(cfg.train.local_steps):
-                items, _, z1, z2, za, anchor_index = embed_step(model, self.spec, self.private, self.anchors, rng, batch,
-                                                                anchor_batch, cfg.private.augment_strength, use_cka or use_cross)
+                # bf16 autocast covers the trunk's forward; the model returns float32 embeddings, so the losses,
+                # the Gram and the optimiser stay in float32.
+                with torch.autocast(self.device.type, dtype=self.autocast or torch.bfloat16, enabled=self.autocast is not None):
+                    items, _, z1, z2, za, anchor_index = embed_step(model, self.spec, self.private, self.anchors, rng, batch,
+                                                                    anchor_batch, cfg.private.augment_strength,
+                                                                    use_cka or use_cross)
                 if anchor_index is not None:
                     index_t = torch.as_tensor(anchor_index)
                 loss_private = two_view_contrastive(z1, z2, cfg.private.temperature, same_items(items))

@@ -53,7 +53,8 @@ class HomogeneousTransformer(nn.Module):
 
     def forward(self, modality: str, encoded: Encoded) -> torch.Tensor:
         device = self.head.weight.device
-        encoded = {k: v.to(device, non_blocking=True) for k, v in encoded.items()}
+        if device.type == "cuda":  # pinned host pages let the copy overlap with the GPU's work
+            encoded = {k: v.pin_memory().to(device, non_blocking=True) for k, v in encoded.items()}
         embeds, mask = self.tokenizer(modality)(encoded)
         hidden = self.trunk(inputs_embeds=embeds, attention_mask=mask).last_hidden_state
         weights = mask.unsqueeze(-1).to(hidden.dtype)
