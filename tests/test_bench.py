@@ -88,9 +88,13 @@ def test_server_peak_folds_updates_as_they_arrive_and_the_table_reads_them():
     config = bench_config("motion", quick=True, trunk="tiny", overrides={"train.local_steps": 4, "precision.window": 2})
     row = server_peak(config, 3)
     assert row["sites"] == 3 and row["peak_after_mib"] >= row["peak_before_mib"] > 0
-    table = scale_markdown([dict(row, sites=0), row], {"job": "jobs/motion", "rounds": 2, "simulator_s": 20.0,
-                                                       "in_process_s": 4.0, "ratio": 5.0})
-    assert "| 3 |" in table and "ratio 5.00" in table
+    from fedanchor.bench.scale import _phases
+
+    in_process, simulator = _phases(8.0, [5.0, 6.0, 7.0]), _phases(20.0, [12.0, 13.5, 15.0])
+    assert simulator == {"wall_s": 20.0, "startup_s": 10.5, "per_round_s": 1.5, "tail_s": 5.0}
+    table = scale_markdown([dict(row, sites=0), row], {"job": "jobs/motion", "rounds": 3, "in_process": in_process,
+                                                       "simulator": simulator, "ratio": 2.5, "per_round_ratio": 1.5})
+    assert "| 3 |" in table and "2.50 overall, 1.50 per round" in table and "| simulator | 20.0 | 10.5 | 1.50 | 5.0 |" in table
     from fedanchor.bench.scale import bytes_vs_anchors
 
     rows = bytes_vs_anchors(config, counts=(8, 16))

@@ -37,7 +37,8 @@ def test_updates_carry_only_what_design_section_5_lists(setup):
             assert "delta" not in key, "delta_site must never leave the site"
         n = len(next(iter(split.anchors.values())))
         assert arrays["gram_upper"].shape == (n * (n + 1) // 2,)
-        assert set(meta) == {"site", "modality", "round", "anchor_fingerprint", "n_samples", "uncertainty", "metrics"}
+        assert set(meta) == {"site", "modality", "round", "anchor_fingerprint", "n_samples", "uncertainty", "metrics",
+                             "basis_digest"}  # the digest of the public global bases it trained on
 
 
 def test_messages_round_trip_exactly(setup):

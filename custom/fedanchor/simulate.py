@@ -62,6 +62,7 @@ def simulate(job: Path, out: Path, threads: int | None = None, echo=print) -> di
     # Every simulated site is a process with its own torch thread pool; more threads than cores thrash.
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // len(sites))))
     log_path = out / "simulator.log"
+    round_at: list[float] = []  # seconds since launch at which each round's line appeared: the benchmark's round times
     with open(log_path, "w") as log, subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                                       env=env, cwd=str(out)) as proc:
         assert proc.stdout is not None
@@ -69,7 +70,8 @@ def simulate(job: Path, out: Path, threads: int | None = None, echo=print) -> di
             log.write(line)
             match = PROGRESS.search(line)
             if match:
-                echo(f"[{time.perf_counter() - started:6.0f}s] {match.group(1)}")
+                round_at.append(time.perf_counter() - started)
+                echo(f"[{round_at[-1]:6.0f}s] {match.group(1)}")
         code = proc.wait()
     wall = time.perf_counter() - started
     if code != 0:
@@ -78,6 +80,7 @@ def simulate(job: Path, out: Path, threads: int | None = None, echo=print) -> di
     if summary.get("failures"):
         raise RuntimeError(f"the job reported failures: {summary['failures']}; see {log_path}")
     summary["wall_seconds"] = wall
+    summary["round_at_seconds"] = round_at
     summary["sites"] = sites
     (out / "results.json").write_text(json.dumps(summary, indent=1, default=float))
     embedding_map = find_summary(workspace).with_name("embeddings.png")

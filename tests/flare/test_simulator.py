@@ -575,3 +575,36 @@ def test_sixteen_hospitals_in_the_flare_simulator(tmp_path):
     for record in summary["rounds"]:
         assert set(record["accepted"]) == sites and not record["rejected"], record["rejected"]
         assert sum(record["site_weights"].values()) == pytest.approx(1.0)
+    # BasisCacheFilter: in round 1 every site holds the bases it trained on in round 0, so U and V stay home
+    first, second = (r["bytes_down"] for r in summary["rounds"])
+    assert all(second[s] < 0.8 * first[s] for s in sites), (first, second)
+
+
+def test_basis_cache_filter_leaves_held_bases_out_and_never_fails_a_task(tmp_path):
+    from nvflare.apis.fl_constant import ReservedKey
+    from nvflare.apis.fl_context import FLContext
+
+    from fedanchor.flare.basis_cache import BasisCacheFilter
+    from fedanchor.flare.server_state import FedAnchorServerComponent
+
+    config = jobs.full_config(jobs.DEMO_JOBS["hospitals-motion"]["config"])
+    component = FedAnchorServerComponent(config=config)
+    ctx = fake_ctx(tmp_path / "server", "server", {"fedanchor_server": component})
+    peer = FLContext()
+    peer.set_prop(ReservedKey.IDENTITY_NAME, "hospital-a", private=False, sticky=False)
+    ctx.set_peer_context(peer)
+    server = component.server(ctx)
+    state = server.initial_state()
+    task = state_to_dxo(state, component.state_meta()).to_shareable()
+    task.set_header("current_round", 0)
+    assert BasisCacheFilter().process(task, ctx) is task  # the site holds nothing yet: the whole state
+    server.site_bases["hospital-a"] = state.basis_digest()
+    light = BasisCacheFilter().process(task, ctx)
+    received = shareable_to_state_checked(light)
+    assert not received.has_basis() and received.basis_digest() == state.basis_digest()
+    assert light.get_header("current_round") == 0 and received.meta["job_config"] == component.state_meta()["job_config"]
+    assert server.bytes_down["hospital-a"] < state.nbytes()
+    assert BasisCacheFilter().process(task, ctx) is task  # sent once: the record is gone until its next update
+    broken = fake_ctx(tmp_path / "other", "server", {})  # no server component: log, and send the whole state
+    broken.set_peer_context(peer)
+    assert BasisCacheFilter().process(task, broken) is task

@@ -92,19 +92,45 @@ def bytes_vs_anchors(config: FedAnchorConfig, counts: Sequence[int] = (50, 100, 
     return rows
 
 
-def flare_cost(job: Path, out: Path) -> dict[str, Any]:
-    """The job in the FLARE simulator and the same config in process: wall seconds and the ratio."""
+def in_process_child(job: str) -> None:
+    """Run ``job``'s config in process (``run_in_process``) and print when each round ended (time.time()), as JSON."""
     from ..federation.loop import run_in_process
+    from ..flare.jobs import read_job_config
+
+    stamps: list[float] = []
+    config = config_from_dict(read_job_config(Path(job)))
+    run_in_process(config, progress=lambda line: stamps.append(time.time()) if line.startswith("round ") else None)
+    print(json.dumps({"round_end": stamps, "end": time.time()}))
+
+
+def _phases(wall: float, round_at: Sequence[float]) -> dict[str, float]:
+    """Start-up (launch to the first round's work), seconds per round in steady state, and the tail after the last."""
+    per_round = (round_at[-1] - round_at[0]) / (len(round_at) - 1) if len(round_at) > 1 else float("nan")
+    first = round_at[0] if round_at else float("nan")
+    return {"wall_s": wall, "startup_s": first - per_round if per_round == per_round else first,
+            "per_round_s": per_round, "tail_s": wall - round_at[-1] if round_at else float("nan")}
+
+
+def flare_cost(job: Path, out: Path) -> dict[str, Any]:
+    """The job from a cold start in the FLARE simulator and in process (a fresh interpreter each): wall seconds, the
+    ratio, and each split into start-up, seconds per round and the tail (cross-site evaluation, shutdown)."""
     from ..flare.jobs import read_job_config
     from ..simulate import simulate
 
     config = config_from_dict(read_job_config(job))
-    started = time.perf_counter()
-    run_in_process(config, progress=None)
-    in_process = time.perf_counter() - started
+    launched = time.time()
+    done = subprocess.run([sys.executable, "-c", "import sys; from fedanchor.bench.scale import in_process_child; "
+                           "in_process_child(sys.argv[1])", str(job)], capture_output=True, text=True, timeout=3600)
+    if done.returncode != 0:
+        raise RuntimeError(f"the in-process run of {job} failed: {done.stderr[-2000:]}")
+    child = json.loads(done.stdout.strip().splitlines()[-1])
+    in_process = _phases(time.time() - launched, [t - launched for t in child["round_end"]])
     summary = simulate(job, out / "simulator", echo=lambda _line: None)
-    return {"job": str(job), "rounds": config.rounds, "in_process_s": in_process, "simulator_s": summary["wall_seconds"],
-            "ratio": summary["wall_seconds"] / in_process}
+    simulator = _phases(summary["wall_seconds"], summary["round_at_seconds"])
+    return {"job": str(job), "rounds": config.rounds, "in_process": in_process, "simulator": simulator,
+            "in_process_s": in_process["wall_s"], "simulator_s": simulator["wall_s"],
+            "ratio": simulator["wall_s"] / in_process["wall_s"],
+            "per_round_ratio": simulator["per_round_s"] / in_process["per_round_s"]}
 
 
 def scale_markdown(memory: list[dict[str, float]], cost: dict[str, Any] | None,
@@ -117,6 +143,11 @@ def scale_markdown(memory: list[dict[str, float]], cost: dict[str, Any] | None,
         lines += ["", "| modality | anchors | bytes up per site per round | of which the Gram (float16) |", "|---|---|---|---|"]
         lines += [f"| {r['modality']} | {r['anchors']} | {r['bytes_up'] / 1024:.1f} KiB | {r['gram_share']:.0%} |" for r in anchors]
     if cost:
-        lines += ["", f"FLARE cost ({cost['job']}, {cost['rounds']} rounds): simulator {cost['simulator_s']:.1f} s, in process "
-                      f"{cost['in_process_s']:.1f} s, ratio {cost['ratio']:.2f}."]
+        lines += ["", f"FLARE cost ({cost['job']}, {cost['rounds']} rounds, each from a cold start):", "",
+                  "| run | wall s | start-up s | s per round | tail s (cross-site eval, shutdown) |", "|---|---|---|---|---|"]
+        for name in ("in_process", "simulator"):
+            p = cost[name]
+            lines.append(f"| {name.replace('_', ' ')} | {p['wall_s']:.1f} | {p['startup_s']:.1f} | {p['per_round_s']:.2f} | "
+                         f"{p['tail_s']:.1f} |")
+        lines += ["", f"Ratio simulator / in process: {cost['ratio']:.2f} overall, {cost['per_round_ratio']:.2f} per round."]
     return "\n".join(lines) + "\n"

@@ -103,11 +103,10 @@ def run_in_process(config: FedAnchorConfig, progress: Callable[[str], None] | No
         f"{len(next(iter(split.anchors.values())))} anchors, {len(next(iter(split.test.values())))} test pairs")
     for r in range(config.rounds):
         started = time.perf_counter()
-        down = state.nbytes()
         server.start_round()
         for name, trainer in sites.items():
             with local_step_bar(f"{name} round {r + 1}", config.train.local_steps) as bar:
-                update = trainer.train_round(state, progress=bar if progress is not None else None)
+                update = trainer.train_round(server.state_for(name, state), progress=bar if progress is not None else None)
             try:
                 server.accept(update)
             except ContributionRejected:
@@ -118,7 +117,7 @@ def run_in_process(config: FedAnchorConfig, progress: Callable[[str], None] | No
         assert report is not None
         record = RoundRecord(r, time.perf_counter() - started, report.site_metrics, report.site_weights,
                              report.site_uncertainty, report.rejected, report.bytes_up, metrics,
-                             {s: down for s in sites})
+                             {s: server.bytes_down[s] for s in sites})
         result.rounds.append(record)
         say(format_round(record))
     if freeze_delta:

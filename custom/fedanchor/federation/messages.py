@@ -13,6 +13,7 @@ projectors, K_bar, the anchor targets and the anchor CCA readout fitted on them.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import math
 from dataclasses import dataclass, field
 from typing import Any, Mapping
@@ -31,6 +32,7 @@ GRAM_KEY = "gram_upper"  # travels as float16
 # parameters themselves stay float32 so that the merge stays exact. log keeps precisions of 1e-8..1e8 in float16's range.
 WIRE_STATISTICS = torch.float16
 CONSENSUS_KEY = "consensus/gram_upper"
+BASIS_DIGEST_KEY = "basis_digest"  # meta of a state sent without U and V: the bases it runs on
 TARGET_PREFIX = "targets/"
 READOUT_PREFIX = "readout/"  # readout/<modality>/mean and readout/<modality>/proj: the anchor CCA map
 
@@ -46,6 +48,25 @@ def projector_key(modality: str, param: str) -> str:
 
 def is_core_or_magnitude(key: str) -> bool:
     return key.startswith("adapter/") and key.rsplit("/", 1)[-1] in ("S", "m")
+
+
+def is_basis(key: str) -> bool:
+    return key.startswith("adapter/") and key.rsplit("/", 1)[-1] in ("U", "V")
+
+
+def basis_digest(tensors: Mapping[str, Any]) -> str | None:
+    """SHA-256 of every shared basis U and V (names, shapes, float32 bytes), or None when there is none."""
+    keys = sorted(k for k in tensors if is_basis(k))
+    if not keys:
+        return None
+    h = hashlib.sha256()
+    for key in keys:
+        value = tensors[key]
+        array = value.detach().cpu().numpy() if torch.is_tensor(value) else np.asarray(value)
+        array = np.ascontiguousarray(array, dtype=np.float32)
+        h.update(f"{key}:{array.shape}".encode())
+        h.update(array.tobytes())
+    return h.hexdigest()
 
 
 def _to_numpy(tensors: Mapping[str, torch.Tensor]) -> dict[str, np.ndarray]:
@@ -88,6 +109,22 @@ class GlobalState:
         """Bytes down: what the server sends each site at the start of a round."""
         return tensor_nbytes(self.tensors)
 
+    def has_basis(self) -> bool:
+        return any(is_basis(k) for k in self.tensors)
+
+    def basis_digest(self) -> str | None:
+        """The digest of the bases this state runs on: computed when it carries them, else the one it names."""
+        return basis_digest(self.tensors) if self.has_basis() else self.meta.get(BASIS_DIGEST_KEY)
+
+    def without_basis(self) -> "GlobalState":
+        """This state for a site that already holds its bases: U and V left out, their digest in the meta.
+        The bases are most of what goes down (600 of 850 KiB with MiniLM) and change only at a refresh."""
+        digest = self.basis_digest()
+        if digest is None:
+            raise ValueError("the state names no basis: it can only travel whole")
+        tensors = {k: v for k, v in self.tensors.items() if not is_basis(k)}
+        return GlobalState(self.round, self.anchor_fingerprint, tensors, {**self.meta, BASIS_DIGEST_KEY: digest})
+
     def readout(self) -> "AnchorReadout | None":
         """The anchor CCA readout the server fitted on this state's anchor targets, if the job uses one."""
         means = {k.split("/")[1]: v for k, v in self.tensors.items() if k.startswith(READOUT_PREFIX) and k.endswith("/mean")}
@@ -127,6 +164,7 @@ class SiteUpdate:
     uncertainty: float  # pi_k: inverse embedding spread under sampled cores (1.0 when not estimated)
     metrics: dict[str, float] = field(default_factory=dict)
     basis_gradients: dict[str, torch.Tensor] = field(default_factory=dict)  # refresh gradient rounds: adapter/<layer>/U|V
+    basis_digest: str = ""  # the bases the site trained on (it holds them: the next state may leave them out)
 
     def __post_init__(self) -> None:
         # Round the statistics to what the wire carries, so an in-process run merges exactly what FLARE would.
@@ -165,6 +203,7 @@ class SiteUpdate:
             gram_upper=tensors[GRAM_KEY].float(), n_samples=int(meta["n_samples"]), uncertainty=uncertainty,
             metrics={k: float(v) for k, v in dict(meta.get("metrics", {})).items()},
             basis_gradients={k[len(BASIS_GRADIENT_PREFIX):]: v for k, v in tensors.items() if k.startswith(BASIS_GRADIENT_PREFIX)},
+            basis_digest=str(meta.get("basis_digest", "")),
         )
 
     def nbytes(self) -> int:

@@ -96,6 +96,9 @@ class FederatedServer:
         self.report: RoundReport | None = None
         self._previous_changes: list[float] = []  # accepted update sizes of the last round: the outlier reference
         self.last_embeddings: dict[str, torch.Tensor] = {}  # the scored held-out embeddings of the last evaluate()
+        self.site_bases: dict[str, str] = {}  # site -> digest of the bases its last accepted update trained on
+        self.bytes_down: dict[str, int] = {}  # what state_for sent each site this round
+        self._digest_of: tuple[int, str | None] = (-1, None)  # (round, basis digest) of the state state_for sends
 
     # -- round 0 -------------------------------------------------------------
     def initial_state(self) -> GlobalState:
@@ -117,6 +120,22 @@ class FederatedServer:
                              f"{self.anchor_fingerprint[:12]}; resume only with the job that wrote it")
         load_shared(self.model, state.shared_params())
         self.state = state
+
+    def state_for(self, site: str, state: GlobalState | None = None) -> GlobalState:
+        """The state to send ``site``: without U and V when its last accepted update trained on these very bases.
+
+        The record is dropped on sending, so a site that fails this round (a restart lost its bases) gets them whole
+        next round; an update it sends re-records them.
+        """
+        state = state or self.state
+        if state is None:
+            raise RuntimeError("call initial_state() or resume() before state_for()")
+        held = self.site_bases.pop(site, None)
+        if self._digest_of[0] != state.round:  # one digest per round, not one per site
+            self._digest_of = (state.round, state.basis_digest())
+        sent = state.without_basis() if held is not None and held == self._digest_of[1] else state
+        self.bytes_down[site] = sent.nbytes()
+        return sent
 
     # -- one round -----------------------------------------------------------
     def start_round(self) -> None:
@@ -255,6 +274,8 @@ class FederatedServer:
         self.report.site_uncertainty[update.site] = update.uncertainty
         self.report.site_metrics[update.site] = dict(update.metrics)
         self.report.bytes_up[update.site] = update.nbytes()
+        if update.basis_digest:
+            self.site_bases[update.site] = update.basis_digest
 
     def finish_round(self, min_sites: int = 1) -> GlobalState:
         """Merge what was accepted into the next global state."""

@@ -33,6 +33,10 @@ from .state import (core_params, load_local, load_shared, local_tensors, project
 log = logging.getLogger(__name__)
 
 
+class BasisNotHeld(ValueError):
+    """A state without U and V reached a site that does not hold the bases it names."""
+
+
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -82,6 +86,7 @@ class SiteTrainer:
         self._seed = zlib.crc32(site.encode()) ^ config.train.seed
         self._anchor_same = same_items(anchors.items)  # fixed for the run: which anchors are identical inputs here
         self._dp_rounds = 0  # rounds released under differential privacy, for the accountant
+        self.basis_digest: str | None = None  # the shared bases installed in the model: a state may leave them out
 
     def local_state(self) -> dict[str, torch.Tensor]:
         return local_tensors(self.model)
@@ -95,13 +100,23 @@ class SiteTrainer:
                 f"site {self.site!r}: the job's anchor set {state.anchor_fingerprint[:12]} differs from this site's "
                 f"{self.anchor_fingerprint[:12]}; install the anchor file that the job names"
             )
+        if not state.has_basis() and (state.basis_digest() is None or state.basis_digest() != self.basis_digest):
+            raise BasisNotHeld(
+                f"site {self.site!r}: round {state.round} came without its bases U, V (digest "
+                f"{str(state.basis_digest())[:12]}), which this site does not hold (it holds {str(self.basis_digest)[:12]}); "
+                "the server sends them whole again after a round without this site's update")
+
+    def install(self, state: GlobalState) -> None:
+        """Load a global state's shared tensors into the model, remembering which bases it now holds."""
+        self._check_state(state)
+        load_shared(self.model, state.shared_params())
+        self.basis_digest = state.basis_digest()
 
     def train_round(self, state: GlobalState, progress: Callable[[int, int, float], None] | None = None) -> SiteUpdate:
-        self._check_state(state)
         cfg = self.config
         started = time.perf_counter()
         model = self.model
-        load_shared(model, state.shared_params())
+        self.install(state)
         consensus = state.consensus()
         kernel = from_upper_triangle(consensus.double()).to(self.device) if consensus is not None else None
         targets = {m: t.to(self.device) for m, t in state.targets().items() if m != self.modality}
@@ -187,6 +202,7 @@ class SiteTrainer:
             site=self.site, modality=self.modality, round=state.round, anchor_fingerprint=self.anchor_fingerprint,
             params=params, precision=precision, gram_upper=gram_upper, n_samples=n,
             uncertainty=float(uncertainty), metrics=metrics, basis_gradients=basis_gradients,
+            basis_digest=self.basis_digest or "",
         )
         log.info("site %s round %d: loss %.4f (private %.4f, cka %.4f, cross %.4f) in %.1fs", self.site, state.round,
                  sums["loss"] / steps, sums["private"] / steps, sums["cka"] / steps, sums["cross"] / steps, metrics["seconds"])

@@ -125,10 +125,10 @@ class FedAnchorAggregator(Aggregator):
             report = server.report
             assert report is not None
             bytes_up = {site: self._bytes_serialized.get(site, n) for site, n in report.bytes_up.items()}
-            down = previous.nbytes() if previous is not None else 0  # the state every site received this round
+            down = previous.nbytes() if previous is not None else 0  # the whole state; BasisCacheFilter may send less
             record = RoundRecord(report.round, time.perf_counter() - self._round_started, report.site_metrics,
                                  report.site_weights, report.site_uncertainty, report.rejected, bytes_up, metrics,
-                                 {s: down for s in report.accepted})
+                                 {s: server.bytes_down.get(s, down) for s in report.accepted})
             self._plot_embeddings(fl_ctx, server.last_embeddings, report.round)
             self._stream(fl_ctx, record)
             cka = " ".join(f"{s}:{m['cka_to_consensus']:.3f}" for s, m in report.site_metrics.items() if "cka_to_consensus" in m)

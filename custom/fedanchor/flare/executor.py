@@ -36,7 +36,7 @@ from ..federation.loop import make_split, site_modality
 from ..federation.messages import GlobalState
 from ..federation.server import to_scoring_space
 from ..federation.site import SiteTrainer
-from ..federation.state import core_params, load_shared, projector_params
+from ..federation.state import core_params, projector_params
 from .persistor import CheckpointError, load_tensors, save_tensors
 from .shareable import dxo_to_state, update_to_dxo
 from ..data.folder import load_folder
@@ -69,7 +69,7 @@ def config_differences(mine: Mapping[str, Any], theirs: Mapping[str, Any]) -> li
 
 def anchor_validation(trainer: SiteTrainer, state: GlobalState) -> dict[str, float]:
     """The global state seen from this site: its anchors against the other modalities' anchor targets."""
-    load_shared(trainer.model, state.shared_params())
+    trainer.install(state)  # the site then holds this state's bases: a later state may leave them out
     z = trainer.model.embed_all(trainer.modality, trainer.anchors.items)
     labels = trainer.anchors.semantic_labels
     readout = state.readout()  # the server's scoring space when the job fits one

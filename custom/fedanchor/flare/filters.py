@@ -143,7 +143,7 @@ def _meta_violation(meta: Mapping[str, Any], data: Mapping[str, Any]) -> str | N
     if not isinstance(metrics, Mapping) or not all(
             isinstance(k, str) and isinstance(v, Real) and not isinstance(v, bool) for k, v in metrics.items()):
         return "metrics must map names to numbers"
-    for key in ("site", "modality", "anchor_fingerprint"):
+    for key in ("site", "modality", "anchor_fingerprint", "basis_digest"):
         if key in meta and not isinstance(meta[key], str):
             return f"meta {key!r} must be a string"
     for key in ("round", "n_samples"):

@@ -39,6 +39,7 @@ SHAREABLE_GENERATOR = "fedanchor.flare.shareable.FedAnchorShareableGenerator"
 AGGREGATOR = "fedanchor.flare.aggregator.FedAnchorAggregator"
 TENSORBOARD = "fedanchor.flare.tb_receiver.FedAnchorTensorBoard"
 MLFLOW = "fedanchor.flare.mlflow_receiver.FedAnchorMLflow"
+BASIS_CACHE = "fedanchor.flare.basis_cache.BasisCacheFilter"
 CROSS_SITE_EVAL = "fedanchor.flare.cross_site.FedAnchorCrossSiteEval"
 MODEL_LOCATOR = "fedanchor.flare.cross_site.FedAnchorModelLocator"
 CROSS_SITE_TABLE = "fedanchor.flare.cross_site.CrossSiteTable"
@@ -155,7 +156,8 @@ def _server_config(config: Mapping[str, Any], num_rounds: int, min_clients: int,
         "format_version": 2,
         "num_rounds": num_rounds,
         "min_clients": min_clients,
-        "task_data_filters": [],
+        # U and V stay out of a site's train task while it holds them (basis_cache.py)
+        "task_data_filters": [{"tasks": ["train"], "filters": [{"path": BASIS_CACHE, "args": {"server_id": "fedanchor_server"}}]}],
         "task_result_filters": [],
         "components": [
             {"id": "fedanchor_server", "path": SERVER_COMPONENT, "args": {"config": copy.deepcopy(dict(config))}},
