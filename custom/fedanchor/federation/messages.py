@@ -170,12 +170,16 @@ class SiteUpdate:
         # Round the statistics to what the wire carries, so an in-process run merges exactly what FLARE would.
         self.precision = {k: _log_wire(v).double().exp() for k, v in self.precision.items()}
         self.gram_upper = self.gram_upper.detach().to(WIRE_STATISTICS).float()
+        # Basis gradients only steer where the server extends the bases; the merge stays exact whatever bases it picks.
+        # Clamped into float16's range: an overflow would read as Inf, which the server refuses.
+        self.basis_gradients = {k: v.detach().cpu().clamp(-6e4, 6e4).to(WIRE_STATISTICS).float()
+                                for k, v in self.basis_gradients.items()}
 
     def to_arrays(self) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
         arrays = {PARAM_PREFIX + k: v for k, v in _to_numpy(self.params).items()}
         arrays.update({PRECISION_PREFIX + k: _log_wire(v).numpy() for k, v in self.precision.items()})
         arrays[GRAM_KEY] = self.gram_upper.detach().cpu().to(WIRE_STATISTICS).numpy()
-        arrays.update({BASIS_GRADIENT_PREFIX + k: v for k, v in _to_numpy(self.basis_gradients).items()})
+        arrays.update({BASIS_GRADIENT_PREFIX + k: v.astype(np.float16) for k, v in _to_numpy(self.basis_gradients).items()})
         meta = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in ARRAY_FIELDS}
         meta["metrics"] = {k: float(v) for k, v in self.metrics.items()}
         return arrays, meta
@@ -202,7 +206,7 @@ class SiteUpdate:
             precision={k[len(PRECISION_PREFIX):]: v.double().exp() for k, v in tensors.items() if k.startswith(PRECISION_PREFIX)},
             gram_upper=tensors[GRAM_KEY].float(), n_samples=int(meta["n_samples"]), uncertainty=uncertainty,
             metrics={k: float(v) for k, v in dict(meta.get("metrics", {})).items()},
-            basis_gradients={k[len(BASIS_GRADIENT_PREFIX):]: v for k, v in tensors.items() if k.startswith(BASIS_GRADIENT_PREFIX)},
+            basis_gradients={k[len(BASIS_GRADIENT_PREFIX):]: v.float() for k, v in tensors.items() if k.startswith(BASIS_GRADIENT_PREFIX)},
             basis_digest=str(meta.get("basis_digest", "")),
         )
 
