@@ -6,9 +6,11 @@ the maths. DESIGN.md section 5 is the contract:
 
 Up, per site per round: S and its precision, m and its precision, the projector
 of the site's modality, the Gram upper triangle on public anchors, n_k, one
-uncertainty scalar, metrics; in a basis refresh's gradient round (adapters/refresh.py)
-also G V and G^T U per layer, sums over the site's steps and samples. Down: U and V, S, m, the
-projectors, K_bar, the anchor targets and the anchor CCA readout fitted on them.
+uncertainty scalar, metrics, the digest of the (public, global) bases it trained on;
+in a basis refresh's gradient round (adapters/refresh.py) also G V and G^T U per
+layer, means over the site's steps and samples. Down: S, m, the projectors, K_bar,
+the anchor targets and the anchor CCA readout fitted on them, and U and V unless
+the site already holds them (``GlobalState.without_basis``).
 """
 from __future__ import annotations
 

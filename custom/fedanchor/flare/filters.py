@@ -13,7 +13,8 @@ exactly what ``SiteUpdate.to_arrays`` produces, as one DXO of kind COLLECTION:
   ``.../V`` (G^T U, r columns), for layers whose core it also sends,
 
 with meta limited to the SiteUpdate fields (site, modality, round, anchor
-fingerprint, n_samples, uncertainty, numeric metrics). Anything else (an extra
+fingerprint, n_samples, uncertainty, numeric metrics, the digest of the global
+bases it trained on). Anything else (an extra
 key, a key outside these prefixes, a nested object, a second modality's
 projector) is refused: the filter logs why and replaces the result with an empty
 ``TASK_RESULT_FILTER_ERROR`` reply, so nothing of it reaches the server. Results of
