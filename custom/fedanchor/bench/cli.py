@@ -16,7 +16,7 @@ import logging
 import shlex
 import sys
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Callable, Sequence
 
 from .noisy import NOISY_MODES, noisy_site_study, write_noisy
 from .runner import METHODS, bench_config, run_bench, spread, spread_markdown, write_bench
@@ -33,6 +33,21 @@ def _parse_set(pairs: Sequence[str]) -> dict:
         except json.JSONDecodeError:
             out[key.strip()] = value
     return out
+
+
+def _study(out: Path, name: str, run: Callable[[], Any], markdown: Callable[[Any], str]) -> int:
+    """One of the single studies (--scale, --refresh, --speed): <out>/<name>.json and .md, the table printed."""
+    try:
+        result = run()
+    except (ValueError, FileNotFoundError, ModuleNotFoundError, RuntimeError) as err:
+        print(f"fedanchor bench: error: {err}", file=sys.stderr)
+        return 2
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{name}.json").write_text(json.dumps(result, indent=2))
+    table = markdown(result)
+    (out / f"{name}.md").write_text(table)
+    print(table)
+    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -71,49 +86,28 @@ def main(argv: Sequence[str] | None = None) -> int:
     out = Path(args.out)
     if len(set(args.seeds)) != len(args.seeds):
         raise SystemExit(f"--seeds {args.seeds} repeats a seed; give each split once")
+
+    def config_of():  # the first split's config, for the single studies
+        return bench_config(args.scenario, args.quick, args.seeds[0], args.trunk, _parse_set(args.set or []))
+
     if args.scale:
         from .scale import bytes_vs_anchors, flare_cost, scale_markdown, server_memory
 
-        try:
-            config = bench_config(args.scenario, args.quick, args.seeds[0], args.trunk, _parse_set(args.set or []))
-            memory = server_memory(config)
-            anchors = bytes_vs_anchors(config)
-            cost = flare_cost(Path(args.job).resolve(), out)
-        except (ValueError, FileNotFoundError, ModuleNotFoundError, RuntimeError) as err:
-            print(f"fedanchor bench: error: {err}", file=sys.stderr)
-            return 2
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "scale.json").write_text(json.dumps({"server_memory": memory, "bytes_vs_anchors": anchors, "flare_cost": cost}, indent=2))
-        (out / "scale.md").write_text(scale_markdown(memory, cost, anchors))
-        print(scale_markdown(memory, cost, anchors))
-        return 0
+        def scale() -> dict:
+            config = config_of()
+            return {"server_memory": server_memory(config), "bytes_vs_anchors": bytes_vs_anchors(config),
+                    "flare_cost": flare_cost(Path(args.job).resolve(), out)}
+
+        return _study(out, "scale", scale,
+                      lambda r: scale_markdown(r["server_memory"], r["flare_cost"], r["bytes_vs_anchors"]))
     if args.refresh:
         from .refresh import refresh_markdown, refresh_study
 
-        try:
-            study = refresh_study(bench_config(args.scenario, args.quick, args.seeds[0], args.trunk, _parse_set(args.set or [])),
-                                  every=args.refresh_every)
-        except (ValueError, FileNotFoundError, ModuleNotFoundError, RuntimeError) as err:
-            print(f"fedanchor bench: error: {err}", file=sys.stderr)
-            return 2
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "refresh.json").write_text(json.dumps(study, indent=2))
-        (out / "refresh.md").write_text(refresh_markdown(study))
-        print(refresh_markdown(study))
-        return 0
+        return _study(out, "refresh", lambda: refresh_study(config_of(), every=args.refresh_every), refresh_markdown)
     if args.speed:
         from .speed import speed_markdown, step_speed
 
-        try:
-            result = step_speed(bench_config(args.scenario, args.quick, args.seeds[0], args.trunk, _parse_set(args.set or [])))
-        except (ValueError, FileNotFoundError, ModuleNotFoundError, RuntimeError) as err:
-            print(f"fedanchor bench: error: {err}", file=sys.stderr)
-            return 2
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "speed.json").write_text(json.dumps(result, indent=2))
-        (out / "speed.md").write_text(speed_markdown(result))
-        print(speed_markdown(result))
-        return 0
+        return _study(out, "speed", lambda: step_speed(config_of()), speed_markdown)
     try:
         benches = []
         for seed in args.seeds:
