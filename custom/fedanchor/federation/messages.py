@@ -32,6 +32,7 @@ GRAM_KEY = "gram_upper"  # travels as float16
 # Precisions and the Gram are statistics that only weigh and steer the merge (the server normalises each site's
 # precisions to unit mean; centred, unit-norm Gram entries lie in [-1, 1]), so they travel at half precision; the
 # parameters themselves stay float32 so that the merge stays exact. log keeps precisions of 1e-8..1e8 in float16's range.
+# Down, the consensus Gram and the anchor targets (unit vectors) only steer the sites' anchor terms: half precision too.
 WIRE_STATISTICS = torch.float16
 CONSENSUS_KEY = "consensus/gram_upper"
 BASIS_DIGEST_KEY = "basis_digest"  # meta of a state sent without U and V: the bases it runs on
@@ -102,10 +103,11 @@ class GlobalState:
         return {k: v for k, v in self.tensors.items() if k.startswith(("adapter/", "projector/"))}
 
     def consensus(self) -> torch.Tensor | None:
-        return self.tensors.get(CONSENSUS_KEY)
+        kernel = self.tensors.get(CONSENSUS_KEY)
+        return kernel.float() if kernel is not None else None  # travels as float16
 
     def targets(self) -> dict[str, torch.Tensor]:
-        return {k[len(TARGET_PREFIX):]: v for k, v in self.tensors.items() if k.startswith(TARGET_PREFIX)}
+        return {k[len(TARGET_PREFIX):]: v.float() for k, v in self.tensors.items() if k.startswith(TARGET_PREFIX)}
 
     def nbytes(self) -> int:
         """Bytes down: what the server sends each site at the start of a round."""

@@ -23,8 +23,8 @@ from ..evaluation import cross_modal_metrics
 from ..model.homogeneous import HomogeneousTransformer, build_model
 from ..precision import PrecisionWeightedMerge, sample_weight
 from ..adapters.refresh import augment_basis, refresh_phase, truncate
-from .messages import (CONSENSUS_KEY, READOUT_PREFIX, TARGET_PREFIX, GlobalState, SiteUpdate, adapter_key,
-                       is_core_or_magnitude)
+from .messages import (CONSENSUS_KEY, READOUT_PREFIX, TARGET_PREFIX, WIRE_STATISTICS, GlobalState, SiteUpdate,
+                       adapter_key, is_core_or_magnitude)
 from .site import resolve_device
 from .state import core_params, load_shared, projector_params, shared_tensors
 
@@ -108,7 +108,7 @@ class FederatedServer:
         for modality, z in embeddings.items():
             consensus.add(modality, centred_gram(z.double()))
         tensors = shared_tensors(self.model)
-        tensors[CONSENSUS_KEY] = upper_triangle(consensus.combine()).float()
+        tensors[CONSENSUS_KEY] = upper_triangle(consensus.combine()).to(WIRE_STATISTICS)
         tensors.update(self._targets_and_readout(embeddings))
         self.state = GlobalState(round=0, anchor_fingerprint=self.anchor_fingerprint, tensors=tensors)
         return self.state
@@ -306,7 +306,7 @@ class FederatedServer:
             raise RoundFailed(f"round {self.state.round}: the merged model embeds the {broken} anchors as NaN/Inf "
                               f"(contributions of {self.report.accepted}); the global model is left unchanged")
         previous = from_upper_triangle(self.state.tensors[CONSENSUS_KEY].double()) if CONSENSUS_KEY in self.state.tensors else None
-        tensors[CONSENSUS_KEY] = upper_triangle(self._consensus.combine(previous)).float()
+        tensors[CONSENSUS_KEY] = upper_triangle(self._consensus.combine(previous)).to(WIRE_STATISTICS)
         tensors.update(self._targets_and_readout(anchors))
         self.state = GlobalState(round=self.state.round + 1, anchor_fingerprint=self.anchor_fingerprint, tensors=tensors)
         log.info("round %d merged from %s (weights %s)", self.report.round, self.report.accepted,
@@ -346,7 +346,7 @@ class FederatedServer:
     # -- views of the model --------------------------------------------------
     def _targets_and_readout(self, embeddings: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """The anchor targets of the cross-modal term, and the anchor CCA readout fitted on them (public data only)."""
-        out = {TARGET_PREFIX + m: z for m, z in embeddings.items()}
+        out = {TARGET_PREFIX + m: z.to(WIRE_STATISTICS) for m, z in embeddings.items()}
         cfg = self.config.alignment
         if cfg.readout == "cca" and len(embeddings) >= 2:
             readout = fit_anchor_readout(embeddings, cfg.readout_reg, cfg.readout_dims or None)
