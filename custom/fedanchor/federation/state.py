@@ -36,10 +36,6 @@ def shared_tensors(model: HomogeneousTransformer, with_basis: bool = True) -> di
     return out
 
 
-def expected_shapes(model: HomogeneousTransformer) -> dict[str, tuple[int, ...]]:
-    return {k: tuple(v.shape) for k, v in shared_tensors(model).items()}
-
-
 @torch.no_grad()
 def load_shared(model: HomogeneousTransformer, tensors: Mapping[str, torch.Tensor]) -> None:
     """Install broadcast tensors; S and m are required, bases and projectors optional, anything unknown is an error.
