@@ -270,6 +270,15 @@ def test_components_train_validate_submit_and_keep_delta_site(tmp_path):
     for k, v in restarted._trainer.local_state().items():
         assert torch.equal(v, delta[k])
     assert delta_file.exists()
+    # ... and the bases it held, so a task sent without them (flare/basis_cache.py) still trains
+    sent = shareable_to_state_checked(task)
+    light = state_to_dxo(sent.without_basis()).to_shareable()
+    assert restarted._trainer.basis_digest == sent.basis_digest()
+    assert from_shareable(restarted.execute("train", light, site_ctx, Signal())).data_kind == DataKind.COLLECTION
+    newcomer_ctx = fake_ctx(tmp_path / "site-2-new", "site-2")  # holds nothing: refuses, with the reason
+    newcomer = FedAnchorExecutor(config=config)
+    newcomer.handle_event(EventType.START_RUN, newcomer_ctx)
+    assert newcomer.execute("train", light, newcomer_ctx, Signal()).get_return_code() == ReturnCode.BAD_TASK_DATA
 
     other = dict(config, train=dict(config["train"], lr=0.5))  # a site whose job copy differs
     odd = FedAnchorExecutor(config=other)

@@ -124,8 +124,8 @@ class FederatedServer:
     def state_for(self, site: str, state: GlobalState | None = None) -> GlobalState:
         """The state to send ``site``: without U and V when its last accepted update trained on these very bases.
 
-        The record is dropped on sending, so a site that fails this round (a restart lost its bases) gets them whole
-        next round; an update it sends re-records them.
+        The record is dropped on sending, so a site that fails this round (it lost its bases) gets them whole next
+        round; an update it sends re-records them.
         """
         state = state or self.state
         if state is None:

@@ -25,10 +25,10 @@ from ..data.scenario import ModalityData, ModalitySpec
 from ..model.homogeneous import HomogeneousTransformer, build_model, take_items
 from ..dp import fresh_generator, gaussian_release, privacy_spent, privatize_change
 from ..precision import PrecisionTracker
-from .messages import GlobalState, SiteUpdate, is_core_or_magnitude
+from .messages import GlobalState, SiteUpdate, adapter_key, basis_digest, is_basis, is_core_or_magnitude
 from ..adapters.refresh import refresh_phase
 from .state import (core_params, load_local, load_shared, local_tensors, projected_gradients, projector_params,
-                    set_gradient_probes)
+                    set_gradient_probes, shared_tensors)
 
 log = logging.getLogger(__name__)
 
@@ -105,6 +105,21 @@ class SiteTrainer:
                 f"site {self.site!r}: round {state.round} came without its bases U, V (digest "
                 f"{str(state.basis_digest())[:12]}), which this site does not hold (it holds {str(self.basis_digest)[:12]}); "
                 "the server sends them whole again after a round without this site's update")
+
+    def held_bases(self) -> dict[str, torch.Tensor]:
+        """The shared bases U, V the model runs on (to keep on the site's disk beside delta_site)."""
+        return {k: v for k, v in shared_tensors(self.model).items() if is_basis(k)}
+
+    def hold_bases(self, tensors: Mapping[str, torch.Tensor]) -> None:
+        """Install bases kept on disk (a restarted site), so that a state sent without them finds them here.
+        The cores become zero until the next state, which always carries them."""
+        adapters = self.model.adapters()
+        for name, layer in adapters.items():
+            u, v = tensors.get(adapter_key(name, "U")), tensors.get(adapter_key(name, "V"))
+            if u is None or v is None:
+                raise ValueError(f"kept bases lack layer {name!r}; delete the bases file to fetch them again")
+            layer.set_basis(u, v)
+        self.basis_digest = basis_digest(tensors)
 
     def install(self, state: GlobalState) -> None:
         """Load a global state's shared tensors into the model, remembering which bases it now holds."""

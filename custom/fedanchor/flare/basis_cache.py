@@ -4,8 +4,10 @@ U and V are most of the global state (600 of 850 KiB per site per round with Min
 and change only at a basis refresh (adapters/refresh.py). Each site reports in its
 update the digest of the bases it trained on; when the next round's state runs on
 the same bases, this filter sends that site the state without them, naming their
-digest (``FederatedServer.state_for``). A site that does not hold them (it restarted,
-say) fails that round with the reason, and the server sends them whole next round.
+digest (``FederatedServer.state_for``). A site keeps the bases it holds beside its
+delta_site (the executor's state folder), so a restart does not lose them; a site
+that does not hold them anyway fails that round with the reason, and the server
+sends them whole next round.
 
 FLARE applies server task-data filters per site, with the site as the peer, just
 before the task leaves: config_fed_server.json's ``task_data_filters`` for "train".

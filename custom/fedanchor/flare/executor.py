@@ -44,6 +44,7 @@ from .site_config import (DEFAULT_SITE_CONFIG_FILE, SiteConfig, SiteConfigError,
                           resolve_shard)
 
 DELTA_FORMAT = "fedanchor-delta-site"
+BASES_FORMAT = "fedanchor-bases"  # the public global bases a site holds, kept beside delta_site
 # Keys a site may set differently from the server without changing what the federation computes.
 SITE_LOCAL_KEYS = {("train", "device")}
 
@@ -111,6 +112,8 @@ class FedAnchorExecutor(Executor):
         self._trainer: SiteTrainer | None = None
         self._setup_error: str | None = None
         self._delta_path: Path | None = None
+        self._bases_path: Path | None = None
+        self._saved_bases: str | None = None
         self._last_round: int | None = None
 
     # -- set-up ------------------------------------------------------------
@@ -158,7 +161,9 @@ class FedAnchorExecutor(Executor):
         state_dir = Path(site_cfg.state_dir) / site if site_cfg.state_dir else \
             Path(fl_ctx.get_engine().get_workspace().get_run_dir(fl_ctx.get_job_id())) / "fedanchor"
         self._delta_path = state_dir / f"delta_site-{split.anchor_fingerprint[:12]}.safetensors"
+        self._bases_path = state_dir / f"bases-{split.anchor_fingerprint[:12]}.safetensors"
         resumed = self._load_delta(site)
+        self._load_bases(fl_ctx)
         source = f"folder {site_cfg.data.path}" if site_cfg.data.source == "folder" else f"shard {shard}"
         self.log_info(fl_ctx, f"fedanchor site {site}: {source} ({modality}, {len(private)} private samples), "
                               f"{len(split.anchors[modality])} anchors, trunk {cfg.trunk.name}, device {trainer.device}, "
@@ -186,6 +191,29 @@ class FedAnchorExecutor(Executor):
         save_tensors(self._delta_path, self._trainer.local_state(),
                      {"site": self._trainer.site, "modality": self._trainer.modality, "round": round_,
                       "anchor_fingerprint": self._trainer.anchor_fingerprint}, kind=DELTA_FORMAT, mode=0o600)
+        self._save_bases()
+
+    def _save_bases(self) -> None:
+        """The global bases this site holds, kept when they change: after a restart the server may send a state
+        without them (flare/basis_cache.py), and the site then needs them from its disk, not a lost round."""
+        trainer = self._trainer
+        assert trainer is not None and self._bases_path is not None
+        if trainer.basis_digest is None or trainer.basis_digest == self._saved_bases:
+            return
+        save_tensors(self._bases_path, trainer.held_bases(), {"digest": trainer.basis_digest}, kind=BASES_FORMAT)
+        self._saved_bases = trainer.basis_digest
+
+    def _load_bases(self, fl_ctx: FLContext) -> None:
+        assert self._trainer is not None and self._bases_path is not None
+        if not self._bases_path.exists():
+            return
+        try:
+            tensors, meta = load_tensors(self._bases_path, kind=BASES_FORMAT)
+            self._trainer.hold_bases(tensors)
+        except (CheckpointError, ValueError) as err:  # the server sends them whole after one lost round
+            self.log_warning(fl_ctx, f"kept bases not used ({err})")
+            return
+        self._saved_bases = self._trainer.basis_digest
 
     # -- tasks -------------------------------------------------------------
     def execute(self, task_name: str, shareable: Shareable, fl_ctx: FLContext, abort_signal: Signal) -> Shareable:
