@@ -25,7 +25,7 @@ import torch
 from ..alignment.losses import two_view_contrastive
 from ..config import FedAnchorConfig
 from ..federation.loop import make_split
-from ..federation.site import autocast_dtype, embed_step, resolve_device, same_items
+from ..federation.site import autocast_dtype, autocast_to, embed_step, resolve_device, same_items
 from ..model.homogeneous import build_model
 from .fed_rivals import build_lora_model
 
@@ -45,7 +45,7 @@ def _time_steps(model, config: FedAnchorConfig, split, modality: str, steps: int
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         started = time.perf_counter()
-        with torch.autocast(device.type, dtype=autocast or torch.bfloat16, enabled=autocast is not None):
+        with autocast_to(device, autocast):
             items, _, z1, z2, za, _ = embed_step(model, private.spec, private, split.anchors[modality], rng, batch,
                                                  anchor_batch, config.private.augment_strength, True)
         loss = two_view_contrastive(z1, z2, config.private.temperature, same_items(items)) + za.square().mean()

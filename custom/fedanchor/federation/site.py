@@ -60,6 +60,11 @@ def autocast_dtype(device: torch.device, setting: str) -> torch.dtype | None:
     return torch.bfloat16 if setting == "bf16" else None  # on a CPU only when asked: slow without AMX
 
 
+def autocast_to(device: torch.device, dtype: torch.dtype | None):
+    """The autocast context of a local step's forward: ``dtype`` from autocast_dtype, None for none."""
+    return torch.autocast(device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None)
+
+
 class SiteTrainer:
     """A site's model, private data and own anchors; trains one round at a time."""
 
@@ -100,10 +105,11 @@ class SiteTrainer:
                 f"site {self.site!r}: the job's anchor set {state.anchor_fingerprint[:12]} differs from this site's "
                 f"{self.anchor_fingerprint[:12]}; install the anchor file that the job names"
             )
-        if not state.has_basis() and (state.basis_digest() is None or state.basis_digest() != self.basis_digest):
+        named = state.basis_digest()
+        if not state.has_basis() and (named is None or named != self.basis_digest):
             raise BasisNotHeld(
                 f"site {self.site!r}: round {state.round} came without its bases U, V (digest "
-                f"{str(state.basis_digest())[:12]}), which this site does not hold (it holds {str(self.basis_digest)[:12]}); "
+                f"{str(named)[:12]}), which this site does not hold (it holds {str(self.basis_digest)[:12]}); "
                 "the server sends them whole again after a round without this site's update")
 
     def held_bases(self) -> dict[str, torch.Tensor]:
@@ -166,7 +172,7 @@ class SiteTrainer:
             for step in range(cfg.train.local_steps):
                 # bf16 autocast covers the trunk's forward; the model returns float32 embeddings, so the losses,
                 # the Gram and the optimiser stay in float32.
-                with torch.autocast(self.device.type, dtype=self.autocast or torch.bfloat16, enabled=self.autocast is not None):
+                with autocast_to(self.device, self.autocast):
                     items, _, z1, z2, za, anchor_index = embed_step(model, self.spec, self.private, self.anchors, rng, batch,
                                                                     anchor_batch, cfg.private.augment_strength,
                                                                     use_cka or use_cross)

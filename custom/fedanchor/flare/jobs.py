@@ -120,6 +120,7 @@ def job_sites(config: Mapping[str, Any]) -> dict[str, str]:
 
 
 TRACKERS = ("tensorboard", "mlflow")
+DEFAULT_TRACKING = ("tensorboard",)  # every job writes TensorBoard; MLflow when the job asks for it
 
 
 def tracking_components(tracking: Sequence[str]) -> list[dict[str, Any]]:
@@ -138,7 +139,7 @@ def tracking_components(tracking: Sequence[str]) -> list[dict[str, Any]]:
 
 
 def server_config(config: Mapping[str, Any], num_rounds: int, min_clients: int, train_timeout: int = 0,
-                  cross_site_eval: bool = False, tracking: Sequence[str] = ("tensorboard",)) -> dict[str, Any]:
+                  cross_site_eval: bool = False, tracking: Sequence[str] = DEFAULT_TRACKING) -> dict[str, Any]:
     out = _server_config(config, num_rounds, min_clients, train_timeout)
     out["components"] += tracking_components(tracking)
     if cross_site_eval:
@@ -224,7 +225,7 @@ def job_meta(name: str, min_clients: int) -> dict[str, Any]:
 
 def write_job(job_dir: str | Path, name: str, config: Mapping[str, Any] | None = None, num_rounds: int = 3,
               min_clients: int | None = None, cross_site_eval: bool = False,
-              tracking: Sequence[str] = ("tensorboard",)) -> Path:
+              tracking: Sequence[str] = DEFAULT_TRACKING) -> Path:
     """Write a FLARE job folder for ``config``; min_clients defaults to the number of sites (see FLARE-NOTES)."""
     cfg = full_config(config, num_rounds)
     n_sites = len(job_sites(cfg))
@@ -243,7 +244,7 @@ def write_demo_job(root: str | Path, name: str) -> Path:
     """(Re)write <root>/<name>/ as DEMO_JOBS[name] describes it."""
     spec = DEMO_JOBS[name]
     return write_job(Path(root) / name, f"fedanchor-{name}", spec["config"], spec["num_rounds"],
-                     cross_site_eval=spec.get("cross_site_eval", False), tracking=spec.get("tracking", ("tensorboard",)))
+                     cross_site_eval=spec.get("cross_site_eval", False), tracking=spec.get("tracking", DEFAULT_TRACKING))
 
 
 def write_demo_jobs(root: str | Path) -> list[Path]:
