@@ -59,6 +59,7 @@ def test_the_record_is_dropped_on_sending_so_a_site_that_lost_its_bases_gets_the
     with pytest.raises(BasisNotHeld, match="does not hold"):
         restarted.train_round(light)
     assert server.state_for(site, state) is state  # nothing re-recorded: whole again
+    assert set(server.bytes_down) == {site}  # this round's counts only: the others were not sent round 1 yet
     stranger = GlobalState(state.round, state.anchor_fingerprint, light.tensors, {**light.meta, "basis_digest": "0" * 64})
     with pytest.raises(BasisNotHeld, match="round 1 came without its bases"):
         trainer.train_round(stranger)

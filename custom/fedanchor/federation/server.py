@@ -97,7 +97,7 @@ class FederatedServer:
         self._previous_changes: list[float] = []  # accepted update sizes of the last round: the outlier reference
         self.last_embeddings: dict[str, torch.Tensor] = {}  # the scored held-out embeddings of the last evaluate()
         self.site_bases: dict[str, str] = {}  # site -> digest of the bases its last accepted update trained on
-        self.bytes_down: dict[str, int] = {}  # what state_for sent each site this round
+        self.bytes_down: dict[str, int] = {}  # what state_for sent each site in the round it last sent
         self._digest_of: tuple[int, str | None] = (-1, None)  # (round, basis digest) of the state state_for sends
 
     # -- round 0 -------------------------------------------------------------
@@ -131,8 +131,9 @@ class FederatedServer:
         if state is None:
             raise RuntimeError("call initial_state() or resume() before state_for()")
         held = self.site_bases.pop(site, None)
-        if self._digest_of[0] != state.round:  # one digest per round, not one per site
+        if self._digest_of[0] != state.round:  # a new round: one digest for it, not one per site, and fresh counts
             self._digest_of = (state.round, state.basis_digest())
+            self.bytes_down = {}
         sent = state.without_basis() if held is not None and held == self._digest_of[1] else state
         self.bytes_down[site] = sent.nbytes()
         return sent
