@@ -73,10 +73,13 @@ def test_server_broadcasts_the_readout_and_scores_in_it():
     arrays, meta = state.to_arrays()
     again = GlobalState.from_arrays(arrays, meta).readout()
     assert all(torch.equal(again.projections[m], readout.projections[m]) for m in readout.projections)
-    # The projection was fitted on this state's anchor targets: their images agree better across modalities than chance.
-    targets = state.targets()
-    za, zg = readout.apply("accel", targets["accel"]), readout.apply("gyro", targets["gyro"])
+    # The projection was fitted on this state's anchors: their images (which the state carries) agree across modalities.
+    scored = state.scored_anchors()
+    za, zg = scored["accel"], scored["gyro"]
     assert float((za * zg).sum(1).mean()) > 0.3
+    # It reads the base block and the model block side by side: each modality's input is raw values + the embedding.
+    width = {m: p.shape[0] for m, p in readout.projections.items()}
+    assert width == {"accel": 300 + config.trunk.embed_dim, "gyro": 300 + config.trunk.embed_dim}
     without = run_in_process(tiny_config(rounds=1, alignment={"readout": "none"}), progress=None).final_state
     assert without.readout() is None and not any(k.startswith("readout/") for k in without.tensors)
     assert np.isfinite(result.final_eval["accel->gyro/recall@1"])

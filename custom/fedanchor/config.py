@@ -51,8 +51,11 @@ class AlignmentConfig:
     modality_weights: dict[str, float] = field(default_factory=dict)  # beta_m; missing = 1
     anchor_batch: int = 64  # anchors per local step
     readout: str = "cca"  # "cca": the server fits a per-modality anchor CCA map on the global model (alignment/readout.py); "none"
-    readout_reg: float = 0.1  # ridge of the readout, relative to each covariance's mean eigenvalue
-    readout_dims: int = 0  # 0: n_anchors // 2
+    readout_blocks: tuple[str, ...] = ("base", "model")  # the readout's input: training-free "base" features and the "model" embedding
+    readout_reg: float = 0.0  # ridge of the readout, relative to each covariance's mean eigenvalue; 0: chosen by anchor cross-validation
+    readout_dims: int = 0  # directions kept; 0: chosen by anchor cross-validation
+    readout_folds: int = 5  # k of the anchor cross-validation that chooses the readout (alignment/readout_choice.py)
+    readout_text_tokens: int = 128  # tokens of a text item's base features (the whole report, not the training crop)
 
 
 @dataclass
@@ -172,8 +175,13 @@ class FedAnchorConfig:
              f"alignment.consensus_ema={self.alignment.consensus_ema} must be in [0, 1)"),
             (self.alignment.temperature > 0, "alignment.temperature must be positive"),
             (self.alignment.readout in ("cca", "none"), f"alignment.readout={self.alignment.readout!r} is unknown; use 'cca' or 'none'"),
-            (self.alignment.readout_reg > 0, f"alignment.readout_reg={self.alignment.readout_reg} must be positive (the anchor covariances are singular)"),
-            (self.alignment.readout_dims >= 0, f"alignment.readout_dims={self.alignment.readout_dims} must be >= 0 (0: n_anchors // 2)"),
+            (self.alignment.readout_reg >= 0, f"alignment.readout_reg={self.alignment.readout_reg} must be positive, or 0 to choose it by anchor cross-validation"),
+            (self.alignment.readout_dims >= 0, f"alignment.readout_dims={self.alignment.readout_dims} must be >= 0 (0: chosen by anchor cross-validation)"),
+            (len(self.alignment.readout_blocks) > 0 and len(set(self.alignment.readout_blocks)) == len(self.alignment.readout_blocks)
+             and set(self.alignment.readout_blocks) <= {"base", "model"},
+             f"alignment.readout_blocks={self.alignment.readout_blocks!r}: name 'base' and/or 'model', each once, e.g. ['base', 'model']"),
+            (self.alignment.readout_folds >= 2, f"alignment.readout_folds={self.alignment.readout_folds} must be at least 2"),
+            (self.alignment.readout_text_tokens >= 8, f"alignment.readout_text_tokens={self.alignment.readout_text_tokens} must be at least 8"),
             (self.server.outlier_factor > 1.0,
              f"server.outlier_factor={self.server.outlier_factor} must be above 1 (10 rejects only gross outliers; use a large value to turn the check off)"),
             (self.server.max_change > 0, f"server.max_change={self.server.max_change} must be positive"),

@@ -14,8 +14,9 @@ U S in O(d_out r^2), so an adapted layer costs one extra rank-r product.
 """
 from __future__ import annotations
 
+import contextlib
 import fnmatch
-from typing import Iterable
+from typing import Iterable, Iterator
 
 import torch
 from torch import nn
@@ -56,6 +57,7 @@ class GeoLoRALinear(nn.Module):
         self.m = nn.Parameter(self.row_norm0_sq.sqrt().clone())
         self.delta = nn.Parameter(torch.zeros(self.out_features))
         self.grad_probe: torch.Tensor | None = None
+        self.bypass = False  # True: the frozen layer alone (W0), for training-free features
 
     def set_basis(self, u: torch.Tensor, v: torch.Tensor, s: torch.Tensor | None = None) -> None:
         """Install a shared basis (after a server-side refresh), of this rank or another; ``s`` is the core in it.
@@ -112,6 +114,8 @@ class GeoLoRALinear(nn.Module):
         return self.row_scale()[:, None] * direction
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.bypass:
+            return F.linear(x, self.weight, self.bias)
         if self.grad_probe is not None:  # refresh rounds only: the same function, formed densely
             direction = self.weight + self.U @ self.S @ self.V.T + self.grad_probe
             scale = self.m * torch.exp(self.delta) / direction.norm(dim=1).clamp_min(1e-6)
@@ -160,3 +164,16 @@ def inject_geolora(module: nn.Module, targets: Iterable[str], rank: int, basis_i
 
 def geolora_layers(module: nn.Module) -> dict[str, GeoLoRALinear]:
     return {n: m for n, m in module.named_modules() if isinstance(m, GeoLoRALinear)}
+
+
+@contextlib.contextmanager
+def frozen_base(module: nn.Module) -> Iterator[None]:
+    """Within the block, every GeoLoRA layer of ``module`` computes its frozen base layer only."""
+    layers = list(geolora_layers(module).values())
+    for layer in layers:
+        layer.bypass = True
+    try:
+        yield
+    finally:
+        for layer in layers:
+            layer.bypass = False

@@ -37,7 +37,7 @@ WIRE_STATISTICS = torch.float16
 CONSENSUS_KEY = "consensus/gram_upper"
 BASIS_DIGEST_KEY = "basis_digest"  # meta of a state sent without U and V: the bases it runs on
 TARGET_PREFIX = "targets/"
-READOUT_PREFIX = "readout/"  # readout/<modality>/mean and readout/<modality>/proj: the anchor CCA map
+READOUT_PREFIX = "readout/"  # readout/<modality>/mean, /proj: the anchor readout; /anchors: the anchors in its space
 
 
 def adapter_key(layer: str, part: str) -> str:
@@ -136,6 +136,11 @@ class GlobalState:
             return None
         projections = {m: self.tensors[f"{READOUT_PREFIX}{m}/proj"] for m in means}
         return AnchorReadout(means, projections, self.tensors.get(READOUT_PREFIX + "correlations", torch.zeros(0)))
+
+    def scored_anchors(self) -> dict[str, torch.Tensor]:
+        """Every modality's anchors in the readout's space (travel as float16): what a site validates against."""
+        return {k[len(READOUT_PREFIX):-len("/anchors")]: v.float() for k, v in self.tensors.items()
+                if k.startswith(READOUT_PREFIX) and k.endswith("/anchors")}
 
     def to_arrays(self) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
         meta = {"round": self.round, "anchor_fingerprint": self.anchor_fingerprint, **self.meta}

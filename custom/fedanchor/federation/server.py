@@ -16,10 +16,12 @@ import numpy as np
 import torch
 
 from ..alignment.gram import GramConsensus, centred_gram, from_upper_triangle, upper_triangle
-from ..alignment.readout import AnchorReadout, fit_anchor_readout
+from ..alignment.readout import AnchorReadout
+from ..alignment.readout_choice import ReadoutChoice, choose_readout
 from ..config import FedAnchorConfig
 from ..data.scenario import ModalityData, ModalitySpec
 from ..evaluation import cross_modal_metrics
+from ..model.base_features import base_features
 from ..model.homogeneous import HomogeneousTransformer, build_model
 from ..precision import PrecisionWeightedMerge, sample_weight
 from ..adapters.refresh import augment_basis, refresh_phase, truncate
@@ -61,11 +63,32 @@ def centre_on_anchors(z: torch.Tensor, anchor_z: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.normalize(z - anchor_z.mean(0), dim=-1)
 
 
+def readout_input(blocks: tuple[str, ...], model_z: torch.Tensor, base: np.ndarray | torch.Tensor | None) -> torch.Tensor:
+    """A modality's readout input: its feature blocks side by side, in the job's order (``alignment.readout_blocks``)."""
+    if "base" in blocks and base is None:
+        raise ValueError("this readout reads the base block: pass the items' base features (model/base_features.py)")
+    parts = {"model": lambda: model_z.double().cpu(), "base": lambda: torch.as_tensor(np.asarray(base), dtype=torch.float64)}
+    return torch.cat([parts[k]() for k in blocks], dim=1)
+
+
+def fit_readout(config: FedAnchorConfig, anchor_z: Mapping[str, torch.Tensor],
+                anchor_base: Mapping[str, np.ndarray] | None) -> tuple[AnchorReadout, ReadoutChoice]:
+    """The anchor readout of a model, chosen by cross-validation on the anchors (alignment/readout_choice.py)."""
+    cfg = config.alignment
+    parts = {m: {k: (anchor_base[m] if k == "base" else z) for k in cfg.readout_blocks} for m, z in anchor_z.items()}
+    return choose_readout(parts, folds=cfg.readout_folds, seed=config.adapter.seed, fixed_reg=cfg.readout_reg,
+                          fixed_dims=cfg.readout_dims)
+
+
 def to_scoring_space(embeddings: Mapping[str, torch.Tensor], anchors: Mapping[str, torch.Tensor],
-                     readout: AnchorReadout | None) -> dict[str, torch.Tensor]:
-    """Embeddings in the space held-out retrieval is scored in: the anchor CCA readout's when the job fits one,
-    else each modality's anchor mean removed (the space the cross-modal term trains)."""
-    return {m: readout.apply(m, z) if readout is not None else centre_on_anchors(z, anchors[m]) for m, z in embeddings.items()}
+                     readout: AnchorReadout | None, base: Mapping[str, np.ndarray] | None = None,
+                     blocks: tuple[str, ...] = ("model",)) -> dict[str, torch.Tensor]:
+    """Embeddings in the space held-out retrieval is scored in: the anchor readout's when the job fits one (over
+    ``blocks``: the model's embeddings and, for "base", the items' ``base`` features), else each modality's anchor
+    mean removed (the space the cross-modal term trains)."""
+    if readout is None:
+        return {m: centre_on_anchors(z, anchors[m]) for m, z in embeddings.items()}
+    return {m: readout.apply(m, readout_input(blocks, z, (base or {}).get(m))).float() for m, z in embeddings.items()}
 
 
 def _unit_mean(precision: torch.Tensor) -> torch.Tensor:
@@ -99,6 +122,10 @@ class FederatedServer:
         self.site_bases: dict[str, str] = {}  # site -> digest of the bases its last accepted update trained on
         self.bytes_down: dict[str, int] = {}  # what state_for sent each site in the round it last sent
         self._digest_of: tuple[int, str | None] = (-1, None)  # (round, basis digest) of the state state_for sends
+        self._base: dict[str, dict[str, np.ndarray]] = {}  # "anchors"/"test" -> modality -> base features (fixed)
+        self.readout_choice: ReadoutChoice | None = None  # what anchor cross-validation picked for the latest state
+        self._choice_round = -1  # the round of the state readout_choice was made for
+        self._anchors_only: dict[str, float] | None = None  # anchors_only_eval(), made once
 
     # -- round 0 -------------------------------------------------------------
     def initial_state(self) -> GlobalState:
@@ -109,7 +136,7 @@ class FederatedServer:
             consensus.add(modality, centred_gram(z.double()))
         tensors = shared_tensors(self.model)
         tensors[CONSENSUS_KEY] = upper_triangle(consensus.combine()).to(WIRE_STATISTICS)
-        tensors.update(self._targets_and_readout(embeddings))
+        tensors.update(self._targets_and_readout(embeddings, 0))
         self.state = GlobalState(round=0, anchor_fingerprint=self.anchor_fingerprint, tensors=tensors)
         return self.state
 
@@ -308,7 +335,7 @@ class FederatedServer:
                               f"(contributions of {self.report.accepted}); the global model is left unchanged")
         previous = from_upper_triangle(self.state.tensors[CONSENSUS_KEY].double()) if CONSENSUS_KEY in self.state.tensors else None
         tensors[CONSENSUS_KEY] = upper_triangle(self._consensus.combine(previous)).to(WIRE_STATISTICS)
-        tensors.update(self._targets_and_readout(anchors))
+        tensors.update(self._targets_and_readout(anchors, self.state.round + 1))
         self.state = GlobalState(round=self.state.round + 1, anchor_fingerprint=self.anchor_fingerprint, tensors=tensors)
         log.info("round %d merged from %s (weights %s)", self.report.round, self.report.accepted,
                  {s: round(w, 3) for s, w in self.report.site_weights.items()})
@@ -345,25 +372,67 @@ class FederatedServer:
         return out
 
     # -- views of the model --------------------------------------------------
-    def _targets_and_readout(self, embeddings: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """The anchor targets of the cross-modal term, and the anchor CCA readout fitted on them (public data only)."""
+    def _targets_and_readout(self, embeddings: Mapping[str, torch.Tensor], round_: int) -> dict[str, torch.Tensor]:
+        """The anchor targets of the cross-modal term, and the anchor readout chosen on them by cross-validation
+        (public data only), with every modality's anchors in the readout's space (what a site validates against)."""
         out = {TARGET_PREFIX + m: z.to(WIRE_STATISTICS) for m, z in embeddings.items()}
         cfg = self.config.alignment
         if cfg.readout == "cca" and len(embeddings) >= 2:
-            readout = fit_anchor_readout(embeddings, cfg.readout_reg, cfg.readout_dims or None)
+            base = self.base_of("anchors") if "base" in cfg.readout_blocks else None
+            readout, self.readout_choice = fit_readout(self.config, embeddings, base)
+            self._choice_round = round_
+            scored = to_scoring_space(embeddings, embeddings, readout, base, cfg.readout_blocks)
             for m in embeddings:
                 out[f"{READOUT_PREFIX}{m}/mean"] = readout.means[m]
                 out[f"{READOUT_PREFIX}{m}/proj"] = readout.projections[m]
+                out[f"{READOUT_PREFIX}{m}/anchors"] = scored[m].to(WIRE_STATISTICS)
             out[READOUT_PREFIX + "correlations"] = readout.correlations
         return out
+
+    def base_of(self, which: str) -> dict[str, np.ndarray]:
+        """Base features (model/base_features.py) of the anchors or the held-out pairs, computed once: they are fixed."""
+        if which not in self._base:
+            items = self.anchors if which == "anchors" else self.test
+            tokens = self.config.alignment.readout_text_tokens
+            self._base[which] = {m: base_features(self.model, m, d.items, tokens) for m, d in items.items()}
+        return self._base[which]
 
     def _anchor_embeddings(self) -> dict[str, torch.Tensor]:
         return {m: self.model.embed_all(m, self.anchors[m].items) for m in self.modalities}
 
-    def evaluate(self, state: GlobalState | None = None) -> dict[str, float]:
-        """Held-out cross-modal retrieval of the global model (site deltas excluded: they never leave sites)."""
+    def anchors_only_eval(self) -> dict[str, float]:
+        """What a consortium gets without federating: the readout chosen the same way on the base block of the same
+        anchors alone (no model), scored on the same held-out pairs. Computed once: it does not change."""
         if not self.test:
             return {}
+        if self._anchors_only is None:
+            blocks = {m: {"base": x} for m, x in self.base_of("anchors").items()}
+            cfg = self.config.alignment
+            readout, choice = choose_readout(blocks, folds=cfg.readout_folds, seed=self.config.adapter.seed,
+                                             fixed_reg=cfg.readout_reg, fixed_dims=cfg.readout_dims)
+            test = self.base_of("test")
+            scored = {m: readout.apply(m, torch.from_numpy(test[m])).float() for m in test}
+            labels = {m: np.asarray(d.semantic_labels) for m, d in self.test.items()}
+            self._anchors_only = {**cross_modal_metrics(scored, labels), "anchor_cv/mrr": choice.cv_mrr}
+        return self._anchors_only
+
+    def readout_metrics(self, state: GlobalState | None = None) -> dict[str, float]:
+        """What anchor cross-validation chose for ``state``'s readout and how well it ranked held-out anchors
+        (``anchor_cv/mrr``: the model-selection metric; no held-out pair takes part)."""
+        source = state if state is not None else self.state
+        choice = self.readout_choice
+        if choice is None or source is None or source.round != self._choice_round:
+            return {}
+        out = {"anchor_cv/mrr": choice.cv_mrr, "readout/reg": choice.reg, "readout/dims": float(choice.dims)}
+        out.update({f"readout/weight/{k}": v for k, v in choice.weights.items()})
+        out.update({f"readout/truncation/{k}": float(v) for k, v in choice.truncation.items()})
+        return out
+
+    def evaluate(self, state: GlobalState | None = None) -> dict[str, float]:
+        """The readout's anchor cross-validation, and held-out cross-modal retrieval of the global model when the
+        job has held-out pairs (site deltas excluded: they never leave sites)."""
+        if not self.test:
+            return self.readout_metrics(state)
         if state is not None:
             load_shared(self.model, state.shared_params())
         # The state's anchor targets are this model's anchor embeddings (made when the state was), so reuse them.
@@ -371,10 +440,13 @@ class FederatedServer:
         targets = source.targets() if source is not None else {}
         anchors = targets if set(targets) >= set(self.modalities) else self._anchor_embeddings()
         readout = source.readout() if source is not None else None
-        embeddings = to_scoring_space({m: self.model.embed_all(m, d.items) for m, d in self.test.items()}, anchors, readout)
+        blocks = self.config.alignment.readout_blocks
+        base = self.base_of("test") if readout is not None and "base" in blocks else None
+        embeddings = to_scoring_space({m: self.model.embed_all(m, d.items) for m, d in self.test.items()}, anchors, readout,
+                                      base, blocks)
         labels = {m: np.asarray(d.semantic_labels) for m, d in self.test.items()}
         self.last_embeddings = embeddings  # held-out pairs, row i of every modality is one pair: for the map
-        metrics = cross_modal_metrics(embeddings, labels)
+        metrics = {**cross_modal_metrics(embeddings, labels), **self.readout_metrics(source)}
         kernel = self.state.consensus() if self.state is not None else None
         if kernel is not None:
             k = from_upper_triangle(kernel.double())

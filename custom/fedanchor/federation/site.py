@@ -22,6 +22,7 @@ from ..alignment.losses import anchor_info_nce, cka_loss, two_view_contrastive
 from ..config import FedAnchorConfig
 from ..data.augment import augment
 from ..data.scenario import ModalityData, ModalitySpec
+from ..model.base_features import base_features
 from ..model.homogeneous import HomogeneousTransformer, build_model, take_items
 from ..dp import fresh_generator, gaussian_release, privacy_spent, privatize_change
 from ..precision import PrecisionTracker
@@ -92,6 +93,14 @@ class SiteTrainer:
         self._anchor_same = same_items(anchors.items)  # fixed for the run: which anchors are identical inputs here
         self._dp_rounds = 0  # rounds released under differential privacy, for the accountant
         self.basis_digest: str | None = None  # the shared bases installed in the model: a state may leave them out
+        self._anchor_base: np.ndarray | None = None  # base features of the anchors, made on first use
+
+    def anchor_base_features(self) -> np.ndarray:
+        """Base features (model/base_features.py) of this site's anchors: fixed, so computed once."""
+        if self._anchor_base is None:
+            self._anchor_base = base_features(self.model, self.modality, self.anchors.items,
+                                              self.config.alignment.readout_text_tokens)
+        return self._anchor_base
 
     def local_state(self) -> dict[str, torch.Tensor]:
         return local_tensors(self.model)

@@ -24,6 +24,13 @@ from ..federation.server import ContributionRejected, RoundFailed
 from ..plots import plot_embedding_map
 from .persistor import atomic_write_bytes
 from .server_state import get_server_component, selection_metric
+
+# Which data chose what: written into every run summary so that a reader can check no held-out pair chose anything.
+CHOSEN_BY = {
+    "readout (blocks, truncation, ridge, directions)": "k-fold cross-validation on the public anchors (alignment.readout_folds)",
+    "best model (best_round, best.safetensors)": "anchor_cv/mrr: the readout's cross-validated rank of held-out anchors",
+    "held-out pairs (eval)": "reported only; they choose nothing",
+}
 from .shareable import dxo_to_update, state_to_dxo
 from .tracking import round_scalars
 
@@ -179,6 +186,8 @@ class FedAnchorAggregator(Aggregator):
                 "job_id": fl_ctx.get_job_id(),
                 "config": component.state_meta()["job_config"],
                 "initial_eval": component.initial_eval,
+                "anchors_only_eval": component.anchors_only_eval,
+                "chosen_by": CHOSEN_BY,
                 "rounds": [],
             }
         return self._summary

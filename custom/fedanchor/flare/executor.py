@@ -34,7 +34,7 @@ from ..config import FedAnchorConfig, config_from_dict, config_to_dict
 from ..evaluation import retrieval
 from ..federation.loop import make_split, site_modality
 from ..federation.messages import GlobalState
-from ..federation.server import to_scoring_space
+from ..federation.server import centre_on_anchors, to_scoring_space
 from ..federation.site import SiteTrainer
 from ..federation.state import core_params, projector_params
 from .persistor import CheckpointError, load_tensors, save_tensors
@@ -69,19 +69,27 @@ def config_differences(mine: Mapping[str, Any], theirs: Mapping[str, Any]) -> li
 
 
 def anchor_validation(trainer: SiteTrainer, state: GlobalState) -> dict[str, float]:
-    """The global state seen from this site: its anchors against the other modalities' anchor targets."""
+    """The global state seen from this site: its anchors against the other modalities' anchors, in the readout's
+    space when the job fits one (the other modalities' scored anchors come with the state), else anchor-centred."""
     trainer.install(state)  # the site then holds this state's bases: a later state may leave them out
-    z = trainer.model.embed_all(trainer.modality, trainer.anchors.items)
+    modality = trainer.modality
+    z = trainer.model.embed_all(modality, trainer.anchors.items)
     labels = trainer.anchors.semantic_labels
-    readout = state.readout()  # the server's scoring space when the job fits one
+    readout, scored = state.readout(), state.scored_anchors()
+    blocks = trainer.config.alignment.readout_blocks
+    if readout is not None and scored:
+        base = {modality: trainer.anchor_base_features()} if "base" in blocks else None
+        mine = to_scoring_space({modality: z}, {modality: z}, readout, base, blocks)[modality]
+        others = {m: v for m, v in scored.items() if m != modality}
+    else:
+        targets = state.targets()
+        mine = centre_on_anchors(z, z)
+        others = {m: centre_on_anchors(v, v) for m, v in targets.items() if m != modality}
     metrics: dict[str, float] = {}
-    for other, target in state.targets().items():
-        if other != trainer.modality:
-            pair = {trainer.modality: z, other: target}
-            scored = to_scoring_space(pair, pair, readout)
-            for key, value in retrieval(scored[trainer.modality], scored[other], labels, labels).items():
-                if not key.startswith("chance_"):
-                    metrics[f"anchor/{trainer.modality}->{other}/{key}"] = value
+    for other, theirs in others.items():
+        for key, value in retrieval(mine, theirs, labels, labels).items():
+            if not key.startswith("chance_"):
+                metrics[f"anchor/{modality}->{other}/{key}"] = value
     kernel = state.consensus()
     if kernel is not None:
         metrics["anchor/cka_to_consensus"] = float((centred_gram(z.double()) * from_upper_triangle(kernel.double())).sum())

@@ -24,9 +24,10 @@ from .shareable import state_to_learnable
 
 
 def selection_metric(metrics: Mapping[str, float]) -> float | None:
-    """Model selection on the validation metric: mean held-out instance recall@1 over both directions."""
-    values = [v for k, v in metrics.items() if k.endswith("/recall@1")]
-    return float(sum(values) / len(values)) if values else None
+    """Model selection without held-out pairs: how well the round's readout ranks held-out anchors under the
+    server's k-fold anchor cross-validation (``anchor_cv/mrr``); None when the job fits no readout."""
+    value = metrics.get("anchor_cv/mrr")
+    return float(value) if value is not None else None
 
 
 class FedAnchorServerComponent(FLComponent):
@@ -44,6 +45,7 @@ class FedAnchorServerComponent(FLComponent):
         self._server: FederatedServer | None = None
         self._lock = threading.RLock()
         self.initial_eval: dict[str, float] = {}
+        self.anchors_only_eval: dict[str, float] = {}
 
     @property
     def fedanchor_config(self) -> FedAnchorConfig:
@@ -68,7 +70,9 @@ class FedAnchorServerComponent(FLComponent):
         return self._lock
 
     def record_initial_eval(self, fl_ctx: FLContext, state: GlobalState) -> dict[str, float]:
-        self.initial_eval = self.server(fl_ctx).evaluate(state)
+        server = self.server(fl_ctx)
+        self.initial_eval = server.evaluate(state)
+        self.anchors_only_eval = server.anchors_only_eval()
         return self.initial_eval
 
     def state_meta(self, metrics: Mapping[str, float] | None = None) -> dict[str, Any]:

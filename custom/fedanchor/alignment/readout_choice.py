@@ -1,0 +1,242 @@
+"""Choose the anchor readout by cross-validation on the public anchors: no held-out pair takes part.
+
+A modality's readout input is a concatenation of named feature blocks, row for row
+over the same items:
+
+- ``model``: the global model's embedding (what the federation trains);
+- ``base``: the modality's training-free features (raw arrays, multi-hot code sets,
+  the frozen trunk's mean-pooled text embedding; ``model/base_features.py``);
+- any other block a caller adds (the bench's anchor codebook, for example).
+
+Every block is standardised per feature on the anchors, optionally truncated to its
+leading principal components (fitted on the anchors), scaled to unit total variance
+and weighted; the ridge CCA of ``readout.py`` is fitted on the result. Standardising,
+truncating and weighting are linear, so the chosen readout folds into one affine map
+per modality over the concatenated raw blocks: what crosses the network and what a
+site applies stays an ``AnchorReadout`` (a mean and a projection per modality).
+
+The block weights, the truncation, the ridge and the number of directions are
+picked by k-fold cross-validation over the anchors: fit on k-1 folds, retrieve the
+held-out fold's partners among themselves, score the mean reciprocal rank of the
+true partner (ties counted half, so identical items never look better than they
+are). Anchors-only rivals use this same function with the base block alone, so the
+rival and fedanchor are tuned the same way.
+"""
+from __future__ import annotations
+
+import contextlib
+import itertools
+from dataclasses import asdict, dataclass, field
+from typing import Mapping, Sequence
+
+import numpy as np
+import torch
+
+from .readout import AnchorReadout, fit_anchor_readout
+
+REGS = (0.01, 0.03, 0.1, 0.3, 1.0)
+DIMS = (2, 5, 10, 20, 40, 80)
+TRUNCATIONS = (10, 20, 40, 80, 160, 0)  # leading principal components kept of a block; 0 keeps all
+WEIGHTS = (0.0, 0.5, 1.0, 2.0)  # of every block after the first; 0 drops it
+MIN_FOLD = 3  # anchors a held-out fold needs to rank anything
+
+
+@dataclass
+class ReadoutChoice:
+    """What cross-validation picked, and how well it did on the held-out folds."""
+
+    weights: dict[str, float]
+    truncation: dict[str, int]  # per block: principal components kept (0: all)
+    reg: float
+    dims: int
+    cv_mrr: float  # mean reciprocal rank of the true partner on held-out anchor folds, both directions
+    folds: int
+    candidates: int = 0
+    table: list[dict[str, float]] = field(default_factory=list, repr=False)
+
+    def as_dict(self) -> dict[str, object]:
+        out = asdict(self)
+        out.pop("table")
+        return out
+
+
+@dataclass
+class _Block:
+    """A block's anchor statistics: mean, per-feature scale, principal axes."""
+
+    mean: np.ndarray
+    scale: np.ndarray
+    axes: np.ndarray  # features x components, ordered by variance
+
+    @classmethod
+    def fit(cls, x: np.ndarray) -> "_Block":
+        mean = x.mean(0)
+        scale = x.std(0)
+        scale[scale < 1e-6] = 1.0  # a constant feature on the anchors carries nothing; keep it finite
+        _, _, vt = np.linalg.svd((x - mean) / scale, full_matrices=False)
+        return cls(mean, scale, vt.T)
+
+    def linear(self, truncation: int, weight: float, anchors: np.ndarray) -> np.ndarray:
+        """The features x output map of standardise -> truncate -> unit total variance -> weight (no columns at 0:
+        a zero-weight block must not dilute the ridge, which is relative to the mean variance)."""
+        if weight == 0:
+            return np.zeros((len(self.mean), 0))
+        axes = self.axes if truncation <= 0 else self.axes[:, :truncation]
+        lin = axes / self.scale[:, None]
+        total = float((((anchors - self.mean) @ lin) ** 2).sum(1).mean())
+        return lin * (weight / np.sqrt(max(total, 1e-12)))
+
+
+def _as_numpy(x) -> np.ndarray:
+    return x.detach().double().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x, dtype=np.float64)
+
+
+def check_blocks(blocks: Mapping[str, Mapping[str, object]]) -> tuple[list[str], list[str], int]:
+    """(modalities, block names, anchors); every modality must have the same blocks and rows."""
+    if len(blocks) < 2:
+        raise ValueError(f"a cross-modal readout needs at least two modalities, got {sorted(blocks)}")
+    names = [list(b) for b in blocks.values()]
+    if any(n != names[0] for n in names) or not names[0]:
+        raise ValueError(f"every modality needs the same non-empty feature blocks in the same order, got "
+                         f"{ {m: list(b) for m, b in blocks.items()} }")
+    rows = {(m, k): int(np.shape(x)[0]) for m, b in blocks.items() for k, x in b.items()}
+    if len(set(rows.values())) != 1:
+        raise ValueError(f"every block must hold one row per anchor, got rows {rows}")
+    return list(blocks), names[0], next(iter(rows.values()))
+
+
+def compose(blocks: Mapping[str, Mapping[str, np.ndarray]], stats: Mapping[str, Mapping[str, _Block]],
+            weights: Mapping[str, float], truncation: Mapping[str, int]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Per modality: (mean, linear map) from the concatenated raw blocks to the weighted CCA input."""
+    out = {}
+    for m, b in blocks.items():
+        means, maps = [], []
+        for name, x in b.items():
+            s = stats[m][name]
+            lin = s.linear(truncation[name], weights[name], x)
+            means.append(s.mean)
+            maps.append(lin)
+        rows = sum(x.shape[0] for x in maps)
+        cols = sum(x.shape[1] for x in maps)
+        full = np.zeros((rows, cols))
+        r = c = 0
+        for lin in maps:
+            full[r:r + lin.shape[0], c:c + lin.shape[1]] = lin
+            r, c = r + lin.shape[0], c + lin.shape[1]
+        out[m] = (np.concatenate(means), full)
+    return out
+
+
+def concatenated(blocks: Mapping[str, Mapping[str, object]]) -> dict[str, np.ndarray]:
+    """Each modality's blocks side by side: the readout's input."""
+    return {m: np.concatenate([_as_numpy(x) for x in b.values()], axis=1) for m, b in blocks.items()}
+
+
+def _mean_reciprocal_rank(z: Mapping[str, torch.Tensor]) -> list[float]:
+    out: list[float] = []
+    for a, b in itertools.permutations(z, 2):
+        sims = (z[a].double() @ z[b].double().T).numpy()
+        own = sims.diagonal()[:, None]
+        rank = (sims > own + 1e-9).sum(1) + 0.5 * ((np.abs(sims - own) <= 1e-9).sum(1) - 1)
+        out += (1.0 / (1.0 + rank)).tolist()
+    return out
+
+
+def _fit(inputs: Mapping[str, np.ndarray], maps: Mapping[str, tuple[np.ndarray, np.ndarray]], rows: np.ndarray,
+         reg: float, dims: int) -> AnchorReadout:
+    features = {m: torch.from_numpy((inputs[m][rows] - maps[m][0]) @ maps[m][1]) for m in inputs}
+    return fit_anchor_readout(features, reg, dims)
+
+
+def _score_dims(inputs, maps, train, test, reg: float, dims: Sequence[int]) -> dict[int, list[float]]:
+    readout = _fit(inputs, maps, train, reg, max(dims))
+    full = {m: torch.from_numpy((inputs[m][test] - maps[m][0]) @ maps[m][1] - readout.means[m].double().numpy())
+            @ readout.projections[m].double() for m in inputs}
+    out = {}
+    for d in dims:
+        z = {m: torch.nn.functional.normalize(x[:, :d], dim=-1) for m, x in full.items()}
+        out[d] = _mean_reciprocal_rank(z)
+    return out
+
+
+@contextlib.contextmanager
+def _one_thread():
+    """The search fits hundreds of small (anchors x anchors) problems: one thread is faster than several, which
+    only contend with the training threads beside them."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def choose_readout(blocks: Mapping[str, Mapping[str, object]], folds: int = 5, seed: int = 0,
+                   fixed_reg: float = 0.0, fixed_dims: int = 0, weights: Sequence[float] = WEIGHTS,
+                   truncations: Sequence[int] = TRUNCATIONS, regs: Sequence[float] = REGS) -> tuple[AnchorReadout, ReadoutChoice]:
+    """The readout over ``blocks`` (modality -> block name -> anchors x features) picked by k-fold CV on the anchors.
+
+    The first block is always kept at weight 1; every later block is weighed from
+    ``weights`` (0 drops it). ``fixed_reg`` / ``fixed_dims`` > 0 fix those instead of
+    searching them. The returned readout maps the concatenated raw blocks
+    (``concatenated``) of any item into the shared space.
+    """
+    with _one_thread():
+        return _choose(blocks, folds, seed, fixed_reg, fixed_dims, weights, truncations, regs)
+
+
+def _choose(blocks, folds, seed, fixed_reg, fixed_dims, weights, truncations, regs) -> tuple[AnchorReadout, ReadoutChoice]:
+    modalities, names, n = check_blocks(blocks)
+    if folds < 2:
+        raise ValueError(f"readout cross-validation needs at least 2 folds, got {folds}")
+    data = {m: {k: _as_numpy(x) for k, x in blocks[m].items()} for m in modalities}
+    for m, b in data.items():
+        for k, x in b.items():
+            if not np.isfinite(x).all():
+                raise ValueError(f"readout block {k!r} of modality {m!r} holds NaN or Inf; a readout needs finite features")
+    folds = min(folds, n // MIN_FOLD)
+    if folds < 2:
+        raise ValueError(f"{n} anchors are too few to cross-validate a readout (at least {2 * MIN_FOLD} are needed)")
+    stats = {m: {k: _Block.fit(x) for k, x in b.items()} for m, b in data.items()}
+    inputs = concatenated(data)
+    order = np.random.default_rng(seed).permutation(n)
+    splits = [(np.sort(np.setdiff1d(order, order[f::folds])), np.sort(order[f::folds])) for f in range(folds)]
+    n_train = min(len(tr) for tr, _ in splits)
+    regs = (fixed_reg,) if fixed_reg > 0 else tuple(regs)
+    dims_grid = (fixed_dims,) if fixed_dims > 0 else tuple(d for d in DIMS if d <= max(1, int(0.8 * n_train))) or (1,)
+    # Only the first block is truncated: the others are already compact (an embedding) or small (a codebook).
+    widest = max(stats[m][names[0]].axes.shape[1] for m in modalities)
+    block_truncations = {k: sorted({t for t in truncations if t == 0 or t < widest}) if k == names[0] else [0] for k in names}
+    weight_options = [[1.0]] + [list(weights)] * (len(names) - 1)
+    best: tuple[float, dict, dict, float, int] | None = None
+    table: list[dict[str, float]] = []
+    for ws in itertools.product(*weight_options):
+        w = dict(zip(names, ws))
+        for ts in itertools.product(*(block_truncations[k] if w[k] > 0 else [0] for k in names)):
+            t = dict(zip(names, ts))
+            maps = compose(data, stats, w, t)
+            for reg in regs:
+                scores: dict[int, list[float]] = {d: [] for d in dims_grid}
+                for train, test in splits:
+                    for d, s in _score_dims(inputs, maps, train, test, reg, dims_grid).items():
+                        scores[d] += s
+                for d, s in scores.items():
+                    mrr = float(np.mean(s))
+                    table.append({**{f"weight/{k}": v for k, v in w.items()}, **{f"truncation/{k}": v for k, v in t.items()},
+                                  "reg": reg, "dims": d, "cv_mrr": mrr})
+                    if best is None or mrr > best[0] + 1e-12:
+                        best = (mrr, w, t, reg, d)
+    if best is None:
+        raise ValueError("readout cross-validation had no candidate to try; check the weight and truncation grids")
+    mrr, w, t, reg, d = best
+    maps = compose(data, stats, w, t)
+    core = _fit(inputs, maps, np.arange(n), reg, d)
+    # The weighted features of the anchors have mean zero, so the core's own means vanish: the anchor means of the
+    # raw blocks are the whole shift.
+    readout = AnchorReadout(
+        {m: torch.from_numpy(maps[m][0]).float() for m in modalities},
+        {m: torch.from_numpy(maps[m][1] @ core.projections[m].double().numpy()).float() for m in modalities},
+        core.correlations)
+    choice = ReadoutChoice({k: float(v) for k, v in w.items()}, {k: int(v) for k, v in t.items()}, float(reg), int(d), mrr,
+                           folds, len(table), table)
+    return readout, choice
