@@ -124,3 +124,68 @@ def test_bench_refresh_compares_fixed_and_refreshed_bases_at_equal_bytes(tmp_pat
     assert main(["bench", "--scenario", "motion", "--trunk", "tiny", "--quick", "--refresh", "--set", "rounds=2",
                  "--out", str(tmp_path / "x")]) == 2
     assert "no refresh would complete" in capsys.readouterr().err
+
+
+def test_several_seeds_write_the_scenario_summary_with_each_split_s_sign(tmp_path):
+    threads = torch.get_num_threads()
+    methods = ["--method", "ceiling CCA (all true pairs)", "--method", "anchors-only CCA", "--method", "fedanchor"]
+    try:
+        code = main(["bench", "--scenario", "motion", "--trunk", "tiny", "--quick", "--threads", "1", "--seeds", "0", "1",
+                     *methods, "--out", str(tmp_path)])
+    finally:
+        torch.set_num_threads(threads)
+    assert code == 0
+    summary = json.loads((tmp_path / "summary.json").read_text())["motion"]
+    assert summary["splits"] == 2 and summary["best_anchors_only"] == "anchors-only CCA"
+    assert summary["ceiling"] == "ceiling CCA (all true pairs)"
+    ours, rival = summary["methods"]["fedanchor"], summary["methods"]["anchors-only CCA"]
+    for level, key in (("instance", "instance_recall@10"), ("semantic", "semantic_recall")):
+        per_split = zip(ours["per_split"][level], rival["per_split"][level])
+        assert ours["signs"][level] == [(a > b) - (a < b) for a, b in per_split]
+        assert ours[key] == pytest.approx(sum(ours["per_split"][level]) / 2)
+    merged = tmp_path / "all.json"
+    from fedanchor.bench.summary import main as merge_main
+    assert merge_main([str(tmp_path / "summary.json"), "--out", str(merged)]) == 0
+    assert json.loads(merged.read_text()) == {"motion": summary}
+    with pytest.raises(ValueError, match="repeats scenario"):
+        merge_main([str(tmp_path / "summary.json"), str(tmp_path / "summary.json"), "--out", str(merged)])
+
+
+@pytest.mark.parametrize("rival,ours,expected", [
+    ([0.2, 0.4, 0.6], [0.4, 0.5, 0.6], {"25": pytest.approx(50.0), "50": pytest.approx(70.71, rel=1e-3), "100": pytest.approx(100.0)}),
+    ([0.2, 0.4, 0.6], [0.1, 0.2, 0.9], {"25": "<= 25", "50": "<= 25", "100": "> 100"}),
+    ([0.3, 0.2, 0.5], [0.3, 0.35, 0.5], {"25": "<= 25", "50": pytest.approx(50 * 2 ** (1 / 4), rel=1e-3), "100": pytest.approx(100.0)}),
+], ids=["interpolated", "bounds", "rival-not-monotone"])
+def test_effective_anchors_read_the_rival_s_curve(rival, ours, expected):
+    from fedanchor.bench.anchors import effective_anchors
+
+    points = [{"anchors": n, "anchors-only CCA/instance": r, "fedanchor/instance": o}
+              for n, r, o in zip((25, 50, 100), rival, ours)]
+    assert effective_anchors(points, "instance") == expected
+
+
+def test_anchor_budget_runs_both_methods_at_every_count(tmp_path):
+    threads = torch.get_num_threads()
+    try:
+        code = main(["bench", "--scenario", "motion", "--trunk", "tiny", "--quick", "--threads", "1", "--anchors", "8", "16",
+                     "--out", str(tmp_path)])
+    finally:
+        torch.set_num_threads(threads)
+    assert code == 0
+    study = json.loads((tmp_path / "anchors.json").read_text())
+    assert [p["anchors"] for p in study["points"]] == [8, 16]
+    assert set(study["effective_anchors"]) == {"instance", "semantic"}
+    assert "| 16 |" in (tmp_path / "anchors.md").read_text()
+    assert main(["bench", "--scenario", "motion", "--trunk", "tiny", "--anchors", "16", "--out", str(tmp_path)]) == 2
+
+
+def test_the_demo_lines_compare_with_the_anchors_only_cca_and_flag_chance():
+    from fedanchor.report import comparison_lines
+
+    ours = {"a->b/recall@10": 0.5, "a->b/chance_recall@10": 0.1, "a->b/semantic_recall@10": 0.3,
+            "a->b/chance_semantic_recall@10": 0.4}
+    rival = {"a->b/recall@10": 0.4, "a->b/semantic_recall@10": 0.35}
+    lines = comparison_lines(ours, rival)
+    assert lines[0] == "a->b instance R@10: fedanchor 0.500 vs anchors-only 0.400 (+0.100)"
+    assert lines[1] == "a->b semantic R@10: fedanchor 0.300 vs anchors-only 0.350 (-0.050)"
+    assert lines[-1].startswith("at or below chance: a->b semantic R@10")

@@ -32,6 +32,21 @@ def print_recall_table(runs: Mapping[str, Mapping[str, float]]) -> None:
             print(f"{label:<26} {direction:<22} {level:<9} {cells}   " + "/".join(f"{c:.3f}" for c in chance))
 
 
+def comparison_lines(fedanchor: Mapping[str, float], anchors_only: Mapping[str, float], k: int = 10) -> list[str]:
+    """What the federation added over the anchors-only CCA on the same anchors, per direction, and every recall that
+    sits at or below chance (none should)."""
+    lines = []
+    for direction, level, values, chance in recall_rows(fedanchor):
+        at = KS.index(k)
+        rival = anchors_only.get(f"{direction}/{'recall' if level == 'instance' else 'semantic_recall'}@{k}")
+        versus = f" vs anchors-only {rival:.3f} ({values[at] - rival:+.3f})" if rival is not None else ""
+        lines.append(f"{direction} {level} R@{k}: fedanchor {values[at]:.3f}{versus}")
+    below = [f"{d} {level} R@{KS[i]}" for d, level, values, chance in recall_rows(fedanchor)
+             for i, (v, c) in enumerate(zip(values, chance)) if v <= c]
+    lines.append("at or below chance: " + (", ".join(below) if below else "none"))
+    return lines
+
+
 def write_run(folder: Path, runs: Mapping[str, object]) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     payload = {}

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Sequence
 
 from .plots import plot_rounds
-from .report import print_recall_table, round_table
+from .report import comparison_lines, print_recall_table, round_table
 
 SUMMARY_FILE = "fedanchor_summary.json"
 PROGRESS = re.compile(r"fedanchor (round \d+:.*)")
@@ -95,7 +95,13 @@ def show(summary: dict, out: Path, echo=print) -> None:
     echo("")
     echo(round_table(summary["rounds"], summary.get("initial_eval")))
     echo("")
-    print_recall_table({"final global model": summary["rounds"][-1]["eval"]})
+    final = summary["rounds"][-1]["eval"]
+    anchors_only = summary.get("anchors_only_eval") or {}
+    runs = {"anchors-only CCA": anchors_only, "fedanchor (final global)": final} if anchors_only else {"fedanchor (final global)": final}
+    print_recall_table(runs)
+    echo("")
+    for line in comparison_lines(final, anchors_only):
+        echo(line)
     bytes_up = summary["rounds"][-1].get("bytes_up", {})
     echo("")
     echo("bytes sent per site per round (serialized): " + ", ".join(f"{s} {b / 1e6:.2f} MB" for s, b in bytes_up.items()))

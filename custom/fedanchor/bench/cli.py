@@ -3,6 +3,7 @@
     fedanchor bench --scenario motion --trunk tiny --quick --out runs/bench-motion
     fedanchor bench --scenario digits --quick --out runs/bench-digits
     fedanchor bench --scenario digits --seeds 0 1 2 --noisy --out runs/bench-digits-full
+    fedanchor bench --scenario digits --quick --anchors 25 50 100 200 400 --out runs/anchors-digits
 
 With several --seeds every split gets its own folder (seed-N/) and spread.md gives
 mean and standard deviation over splits. --noisy adds the noisy-site study
@@ -20,6 +21,7 @@ from typing import Any, Callable, Sequence
 
 from .noisy import NOISY_MODES, noisy_site_study, write_noisy
 from .runner import METHODS, bench_config, run_bench, spread, spread_markdown, write_bench
+from .summary import scenario_summary
 
 
 def _parse_set(pairs: Sequence[str]) -> dict:
@@ -36,7 +38,7 @@ def _parse_set(pairs: Sequence[str]) -> dict:
 
 
 def _study(out: Path, name: str, run: Callable[[], Any], markdown: Callable[[Any], str]) -> int:
-    """One of the single studies (--scale, --refresh, --speed): <out>/<name>.json and .md, the table printed."""
+    """One of the single studies (--scale, --refresh, --speed, --anchors): <out>/<name>.json and .md, the table printed."""
     try:
         result = run()
     except (ValueError, FileNotFoundError, ModuleNotFoundError, RuntimeError) as err:
@@ -68,6 +70,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--refresh", action="store_true",
                         help="only compare fixed and refreshed GeoLoRA bases at equal bytes (refresh.md); "
                              "give enough rounds, e.g. --set rounds=6")
+    parser.add_argument("--anchors", type=int, nargs="+", metavar="N",
+                        help="only the anchor budget: the anchors-only CCA and fedanchor at each anchor count, and "
+                             "fedanchor's effective anchors (anchors.md, anchors.png)")
     parser.add_argument("--refresh-every", type=int, default=3, help="with --refresh: T, rounds between basis refreshes")
     parser.add_argument("--noisy-mode", action="append", choices=sorted(NOISY_MODES),
                         help="corruptions of the noisy-site study (repeatable; default all)")
@@ -104,6 +109,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         from .refresh import refresh_markdown, refresh_study
 
         return _study(out, "refresh", lambda: refresh_study(config_of(), every=args.refresh_every), refresh_markdown)
+    if args.anchors:
+        from .anchors import anchor_budget, anchors_markdown, plot_anchor_budget
+
+        def budget() -> dict:
+            study = anchor_budget(config_of(), args.anchors)
+            out.mkdir(parents=True, exist_ok=True)
+            plot_anchor_budget(study, out / "anchors.png")
+            return study
+        return _study(out, "anchors", budget, anchors_markdown)
     if args.speed:
         from .speed import speed_markdown, step_speed
 
@@ -122,6 +136,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if len(benches) > 1:
             (out / "spread.md").write_text(spread_markdown(benches, command))
             (out / "spread.json").write_text(json.dumps(spread(benches), indent=2))
+            (out / "summary.json").write_text(json.dumps(scenario_summary(benches), indent=2))
             print((out / "spread.md").read_text())
         if args.noisy:
             config = bench_config(args.scenario, args.quick, args.seeds[0], args.trunk, _parse_set(args.set or []))

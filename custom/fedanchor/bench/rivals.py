@@ -7,20 +7,21 @@ in the anchor CCA readout space (or anchor-centred when the readout is off),
 from __future__ import annotations
 
 import itertools
-from typing import Mapping
+from typing import Any, Callable, Mapping
 
 import numpy as np
 import torch
 from torch.nn import functional as F
 
 from ..alignment.losses import paired_info_nce
-from ..alignment.readout import fit_anchor_readout
+from ..alignment.readout_choice import choose_readout, concatenated
 from ..config import FedAnchorConfig
 from ..data import load_scenario
 from ..data.scenario import FederatedSplit, ModalityData
 from ..evaluation import cross_modal_metrics
-from ..federation.server import centre_on_anchors, to_scoring_space
+from ..federation.server import centre_on_anchors, fit_readout, to_scoring_space
 from ..federation.site import resolve_device, same_items
+from ..model.base_features import base_features
 from ..model.homogeneous import HomogeneousTransformer, build_model, take_items
 
 
@@ -83,9 +84,10 @@ def score_models(models: Mapping[str, HomogeneousTransformer], split: FederatedS
     """Score every learned method the way the fedanchor server scores its global model.
 
     ``models[m]`` embeds modality m (one shared model, or a site's own model for
-    rivals that keep one per site). The test items go into the anchor CCA readout
-    fitted on the models' anchor embeddings when ``config.alignment.readout`` is
-    "cca" (the server's default), else into the anchor-centred space.
+    rivals that keep one per site). The test items go into the anchor readout chosen
+    by cross-validation on the anchors over the job's blocks (the models' embeddings
+    and the items' base features) when ``config.alignment.readout`` is "cca" (the
+    server's default), else into the anchor-centred space.
     """
     missing = [m for m in split.test if m not in models]
     if missing:
@@ -93,8 +95,14 @@ def score_models(models: Mapping[str, HomogeneousTransformer], split: FederatedS
     anchors = {m: models[m].embed_all(m, split.anchors[m].items) for m in split.test}
     tests = {m: models[m].embed_all(m, d.items) for m, d in split.test.items()}
     cfg = config.alignment
-    readout = fit_anchor_readout(anchors, cfg.readout_reg, cfg.readout_dims or None) if cfg.readout == "cca" else None
-    return cross_modal_metrics(to_scoring_space(tests, anchors, readout), _labels(split))
+    if cfg.readout != "cca":
+        return cross_modal_metrics(to_scoring_space(tests, anchors, None), _labels(split))
+    base = "base" in cfg.readout_blocks
+    anchor_base = {m: base_features(models[m], m, split.anchors[m].items, cfg.readout_text_tokens) for m in split.test} if base else None
+    test_base = {m: base_features(models[m], m, d.items, cfg.readout_text_tokens) for m, d in split.test.items()} if base else None
+    readout, choice = fit_readout(config, anchors, anchor_base)
+    metrics = cross_modal_metrics(to_scoring_space(tests, anchors, readout, test_base, cfg.readout_blocks), _labels(split))
+    return {**metrics, **{f"readout/weight/{k}": v for k, v in choice.weights.items()}, "anchor_cv/mrr": choice.cv_mrr}
 
 
 def _labels(split: FederatedSplit) -> dict[str, np.ndarray]:
@@ -104,50 +112,76 @@ def _labels(split: FederatedSplit) -> dict[str, np.ndarray]:
 # -- training-free features for CCA and ASIF --------------------------------------
 def frozen_features(config: FedAnchorConfig, split: FederatedSplit, seed: int,
                     extra: Mapping[str, ModalityData] | None = None) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], dict[str, str], dict[str, np.ndarray]]:
-    """(anchor features, test features, what they are, features of ``extra``) per modality.
-
-    Array modalities: the raw items, standardised by the anchors' statistics and
-    flattened. Code sets: multi-hot vectors. Text: the untrained model's embeddings
-    (frozen trunk, zero adapters), since it has no raw vector form.
-    """
+    """(anchor features, test features, what they are, features of ``extra``) per modality: the base features
+    (model/base_features.py) that fedanchor's readout also reads: raw arrays, multi-hot code sets, the frozen
+    trunk's mean-pooled embedding of the whole text."""
+    torch.manual_seed(seed)
+    model = build_model(config, {k: v.spec for k, v in split.anchors.items()}, split.feature_stats)
+    model.eval()
+    tokens = config.alignment.readout_text_tokens
+    what = {"codes": "multi-hot code sets", "text": f"frozen {config.trunk.name} trunk, mean-pooled over {tokens} tokens"}
     anchors, test, source, more = {}, {}, {}, {}
-    model = None
     for m, d in split.anchors.items():
-        if d.spec.is_array:
-            mean, std = split.feature_stats[m]
-            f = lambda items: ((np.asarray(items, dtype=np.float64) - mean) / std).reshape(len(items), -1)  # noqa: E731
-            source[m] = "raw features, standardised on the anchors"
-        elif d.spec.kind == "codes":
-            f = lambda items, n=len(d.spec.vocab): multi_hot(items, n)  # noqa: E731
-            source[m] = "multi-hot code sets"
-        else:
-            if model is None:
-                torch.manual_seed(seed)
-                model = build_model(config, {k: v.spec for k, v in split.anchors.items()}, split.feature_stats)
-                model.eval()
-            f = lambda items, m=m: model.embed_all(m, items).double().numpy()  # noqa: E731
-            source[m] = f"untrained-model embeddings (frozen {config.trunk.name} trunk)"
-        anchors[m], test[m] = f(d.items), f(split.test[m].items)
+        anchors[m] = base_features(model, m, d.items, tokens)
+        test[m] = base_features(model, m, split.test[m].items, tokens)
         if extra is not None:
-            more[m] = f(extra[m].items)
+            more[m] = base_features(model, m, extra[m].items, tokens)
+        source[m] = what.get(d.spec.kind, "raw values, flattened")
     return anchors, test, source, more
 
 
-def multi_hot(items, n_codes: int) -> np.ndarray:
-    """Code sets as 0/1 vectors over the vocabulary: their natural raw form, as in the reference CCA figures."""
-    out = np.zeros((len(items), n_codes))
-    for row, codes in enumerate(items):
-        out[row, list(codes)] = 1.0
-    return out
-
-
 def cca_rival(anchor_f: Mapping[str, np.ndarray], test_f: Mapping[str, np.ndarray], split: FederatedSplit,
-              reg: float = 0.1, dims: int | None = None) -> tuple[dict[str, float], dict[str, float]]:
-    """Regularised CCA fitted on the anchor pairs: the same fit as fedanchor's anchor readout, on these features."""
-    readout = fit_anchor_readout({m: torch.from_numpy(np.asarray(x, dtype=np.float64)) for m, x in anchor_f.items()}, reg, dims)
-    embeddings = {m: readout.apply(m, torch.from_numpy(np.asarray(test_f[m], dtype=np.float32))) for m in anchor_f}
-    return cross_modal_metrics(embeddings, _labels(split)), {
-        "dims": len(readout.correlations), "reg": reg, "top_correlation": float(readout.correlations[0])}
+              extra_blocks: Mapping[str, Callable[[np.ndarray], np.ndarray]] | None = None, folds: int = 5,
+              **grid: Any) -> tuple[dict[str, float], dict[str, Any]]:
+    """Ridge CCA fitted on the anchor pairs with truncation, ridge and directions chosen by cross-validation on the
+    anchors: the same choice (``choose_readout``) as fedanchor's readout, on the base block alone or with
+    ``extra_blocks`` (modality -> feature function of base features, e.g. an anchor codebook)."""
+    blocks = {m: {"base": x, **({"extra": extra_blocks[m](x)} if extra_blocks else {})} for m, x in anchor_f.items()}
+    readout, choice = choose_readout(blocks, folds=folds, **grid)
+    tests = concatenated({m: {"base": x, **({"extra": extra_blocks[m](x)} if extra_blocks else {})} for m, x in test_f.items()})
+    embeddings = {m: readout.apply(m, torch.from_numpy(x)).float() for m, x in tests.items()}
+    return cross_modal_metrics(embeddings, _labels(split)), {**choice.as_dict(), "chosen_by": f"{choice.folds}-fold CV on the pairs it was fitted on"}
+
+
+def anchor_codebook(anchor_f: np.ndarray, centroids: int, temperature: float = 0.2, seed: int = 0,
+                    components: int = 40) -> Callable[[np.ndarray], np.ndarray]:
+    """A nonlinear anchors-only feature: soft assignments to k-means centroids of the anchors (in their leading
+    principal components, standardised), temperature relative to the median squared distance."""
+    mean, scale = anchor_f.mean(0), anchor_f.std(0)
+    scale[scale < 1e-6] = 1.0
+    _, _, vt = np.linalg.svd((anchor_f - mean) / scale, full_matrices=False)
+    axes = vt[:components].T
+
+    def project(x: np.ndarray) -> np.ndarray:
+        return ((x - mean) / scale) @ axes
+
+    points = project(anchor_f)
+    centres = kmeans(points, centroids, seed)
+    reference = float(np.median(((points[:, None] - centres[None]) ** 2).sum(-1)))
+
+    def soft(x: np.ndarray) -> np.ndarray:
+        logits = -((project(x)[:, None] - centres[None]) ** 2).sum(-1) / (max(reference, 1e-12) * temperature)
+        logits -= logits.max(1, keepdims=True)
+        p = np.exp(logits)
+        return p / p.sum(1, keepdims=True)
+    return soft
+
+
+def kmeans(points: np.ndarray, k: int, seed: int = 0, iterations: int = 50) -> np.ndarray:
+    """Lloyd's k-means with k-means++ seeding (deterministic for a seed)."""
+    rng = np.random.default_rng(seed)
+    k = min(k, len(points))
+    centres = points[rng.choice(len(points), 1)]
+    for _ in range(1, k):
+        d = ((points[:, None] - centres[None]) ** 2).sum(-1).min(1)
+        centres = np.vstack([centres, points[rng.choice(len(points), p=d / d.sum() if d.sum() > 0 else None)]])
+    for _ in range(iterations):
+        assign = ((points[:, None] - centres[None]) ** 2).sum(-1).argmin(1)
+        moved = np.array([points[assign == j].mean(0) if (assign == j).any() else centres[j] for j in range(k)])
+        if np.allclose(moved, centres):
+            break
+        centres = moved
+    return centres
 
 
 def asif_rival(anchor_f: Mapping[str, np.ndarray], test_f: Mapping[str, np.ndarray], split: FederatedSplit,
