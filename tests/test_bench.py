@@ -147,6 +147,8 @@ def test_several_seeds_write_the_scenario_summary_with_each_split_s_sign(tmp_pat
     from fedanchor.bench.summary import main as merge_main
     assert merge_main([str(tmp_path / "summary.json"), "--out", str(merged)]) == 0
     assert json.loads(merged.read_text()) == {"motion": summary}
+    table = merged.with_suffix(".md").read_text()
+    assert "## motion: 2 splits" in table and "| **fedanchor** |" in table and "gap closed" in table
     with pytest.raises(ValueError, match="repeats scenario"):
         merge_main([str(tmp_path / "summary.json"), str(tmp_path / "summary.json"), "--out", str(merged)])
 

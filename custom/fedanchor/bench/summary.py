@@ -14,7 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 
@@ -62,14 +62,41 @@ def merge(paths: Sequence[Path]) -> dict[str, Any]:
     return out
 
 
+def summary_markdown(summary: Mapping[str, Any]) -> str:
+    """One table per scenario: mean +- sd over splits, fedanchor's per-split signs against the best anchors-only method,
+    and the gap it closes towards the ceiling."""
+    lines = []
+    for scenario, entry in summary.items():
+        k = entry["k"]
+        inst_key = next(key for key in next(iter(entry["methods"].values())) if key.startswith("instance_recall@"))
+        lines += [f"## {scenario}: {entry['splits']} splits (seeds {entry.get('seeds')})", "",
+                  f"| method | instance R@{k['instance']} | semantic R@{k['semantic']} |", "|---|---|---|"]
+        for name, m in entry["methods"].items():
+            mark = "**" if name in ("fedanchor", entry["best_anchors_only"]) else ""
+            lines.append(f"| {mark}{name}{mark} | {m[inst_key]:.3f} ± {m['sd_instance']:.3f} | "
+                         f"{m['semantic_recall']:.3f} ± {m['sd_semantic']:.3f} |")
+        ours, bar, top = (entry["methods"].get(n) for n in ("fedanchor", entry["best_anchors_only"], entry["ceiling"]))
+        if ours and bar:
+            lines += ["", f"Best anchors-only: {entry['best_anchors_only']}; ceiling: {entry['ceiling']}."]
+            for level, key in (("instance", inst_key), ("semantic", "semantic_recall")):
+                gap = (ours[key] - bar[key]) / (top[key] - bar[key]) if top and top[key] > bar[key] else float("nan")
+                lines.append(f"- {level}: fedanchor {ours[key] - bar[key]:+.3f} over the best anchors-only method "
+                             f"(per split: {ours['signs'][level]}), gap closed {gap:.2f}")
+        lines.append("")
+    return "\n".join(lines)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m fedanchor.bench.summary", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("summaries", type=Path, nargs="+", help="summary.json files written by multi-seed benches")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args(argv)
-    args.out.write_text(json.dumps(merge(args.summaries), indent=2))
-    print(f"wrote {args.out}")
+    summary = merge(args.summaries)
+    args.out.write_text(json.dumps(summary, indent=2))
+    args.out.with_suffix(".md").write_text(summary_markdown(summary))
+    print(summary_markdown(summary))
+    print(f"wrote {args.out} and {args.out.with_suffix('.md')}")
     return 0
 
 
