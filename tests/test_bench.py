@@ -10,12 +10,17 @@ from fedanchor.bench.runner import FED_RIVALS, METHODS
 from fedanchor.cli import main
 
 
-def test_bench_quick_motion_writes_every_method(tmp_path, capsys):
+def bench_cli(*args: str) -> int:
+    """``fedanchor bench`` on one torch thread (what the suite's 2-core machine wants), the caller's threads restored."""
     threads = torch.get_num_threads()
     try:
-        code = main(["bench", "--scenario", "motion", "--trunk", "tiny", "--quick", "--threads", "1", "--out", str(tmp_path)])
+        return main(["bench", "--threads", "1", *args])
     finally:
         torch.set_num_threads(threads)
+
+
+def test_bench_quick_motion_writes_every_method(tmp_path, capsys):
+    code = bench_cli("--scenario", "motion", "--trunk", "tiny", "--quick", "--out", str(tmp_path))
     assert code == 0
     results = json.loads((tmp_path / "results.json").read_text())
     assert set(results["methods"]) == set(METHODS)
@@ -45,13 +50,8 @@ def test_bench_quick_motion_writes_every_method(tmp_path, capsys):
 
 
 def test_bench_several_seeds_report_the_spread(tmp_path):
-    threads = torch.get_num_threads()
     methods = ["--method", "ceiling CCA (all true pairs)", "--method", "anchors-only CCA", "--method", "anchors-only ASIF"]
-    try:
-        code = main(["bench", "--scenario", "motion", "--trunk", "tiny", "--quick", "--threads", "1", "--seeds", "0", "1",
-                     *methods, "--out", str(tmp_path)])
-    finally:
-        torch.set_num_threads(threads)
+    code = bench_cli("--scenario", "motion", "--trunk", "tiny", "--quick", "--seeds", "0", "1", *methods, "--out", str(tmp_path))
     assert code == 0
     assert (tmp_path / "seed-0" / "results.json").exists() and (tmp_path / "seed-1" / "results.md").exists()
     spread = json.loads((tmp_path / "spread.json").read_text())
@@ -66,12 +66,7 @@ def test_bench_noisy_study_needs_two_sites_of_a_modality(tmp_path, capsys):
 
 
 def test_bench_speed_times_a_local_step_against_peft_lora(tmp_path):
-    threads = torch.get_num_threads()
-    try:
-        code = main(["bench", "--scenario", "motion", "--trunk", "tiny", "--quick", "--threads", "1", "--speed",
-                     "--out", str(tmp_path)])
-    finally:
-        torch.set_num_threads(threads)
+    code = bench_cli("--scenario", "motion", "--trunk", "tiny", "--quick", "--speed", "--out", str(tmp_path))
     assert code == 0
     result = json.loads((tmp_path / "speed.json").read_text())
     assert set(result["modalities"]) == {"accel", "gyro"}
@@ -105,12 +100,8 @@ def test_server_peak_folds_updates_as_they_arrive_and_the_table_reads_them():
 
 
 def test_bench_refresh_compares_fixed_and_refreshed_bases_at_equal_bytes(tmp_path, capsys):
-    threads = torch.get_num_threads()
-    try:
-        code = main(["bench", "--scenario", "motion", "--trunk", "tiny", "--quick", "--threads", "1", "--refresh",
-                     "--refresh-every", "2", "--set", "rounds=2", "--out", str(tmp_path)])
-    finally:
-        torch.set_num_threads(threads)
+    code = bench_cli("--scenario", "motion", "--trunk", "tiny", "--quick", "--refresh", "--refresh-every", "2", "--set", "rounds=2",
+                     "--out", str(tmp_path))
     assert code == 0
     study = json.loads((tmp_path / "refresh.json").read_text())
     fixed, refreshed = study["rows"][:-1], study["rows"][-1]
@@ -127,13 +118,8 @@ def test_bench_refresh_compares_fixed_and_refreshed_bases_at_equal_bytes(tmp_pat
 
 
 def test_several_seeds_write_the_scenario_summary_with_each_split_s_sign(tmp_path):
-    threads = torch.get_num_threads()
     methods = ["--method", "ceiling CCA (all true pairs)", "--method", "anchors-only CCA", "--method", "fedanchor"]
-    try:
-        code = main(["bench", "--scenario", "motion", "--trunk", "tiny", "--quick", "--threads", "1", "--seeds", "0", "1",
-                     *methods, "--out", str(tmp_path)])
-    finally:
-        torch.set_num_threads(threads)
+    code = bench_cli("--scenario", "motion", "--trunk", "tiny", "--quick", "--seeds", "0", "1", *methods, "--out", str(tmp_path))
     assert code == 0
     summary = json.loads((tmp_path / "summary.json").read_text())["motion"]
     assert summary["splits"] == 2 and summary["best_anchors_only"] == "anchors-only CCA"
@@ -167,12 +153,8 @@ def test_effective_anchors_read_the_rival_s_curve(rival, ours, expected):
 
 
 def test_anchor_budget_runs_both_methods_at_every_count(tmp_path):
-    threads = torch.get_num_threads()
-    try:
-        code = main(["bench", "--scenario", "motion", "--trunk", "tiny", "--quick", "--threads", "1", "--anchors", "8", "16",
-                     "--out", str(tmp_path)])
-    finally:
-        torch.set_num_threads(threads)
+    code = bench_cli("--scenario", "motion", "--trunk", "tiny", "--quick", "--anchors", "8", "16",
+                     "--out", str(tmp_path))
     assert code == 0
     study = json.loads((tmp_path / "anchors.json").read_text())
     assert [p["anchors"] for p in study["points"]] == [8, 16]
