@@ -39,6 +39,7 @@ DIMS = (2, 5, 10, 20, 40, 80)
 TRUNCATIONS = (10, 20, 40, 80, 160, 0)  # leading principal components kept of a block; 0 keeps all
 WEIGHTS = (0.0, 0.5, 1.0, 2.0)  # of every block after the first; 0 drops it
 MIN_FOLD = 3  # anchors a held-out fold needs to rank anything
+HELD_OUT_QUERIES = 200  # the k-fold split is repeated (reshuffled) until about this many held-out anchors were ranked
 
 
 @dataclass
@@ -51,6 +52,7 @@ class ReadoutChoice:
     dims: int
     cv_mrr: float  # mean reciprocal rank of the true partner on held-out anchor folds, both directions
     folds: int
+    repeats: int = 1  # reshuffled repetitions of the k-fold split
     candidates: int = 0
     table: list[dict[str, float]] = field(default_factory=list, repr=False)
 
@@ -199,8 +201,14 @@ def _choose(blocks, folds, seed, fixed_reg, fixed_dims, weights, truncations, re
         raise ValueError(f"{n} anchors are too few to cross-validate a readout (at least {2 * MIN_FOLD} are needed)")
     stats = {m: {k: _Block.fit(x) for k, x in b.items()} for m, b in data.items()}
     inputs = concatenated(data)
-    order = np.random.default_rng(seed).permutation(n)
-    splits = [(np.sort(np.setdiff1d(order, order[f::folds])), np.sort(order[f::folds])) for f in range(folds)]
+    # Few anchors make folds of a handful of items whose ranks are coarse: repeat the split on fresh shuffles so the
+    # choice rests on about HELD_OUT_QUERIES held-out anchors, not on one lucky partition.
+    rng = np.random.default_rng(seed)
+    splits = []
+    repeats = max(1, -(-HELD_OUT_QUERIES // n))
+    for _ in range(repeats):
+        order = rng.permutation(n)
+        splits += [(np.sort(np.setdiff1d(order, order[f::folds])), np.sort(order[f::folds])) for f in range(folds)]
     n_train = min(len(tr) for tr, _ in splits)
     regs = (fixed_reg,) if fixed_reg > 0 else tuple(regs)
     dims_grid = (fixed_dims,) if fixed_dims > 0 else tuple(d for d in DIMS if d <= max(1, int(0.8 * n_train))) or (1,)
@@ -238,5 +246,5 @@ def _choose(blocks, folds, seed, fixed_reg, fixed_dims, weights, truncations, re
         {m: torch.from_numpy(maps[m][1] @ core.projections[m].double().numpy()).float() for m in modalities},
         core.correlations)
     choice = ReadoutChoice({k: float(v) for k, v in w.items()}, {k: int(v) for k, v in t.items()}, float(reg), int(d), mrr,
-                           folds, len(table), table)
+                           folds, repeats, len(table), table)
     return readout, choice
