@@ -110,3 +110,16 @@ def test_a_site_validates_in_the_readout_space_with_its_own_base_features(served
     theirs = state.scored_anchors()[other]
     server_top1 = float(((mine @ theirs.T).argmax(1) == torch.arange(len(mine))).double().mean())
     assert metrics[f"anchor/{private.spec.name}->{other}/recall@1"] == pytest.approx(server_top1, abs=0.07)
+
+
+def test_the_demo_s_anchors_only_figure_is_the_bench_s_anchors_only_cca(served):
+    """What make demo prints beside fedanchor is the same fit as the bench's anchors-only rival on the same split."""
+    from fedanchor.bench.rivals import cca_rival, frozen_features
+
+    config, split, server, _ = served
+    anchor_f, test_f, _, _ = frozen_features(config, split, seed=0)
+    rival, _ = cca_rival(anchor_f, test_f, split)
+    demo = server.anchors_only_eval()
+    for key in ("accel->gyro/recall@10", "gyro->accel/semantic_recall@1"):
+        assert demo[key] == pytest.approx(rival[key])
+    assert demo["accel->gyro/recall@10"] > demo["accel->gyro/chance_recall@10"]

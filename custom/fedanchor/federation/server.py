@@ -71,11 +71,13 @@ def readout_input(blocks: tuple[str, ...], model_z: torch.Tensor, base: np.ndarr
     return torch.cat([parts[k]() for k in blocks], dim=1)
 
 
-def fit_readout(config: FedAnchorConfig, anchor_z: Mapping[str, torch.Tensor],
-                anchor_base: Mapping[str, np.ndarray] | None) -> tuple[AnchorReadout, ReadoutChoice]:
-    """The anchor readout of a model, chosen by cross-validation on the anchors (alignment/readout_choice.py)."""
+def fit_readout(config: FedAnchorConfig, anchor_z: Mapping[str, torch.Tensor | None],
+                anchor_base: Mapping[str, np.ndarray] | None,
+                blocks: tuple[str, ...] | None = None) -> tuple[AnchorReadout, ReadoutChoice]:
+    """The anchor readout of a model, chosen by cross-validation on the anchors (alignment/readout_choice.py), over
+    ``blocks`` (default: the job's ``alignment.readout_blocks``)."""
     cfg = config.alignment
-    parts = {m: {k: (anchor_base[m] if k == "base" else z) for k in cfg.readout_blocks} for m, z in anchor_z.items()}
+    parts = {m: {k: (anchor_base[m] if k == "base" else z) for k in blocks or cfg.readout_blocks} for m, z in anchor_z.items()}
     return choose_readout(parts, folds=cfg.readout_folds, seed=config.adapter.seed, fixed_reg=cfg.readout_reg,
                           fixed_dims=cfg.readout_dims)
 
@@ -406,10 +408,8 @@ class FederatedServer:
         if not self.test:
             return {}
         if self._anchors_only is None:
-            blocks = {m: {"base": x} for m, x in self.base_of("anchors").items()}
-            cfg = self.config.alignment
-            readout, choice = choose_readout(blocks, folds=cfg.readout_folds, seed=self.config.adapter.seed,
-                                             fixed_reg=cfg.readout_reg, fixed_dims=cfg.readout_dims)
+            base = self.base_of("anchors")
+            readout, choice = fit_readout(self.config, dict.fromkeys(base), base, blocks=("base",))
             test = self.base_of("test")
             scored = {m: readout.apply(m, torch.from_numpy(test[m])).float() for m in test}
             labels = {m: np.asarray(d.semantic_labels) for m, d in self.test.items()}
