@@ -131,13 +131,14 @@ def frozen_features(config: FedAnchorConfig, split: FederatedSplit, seed: int,
 
 
 def cca_rival(anchor_f: Mapping[str, np.ndarray], test_f: Mapping[str, np.ndarray], split: FederatedSplit,
-              extra_blocks: Mapping[str, Callable[[np.ndarray], np.ndarray]] | None = None, folds: int = 5,
+              extra_blocks: Mapping[str, Callable[[np.ndarray], np.ndarray]] | None = None, folds: int = 5, seed: int = 0,
               **grid: Any) -> tuple[dict[str, float], dict[str, Any]]:
     """Ridge CCA fitted on the anchor pairs with truncation, ridge and directions chosen by cross-validation on the
-    anchors: the same choice (``choose_readout``) as fedanchor's readout, on the base block alone or with
-    ``extra_blocks`` (modality -> feature function of base features, e.g. an anchor codebook)."""
+    anchors: the same choice (``choose_readout``, with the same fold shuffles for the same ``seed``) as fedanchor's
+    readout, on the base block alone or with ``extra_blocks`` (modality -> feature function of base features, e.g.
+    an anchor codebook)."""
     blocks = {m: {"base": x, **({"extra": extra_blocks[m](x)} if extra_blocks else {})} for m, x in anchor_f.items()}
-    readout, choice = choose_readout(blocks, folds=folds, **grid)
+    readout, choice = choose_readout(blocks, folds=folds, seed=seed, **grid)
     tests = concatenated({m: {"base": x, **({"extra": extra_blocks[m](x)} if extra_blocks else {})} for m, x in test_f.items()})
     embeddings = {m: readout.apply(m, torch.from_numpy(x)).float() for m, x in tests.items()}
     return cross_modal_metrics(embeddings, _labels(split)), {**choice.as_dict(), "chosen_by": f"{choice.folds}-fold CV on the pairs it was fitted on"}

@@ -142,12 +142,15 @@ def run_bench(config: FedAnchorConfig, methods: Sequence[str] | None = None,
             anchor_f, test_f, source, pair_f = features
             if name.startswith("ceiling"):
                 # Thousands of pairs: a lighter search (2 folds, no truncation) keeps the N x N fits affordable.
-                metrics, notes = rivals.cca_rival(pair_f, test_f, split, folds=2, truncations=(0,), regs=(0.01, 0.1))
+                metrics, notes = rivals.cca_rival(pair_f, test_f, split, folds=2, seed=config.adapter.seed, truncations=(0,),
+                                                  regs=(0.01, 0.1))
                 notes["pairs"] = len(next(iter(pair_f.values())))
             elif name == "anchors-only CCA":
-                metrics, notes = rivals.cca_rival(anchor_f, test_f, split)
+                # The fold shuffles of fedanchor's server (adapter.seed): with the model block dropped, the two coincide.
+                metrics, notes = rivals.cca_rival(anchor_f, test_f, split, folds=config.alignment.readout_folds,
+                                                  seed=config.adapter.seed)
             elif name == "anchors-only CCA + anchor codebook":
-                metrics, notes = codebook_rival(anchor_f, test_f, split, seed)
+                metrics, notes = codebook_rival(anchor_f, test_f, split, config)
             else:
                 metrics, notes = rivals.asif_rival(anchor_f, test_f, split)
             out[name] = MethodResult(metrics, 0.0, notes={**notes, "features": source})
@@ -172,14 +175,15 @@ def run_bench(config: FedAnchorConfig, methods: Sequence[str] | None = None,
     return BenchResult(config.data.scenario, config, out, time.perf_counter() - started, full)
 
 
-def codebook_rival(anchor_f: Mapping[str, np.ndarray], test_f: Mapping[str, np.ndarray], split, seed: int):
+def codebook_rival(anchor_f: Mapping[str, np.ndarray], test_f: Mapping[str, np.ndarray], split, config: FedAnchorConfig):
     """The nonlinear anchors-only rival: base features plus soft assignments to k-means centroids of the anchors;
     the number of centroids, like everything else, chosen by cross-validation on the anchors."""
     n = len(next(iter(anchor_f.values())))
     best = None
     for centroids in sorted({max(2, n // 10), max(2, n // 5)}):
-        codebooks = {m: rivals.anchor_codebook(x, centroids, seed=seed) for m, x in anchor_f.items()}
-        metrics, notes = rivals.cca_rival(anchor_f, test_f, split, extra_blocks=codebooks)
+        codebooks = {m: rivals.anchor_codebook(x, centroids, seed=config.adapter.seed) for m, x in anchor_f.items()}
+        metrics, notes = rivals.cca_rival(anchor_f, test_f, split, extra_blocks=codebooks,
+                                          folds=config.alignment.readout_folds, seed=config.adapter.seed)
         if best is None or notes["cv_mrr"] > best[1]["cv_mrr"]:
             best = (metrics, {**notes, "centroids": centroids})
     return best
