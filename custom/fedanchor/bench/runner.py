@@ -64,9 +64,6 @@ HEADLINE_K: dict[str, dict[str, int]] = {
     "digits": {"instance": 10, "semantic": 1},
     "motion": {"instance": 10, "semantic": 1},
 }
-NOT_YET_RUN = (
-    ("hospital-scale sites", "16 sites, basis refresh and FLARE's own message cost are issue 8"),
-)
 
 
 @dataclass
@@ -95,7 +92,7 @@ class BenchResult:
         return {"scenario": self.scenario, "config": config_to_dict(self.config), "seconds": self.seconds,
                 "methods": {k: v.as_dict() for k, v in self.methods.items()},
                 "gap_closed": gap_closed(self.methods, HEADLINE_K[self.scenario]),
-                "bytes": bytes_summary(self), "not_yet_run": dict(NOT_YET_RUN)}
+                "bytes": bytes_summary(self)}
 
 
 def bench_config(scenario: str, quick: bool = False, seed: int = 0, trunk: str | None = None,
@@ -325,7 +322,6 @@ def results_markdown(bench: BenchResult, command: str = "") -> str:
     for name, res in methods.items():
         if res.notes or res.overrides:
             lines.append(f"- {name}: " + "; ".join(f"{k}={v}" for k, v in {**res.overrides, **res.notes}.items()))
-    lines += ["", "## Not in this bench", ""] + [f"- {name}: {why}" for name, why in NOT_YET_RUN]
     return "\n".join(lines) + "\n"
 
 
