@@ -90,6 +90,7 @@ def plot_anchor_budget(study: Mapping[str, Any], path) -> None:
                     label=f"{method}, {level} R@{study['k'][level]}")
     ax.set(xscale="log", xlabel="public anchor pairs", ylabel="recall (mean of both directions)", ylim=(0, 1),
            title=f"anchor budget: {study['scenario']}")
+    ax.minorticks_off()  # log-scale minor labels (2x10^1, ...) collide with the anchor counts
     ax.set_xticks(counts, [str(c) for c in counts])
     ax.legend(fontsize=8)
     fig.tight_layout()
