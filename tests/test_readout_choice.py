@@ -96,3 +96,11 @@ def test_the_choice_depends_on_the_anchors_only():
 def test_bad_blocks_are_refused_with_the_reason(blocks, match):
     with pytest.raises(ValueError, match=match):
         choose_readout(blocks)
+
+
+@pytest.mark.parametrize("anchors,repeats", [(16, 13), (100, 2), (200, 1)])
+def test_few_anchors_repeat_the_k_fold_split_on_fresh_shuffles(anchors, repeats):
+    """Folds of a handful of anchors rank too coarsely to choose by: the split is repeated until ~200 were ranked."""
+    x, y = views(anchors, seed=8)
+    _, choice = choose_readout(split_blocks(x, y), truncations=(0,), regs=(0.1,))
+    assert choice.repeats == repeats
