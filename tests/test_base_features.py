@@ -118,7 +118,8 @@ def test_the_demo_s_anchors_only_figure_is_the_bench_s_anchors_only_cca(served):
 
     config, split, server, _ = served
     anchor_f, test_f, _, _ = frozen_features(config, split, seed=0)
-    rival, _ = cca_rival(anchor_f, test_f, split)
+    cfg = config.alignment
+    rival, _ = cca_rival(anchor_f, test_f, split, folds=cfg.readout_folds, seed=config.adapter.seed, repeats=cfg.readout_repeats)
     demo = server.anchors_only_eval()
     for key in ("accel->gyro/recall@10", "gyro->accel/semantic_recall@1"):
         assert demo[key] == pytest.approx(rival[key])

@@ -55,6 +55,7 @@ class AlignmentConfig:
     readout_reg: float = 0.0  # ridge of the readout, relative to each covariance's mean eigenvalue; 0: chosen by anchor cross-validation
     readout_dims: int = 0  # directions kept; 0: chosen by anchor cross-validation
     readout_folds: int = 5  # k of the anchor cross-validation that chooses the readout (alignment/readout_choice.py)
+    readout_repeats: int = 0  # reshuffled repetitions of the k-fold split; 0: enough to rank about 200 held-out anchors
     readout_text_tokens: int = 128  # tokens of a text item's base features (the whole report, not the training crop)
 
 
@@ -181,6 +182,7 @@ class FedAnchorConfig:
              and set(self.alignment.readout_blocks) <= {"base", "model"},
              f"alignment.readout_blocks={self.alignment.readout_blocks!r}: name 'base' and/or 'model', each once, e.g. ['base', 'model']"),
             (self.alignment.readout_folds >= 2, f"alignment.readout_folds={self.alignment.readout_folds} must be at least 2"),
+            (self.alignment.readout_repeats >= 0, f"alignment.readout_repeats={self.alignment.readout_repeats} must be >= 0 (0: automatic)"),
             (self.alignment.readout_text_tokens >= 8, f"alignment.readout_text_tokens={self.alignment.readout_text_tokens} must be at least 8"),
             (self.server.outlier_factor > 1.0,
              f"server.outlier_factor={self.server.outlier_factor} must be above 1 (10 rejects only gross outliers; use a large value to turn the check off)"),

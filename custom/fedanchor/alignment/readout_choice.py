@@ -175,19 +175,20 @@ def _one_thread():
 
 def choose_readout(blocks: Mapping[str, Mapping[str, object]], folds: int = 5, seed: int = 0,
                    fixed_reg: float = 0.0, fixed_dims: int = 0, weights: Sequence[float] = WEIGHTS,
-                   truncations: Sequence[int] = TRUNCATIONS, regs: Sequence[float] = REGS) -> tuple[AnchorReadout, ReadoutChoice]:
+                   truncations: Sequence[int] = TRUNCATIONS, regs: Sequence[float] = REGS, repeats: int = 0) -> tuple[AnchorReadout, ReadoutChoice]:
     """The readout over ``blocks`` (modality -> block name -> anchors x features) picked by k-fold CV on the anchors.
 
     The first block is always kept at weight 1; every later block is weighed from
     ``weights`` (0 drops it). ``fixed_reg`` / ``fixed_dims`` > 0 fix those instead of
-    searching them. The returned readout maps the concatenated raw blocks
+    searching them; ``repeats`` > 0 fixes the reshuffled repetitions of the k-fold
+    split (0: enough to rank about HELD_OUT_QUERIES held-out anchors). The returned readout maps the concatenated raw blocks
     (``concatenated``) of any item into the shared space.
     """
     with _one_thread():
-        return _choose(blocks, folds, seed, fixed_reg, fixed_dims, weights, truncations, regs)
+        return _choose(blocks, folds, seed, fixed_reg, fixed_dims, weights, truncations, regs, repeats)
 
 
-def _choose(blocks, folds, seed, fixed_reg, fixed_dims, weights, truncations, regs) -> tuple[AnchorReadout, ReadoutChoice]:
+def _choose(blocks, folds, seed, fixed_reg, fixed_dims, weights, truncations, regs, repeats) -> tuple[AnchorReadout, ReadoutChoice]:
     modalities, names, n = check_blocks(blocks)
     if folds < 2:
         raise ValueError(f"readout cross-validation needs at least 2 folds, got {folds}")
@@ -205,7 +206,7 @@ def _choose(blocks, folds, seed, fixed_reg, fixed_dims, weights, truncations, re
     # choice rests on about HELD_OUT_QUERIES held-out anchors, not on one lucky partition.
     rng = np.random.default_rng(seed)
     splits = []
-    repeats = max(1, -(-HELD_OUT_QUERIES // n))
+    repeats = repeats or max(1, -(-HELD_OUT_QUERIES // n))
     for _ in range(repeats):
         order = rng.permutation(n)
         splits += [(np.sort(np.setdiff1d(order, order[f::folds])), np.sort(order[f::folds])) for f in range(folds)]

@@ -145,7 +145,7 @@ def run_bench(config: FedAnchorConfig, methods: Sequence[str] | None = None,
             elif name == "anchors-only CCA":
                 # The fold shuffles of fedanchor's server (adapter.seed): with the model block dropped, the two coincide.
                 metrics, notes = rivals.cca_rival(anchor_f, test_f, split, folds=config.alignment.readout_folds,
-                                                  seed=config.adapter.seed)
+                                                  seed=config.adapter.seed, repeats=config.alignment.readout_repeats)
             elif name == "anchors-only CCA + anchor codebook":
                 metrics, notes = codebook_rival(anchor_f, test_f, split, config)
             else:
@@ -180,7 +180,8 @@ def codebook_rival(anchor_f: Mapping[str, np.ndarray], test_f: Mapping[str, np.n
     for centroids in sorted({max(2, n // 10), max(2, n // 5)}):
         codebooks = {m: rivals.anchor_codebook(x, centroids, seed=config.adapter.seed) for m, x in anchor_f.items()}
         metrics, notes = rivals.cca_rival(anchor_f, test_f, split, extra_blocks=codebooks,
-                                          folds=config.alignment.readout_folds, seed=config.adapter.seed)
+                                          folds=config.alignment.readout_folds, seed=config.adapter.seed,
+                                          repeats=config.alignment.readout_repeats)
         if best is None or notes["cv_mrr"] > best[1]["cv_mrr"]:
             best = (metrics, {**notes, "centroids": centroids})
     return best

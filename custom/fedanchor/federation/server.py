@@ -79,7 +79,7 @@ def fit_readout(config: FedAnchorConfig, anchor_z: Mapping[str, torch.Tensor | N
     cfg = config.alignment
     parts = {m: {k: (anchor_base[m] if k == "base" else z) for k in blocks or cfg.readout_blocks} for m, z in anchor_z.items()}
     return choose_readout(parts, folds=cfg.readout_folds, seed=config.adapter.seed, fixed_reg=cfg.readout_reg,
-                          fixed_dims=cfg.readout_dims)
+                          fixed_dims=cfg.readout_dims, repeats=cfg.readout_repeats)
 
 
 def to_scoring_space(embeddings: Mapping[str, torch.Tensor], anchors: Mapping[str, torch.Tensor],
