@@ -63,7 +63,7 @@ class ReadoutChoice:
 
 
 @dataclass
-class _Block:
+class BlockStatistics:
     """A block's anchor statistics: mean, per-feature scale, principal axes."""
 
     mean: np.ndarray
@@ -71,7 +71,7 @@ class _Block:
     axes: np.ndarray  # features x components, ordered by variance
 
     @classmethod
-    def fit(cls, x: np.ndarray) -> "_Block":
+    def fit(cls, x: np.ndarray) -> "BlockStatistics":
         mean = x.mean(0)
         scale = x.std(0)
         scale[scale < 1e-6] = 1.0  # a constant feature on the anchors carries nothing; keep it finite
@@ -107,7 +107,7 @@ def check_blocks(blocks: Mapping[str, Mapping[str, object]]) -> tuple[list[str],
     return list(blocks), names[0], next(iter(rows.values()))
 
 
-def compose(blocks: Mapping[str, Mapping[str, np.ndarray]], stats: Mapping[str, Mapping[str, _Block]],
+def compose(blocks: Mapping[str, Mapping[str, np.ndarray]], stats: Mapping[str, Mapping[str, BlockStatistics]],
             weights: Mapping[str, float], truncation: Mapping[str, int]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """Per modality: (mean, linear map) from the concatenated raw blocks to the weighted CCA input."""
     out = {}
@@ -200,7 +200,7 @@ def _choose(blocks, folds, seed, fixed_reg, fixed_dims, weights, truncations, re
     folds = min(folds, n // MIN_FOLD)
     if folds < 2:
         raise ValueError(f"{n} anchors are too few to cross-validate a readout (at least {2 * MIN_FOLD} are needed)")
-    stats = {m: {k: _Block.fit(x) for k, x in b.items()} for m, b in data.items()}
+    stats = {m: {k: BlockStatistics.fit(x) for k, x in b.items()} for m, b in data.items()}
     inputs = concatenated(data)
     # Few anchors make folds of a handful of items whose ranks are coarse: repeat the split on fresh shuffles so the
     # choice rests on about HELD_OUT_QUERIES held-out anchors, not on one lucky partition.

@@ -14,7 +14,7 @@ import torch
 from torch.nn import functional as F
 
 from ..alignment.losses import paired_info_nce
-from ..alignment.readout_choice import choose_readout, concatenated
+from ..alignment.readout_choice import BlockStatistics, choose_readout, concatenated
 from ..config import FedAnchorConfig
 from ..data import load_scenario
 from ..data.scenario import FederatedSplit, ModalityData
@@ -137,9 +137,10 @@ def cca_rival(anchor_f: Mapping[str, np.ndarray], test_f: Mapping[str, np.ndarra
     anchors: the same choice (``choose_readout``, with the same fold shuffles for the same ``seed``) as fedanchor's
     readout, on the base block alone or with ``extra_blocks`` (modality -> feature function of base features, e.g.
     an anchor codebook)."""
-    blocks = {m: {"base": x, **({"extra": extra_blocks[m](x)} if extra_blocks else {})} for m, x in anchor_f.items()}
-    readout, choice = choose_readout(blocks, folds=folds, seed=seed, **grid)
-    tests = concatenated({m: {"base": x, **({"extra": extra_blocks[m](x)} if extra_blocks else {})} for m, x in test_f.items()})
+    def blocks(features: Mapping[str, np.ndarray]) -> dict[str, dict[str, np.ndarray]]:
+        return {m: {"base": x, **({"extra": extra_blocks[m](x)} if extra_blocks else {})} for m, x in features.items()}
+    readout, choice = choose_readout(blocks(anchor_f), folds=folds, seed=seed, **grid)
+    tests = concatenated(blocks(test_f))
     embeddings = {m: readout.apply(m, torch.from_numpy(x)).float() for m, x in tests.items()}
     return cross_modal_metrics(embeddings, _labels(split)), {**choice.as_dict(), "chosen_by": f"{choice.folds}-fold CV on the pairs it was fitted on"}
 
@@ -148,13 +149,10 @@ def anchor_codebook(anchor_f: np.ndarray, centroids: int, temperature: float = 0
                     components: int = 40) -> Callable[[np.ndarray], np.ndarray]:
     """A nonlinear anchors-only feature: soft assignments to k-means centroids of the anchors (in their leading
     principal components, standardised), temperature relative to the median squared distance."""
-    mean, scale = anchor_f.mean(0), anchor_f.std(0)
-    scale[scale < 1e-6] = 1.0
-    _, _, vt = np.linalg.svd((anchor_f - mean) / scale, full_matrices=False)
-    axes = vt[:components].T
+    stats = BlockStatistics.fit(anchor_f)  # standardised on the anchors, principal axes: as the readout's blocks
 
     def project(x: np.ndarray) -> np.ndarray:
-        return ((x - mean) / scale) @ axes
+        return ((x - stats.mean) / stats.scale) @ stats.axes[:, :components]
 
     points = project(anchor_f)
     centres = kmeans(points, centroids, seed)
