@@ -33,7 +33,8 @@ def test_updates_carry_only_what_design_section_5_lists(setup):
         arrays, meta = update.to_arrays()
         own = split.site_modality[site]
         for key in arrays:
-            assert key == "gram_upper" or key.startswith(("param/adapter/", "log_precision/adapter/", f"param/projector/{own}/")), key
+            assert key in ("gram_upper", "codebook/centroids", "codebook/counts") or key.startswith(
+                ("param/adapter/", "log_precision/adapter/", f"param/projector/{own}/")), key
             assert "delta" not in key, "delta_site must never leave the site"
         n = len(next(iter(split.anchors.values())))
         assert arrays["gram_upper"].shape == (n * (n + 1) // 2,)
@@ -53,7 +54,9 @@ def test_messages_round_trip_exactly(setup):
             assert torch.equal(again.precision[key], update.precision[key])
         assert torch.equal(again.gram_upper, update.gram_upper)
         arrays, _ = update.to_arrays()
-        assert all(v.dtype == np.float16 for k, v in arrays.items() if not k.startswith("param/"))
+        assert all(v.dtype == np.float16 for k, v in arrays.items() if not k.startswith(("param/", "codebook/")))
+        assert torch.equal(again.codebook_centroids, update.codebook_centroids) and update.codebook_counts.numel()
+        assert torch.equal(again.codebook_counts, update.codebook_counts)
         assert all(v.dtype == np.float32 for k, v in arrays.items() if k.startswith("param/"))
     state_again = GlobalState.from_arrays(*state.to_arrays())
     assert state_again.round == state.round and set(state_again.tensors) == set(state.tensors)
@@ -73,6 +76,27 @@ def test_round_merges_and_changes_the_global_state(setup):
     assert sum(server.report.site_weights.values()) == pytest.approx(1.0)
     metrics = server.evaluate(new)
     assert any(k.endswith("/recall@1") for k in metrics)
+
+
+def test_round_zero_centroids_become_every_modalitys_codebook_and_are_sent_once(setup):
+    config, split, server, sites, state, updates = setup
+    assert not state.codebooks() and set(state.codebook_projections()) == set(split.anchors)
+    assert state.readout_blocks(config.alignment.readout_blocks) == ("base", "model")
+    server.state = state
+    server.start_round()
+    for update in updates.values():
+        assert update.codebook_counts.numel() and (update.codebook_counts >= config.alignment.codebook_min_cluster).all()
+        server.accept(update)
+    new = server.finish_round(min_sites=len(updates))
+    books = new.codebooks()
+    assert set(books) == set(split.anchors)
+    for m, book in books.items():
+        sent = sum(u.codebook_counts.numel() for u in updates.values() if u.modality == m)
+        assert len(book.centres) == min(sent, config.alignment.codebook_size)
+    assert new.readout_blocks(config.alignment.readout_blocks) == ("base", "codebook", "model")
+    assert "readout/weight/codebook" in server.evaluate(new)
+    site = next(iter(sites.values()))
+    assert site.codebook_centroids(new)[1].numel() == 0  # built: nothing more leaves
 
 
 def corrupt_nan(u):
@@ -103,6 +127,10 @@ BAD_UPDATES = [
     ("gram", lambda u: setattr(u, "gram_upper", u.gram_upper[:-1]), "upper triangle"),
     ("uncertainty", lambda u: setattr(u, "uncertainty", -1.0), "uncertainty"),
     ("int dtype", lambda u: u.params.update({k: v.long() for k, v in u.params.items() if k.endswith("/S")}), "dtype"),
+    ("codebook centroid of too few items", lambda u: setattr(u, "codebook_counts", torch.full_like(u.codebook_counts, 2.0)),
+     "at least alignment.codebook_min_cluster"),
+    ("codebook centroids of another width", lambda u: setattr(u, "codebook_centroids", u.codebook_centroids[:, :-1]),
+     "codebook centroids have shape"),
 ]
 
 

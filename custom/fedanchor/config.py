@@ -51,12 +51,16 @@ class AlignmentConfig:
     modality_weights: dict[str, float] = field(default_factory=dict)  # beta_m; missing = 1
     anchor_batch: int = 64  # anchors per local step
     readout: str = "cca"  # "cca": the server fits a per-modality anchor CCA map on the global model (alignment/readout.py); "none"
-    readout_blocks: tuple[str, ...] = ("base", "model")  # the readout's input: training-free "base" features and the "model" embedding
+    readout_blocks: tuple[str, ...] = ("base", "codebook", "model")  # the readout's input: training-free "base" features, the private "codebook" block, the "model" embedding
     readout_reg: float = 0.0  # ridge of the readout, relative to each covariance's mean eigenvalue; 0: chosen by anchor cross-validation
     readout_dims: int = 0  # directions kept; 0: chosen by anchor cross-validation
     readout_folds: int = 5  # k of the anchor cross-validation that chooses the readout (alignment/readout_choice.py)
     readout_repeats: int = 0  # reshuffled repetitions of the k-fold split; 0: enough to rank about 200 held-out anchors
     readout_text_tokens: int = 128  # tokens of a text item's base features (the whole report, not the training crop)
+    codebook_size: int = 160  # centres of a modality's private codebook (alignment/codebook.py); 0: no codebook
+    codebook_components: int = 40  # principal components of the anchors' base features the centres live in
+    codebook_temperature: float = 0.1  # of the soft assignment, relative to the anchors' median squared distance
+    codebook_min_cluster: int = 5  # private items a centroid must average before it may leave a site
 
 
 @dataclass
@@ -179,8 +183,14 @@ class FedAnchorConfig:
             (self.alignment.readout_reg >= 0, f"alignment.readout_reg={self.alignment.readout_reg} must be positive, or 0 to choose it by anchor cross-validation"),
             (self.alignment.readout_dims >= 0, f"alignment.readout_dims={self.alignment.readout_dims} must be >= 0 (0: chosen by anchor cross-validation)"),
             (len(self.alignment.readout_blocks) > 0 and len(set(self.alignment.readout_blocks)) == len(self.alignment.readout_blocks)
-             and set(self.alignment.readout_blocks) <= {"base", "model"},
-             f"alignment.readout_blocks={self.alignment.readout_blocks!r}: name 'base' and/or 'model', each once, e.g. ['base', 'model']"),
+             and set(self.alignment.readout_blocks) <= {"base", "codebook", "model"},
+             f"alignment.readout_blocks={self.alignment.readout_blocks!r}: name 'base', 'codebook' and/or 'model', each once, "
+             "e.g. ['base', 'codebook', 'model']"),
+            (self.alignment.codebook_size >= 0, f"alignment.codebook_size={self.alignment.codebook_size} must be >= 0 (0: no codebook)"),
+            (self.alignment.codebook_components >= 1, f"alignment.codebook_components={self.alignment.codebook_components} must be at least 1"),
+            (self.alignment.codebook_temperature > 0, f"alignment.codebook_temperature={self.alignment.codebook_temperature} must be positive"),
+            (self.alignment.codebook_min_cluster >= 2,
+             f"alignment.codebook_min_cluster={self.alignment.codebook_min_cluster} must be at least 2: a centroid of one item is that record"),
             (self.alignment.readout_folds >= 2, f"alignment.readout_folds={self.alignment.readout_folds} must be at least 2"),
             (self.alignment.readout_repeats >= 0, f"alignment.readout_repeats={self.alignment.readout_repeats} must be >= 0 (0: automatic)"),
             (self.alignment.readout_text_tokens >= 8, f"alignment.readout_text_tokens={self.alignment.readout_text_tokens} must be at least 8"),

@@ -24,7 +24,8 @@ def site_update() -> SiteUpdate:
     precision = {k: torch.rand(v.shape, generator=g, dtype=torch.float64) + 0.1 for k, v in params.items() if k.startswith("adapter/")}
     return SiteUpdate(site="hospital-a", modality="accel", round=1, anchor_fingerprint="f" * 64, params=params,
                       precision=precision, gram_upper=torch.rand(10, generator=g), n_samples=20, uncertainty=2.5,
-                      metrics={"loss/loss": 1.25})
+                      metrics={"loss/loss": 1.25}, codebook_centroids=torch.randn(3, 5, generator=g),
+                      codebook_counts=torch.tensor([5.0, 6.0, 9.0]))
 
 
 def ctx(task: str = "train") -> FLContext:
@@ -89,6 +90,13 @@ REFUSED = [
     ("basis gradients of a layer it does not send", with_data(lambda d: d.update(
         {"basis_grad/adapter/layer.9.key/U": np.zeros((8, 4), np.float32),
          "basis_grad/adapter/layer.9.key/V": np.zeros((8, 4), np.float32)})), "does not carry"),
+    ("codebook counts without centroids", with_data(lambda d: d.pop("codebook/centroids")), "travel together"),
+    ("a codebook centroid of one record", with_data(lambda d: d.update({"codebook/counts": np.array([1.0, 6.0, 9.0], np.float32)})),
+     "at least 5"),
+    ("fractional codebook counts", with_data(lambda d: d.update({"codebook/counts": np.array([5.5, 6.0, 9.0], np.float32)})),
+     "whole numbers"),
+    ("per-sample rows as codebook centroids", with_data(lambda d: d.update({"codebook/centroids": np.zeros((20, 5), np.float32)})),
+     "expected (clusters, components)"),
     ("Gram of no anchor count", with_data(lambda d: d.update({"gram_upper": np.zeros(11, np.float16)})), "n(n+1)/2"),
     ("an entry outside the DXO", outside_dxo(), "outside its DXO"),
     ("weights instead of a collection", DXO(DataKind.WEIGHTS, data=update_to_dxo(site_update()).data).to_shareable(), "COLLECTION"),
@@ -138,3 +146,12 @@ def test_other_tasks_pass_and_error_replies_are_emptied():
 def test_the_train_task_name_is_checked():
     with pytest.raises(ValueError, match="task name"):
         Section5OutputFilter(train_task="")
+
+
+def test_a_site_can_raise_its_own_codebook_floor_above_the_jobs():
+    result = update_to_dxo(site_update()).to_shareable()  # clusters of 5, 6 and 9 private items
+    assert Section5OutputFilter(codebook_min_cluster=5).process(result, ctx()) is result
+    refused = Section5OutputFilter(codebook_min_cluster=8).process(update_to_dxo(site_update()).to_shareable(), ctx())
+    assert refused.get_return_code() == ReturnCode.TASK_RESULT_FILTER_ERROR
+    with pytest.raises(ValueError, match="at least 2"):
+        Section5OutputFilter(codebook_min_cluster=1)

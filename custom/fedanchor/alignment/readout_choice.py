@@ -6,9 +6,12 @@ over the same items:
 - ``model``: the global model's embedding (what the federation trains);
 - ``base``: the modality's training-free features (raw arrays, multi-hot code sets,
   the frozen trunk's mean-pooled text embedding; ``model/base_features.py``);
-- any other block a caller adds (the bench's anchor codebook, for example).
+- ``codebook``: soft assignments to the private codebook's centres (``codebook.py``;
+  the bench's anchors-only rival builds one from anchor centroids);
+- any other block a caller adds.
 
-Every block is standardised per feature on the anchors, optionally truncated to its
+Every block is standardised per feature on the anchors (a codebook block as a whole:
+scaling each centre's column would blow up the centres few anchors fall near), optionally truncated to its
 leading principal components (fitted on the anchors), scaled to unit total variance
 and weighted; the ridge CCA of ``readout.py`` is fitted on the result. Standardising,
 truncating and weighting are linear, so the chosen readout folds into one affine map
@@ -40,6 +43,7 @@ TRUNCATIONS = (10, 20, 40, 80, 160, 0)  # leading principal components kept of a
 WEIGHTS = (0.0, 0.5, 1.0, 2.0)  # of every block after the first; 0 drops it
 MIN_FOLD = 3  # anchors a held-out fold needs to rank anything
 HELD_OUT_QUERIES = 200  # the k-fold split is repeated (reshuffled) until about this many held-out anchors were ranked
+WHOLE_SCALE_BLOCKS = ("codebook",)  # blocks centred but not scaled per feature
 
 
 @dataclass
@@ -71,9 +75,9 @@ class BlockStatistics:
     axes: np.ndarray  # features x components, ordered by variance
 
     @classmethod
-    def fit(cls, x: np.ndarray) -> "BlockStatistics":
+    def fit(cls, x: np.ndarray, per_feature: bool = True) -> "BlockStatistics":
         mean = x.mean(0)
-        scale = x.std(0)
+        scale = x.std(0) if per_feature else np.ones(x.shape[1])
         scale[scale < 1e-6] = 1.0  # a constant feature on the anchors carries nothing; keep it finite
         _, _, vt = np.linalg.svd((x - mean) / scale, full_matrices=False)
         return cls(mean, scale, vt.T)
@@ -200,7 +204,8 @@ def _choose(blocks, folds, seed, fixed_reg, fixed_dims, weights, truncations, re
     folds = min(folds, n // MIN_FOLD)
     if folds < 2:
         raise ValueError(f"{n} anchors are too few to cross-validate a readout (at least {2 * MIN_FOLD} are needed)")
-    stats = {m: {k: BlockStatistics.fit(x) for k, x in b.items()} for m, b in data.items()}
+    stats = {m: {k: BlockStatistics.fit(x, per_feature=k not in WHOLE_SCALE_BLOCKS) for k, x in b.items()}
+             for m, b in data.items()}
     inputs = concatenated(data)
     # Few anchors make folds of a handful of items whose ranks are coarse: repeat the split on fresh shuffles so the
     # choice rests on about HELD_OUT_QUERIES held-out anchors, not on one lucky partition.

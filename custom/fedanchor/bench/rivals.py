@@ -14,7 +14,8 @@ import torch
 from torch.nn import functional as F
 
 from ..alignment.losses import paired_info_nce
-from ..alignment.readout_choice import BlockStatistics, choose_readout, concatenated
+from ..alignment.codebook import Codebook, CodebookProjection, assignment_scale, kmeans
+from ..alignment.readout_choice import choose_readout, concatenated
 from ..config import FedAnchorConfig
 from ..data import load_scenario
 from ..data.scenario import FederatedSplit, ModalityData
@@ -86,7 +87,7 @@ def score_models(models: Mapping[str, HomogeneousTransformer], split: FederatedS
     ``models[m]`` embeds modality m (one shared model, or a site's own model for
     rivals that keep one per site). The test items go into the anchor readout chosen
     by cross-validation on the anchors over the job's blocks (the models' embeddings
-    and the items' base features) when ``config.alignment.readout`` is "cca" (the
+    and the items' base features; no codebook) when ``config.alignment.readout`` is "cca" (the
     server's default), else into the anchor-centred space.
     """
     missing = [m for m in split.test if m not in models]
@@ -97,11 +98,13 @@ def score_models(models: Mapping[str, HomogeneousTransformer], split: FederatedS
     cfg = config.alignment
     if cfg.readout != "cca":
         return cross_modal_metrics(to_scoring_space(tests, anchors, None), _labels(split))
-    base = "base" in cfg.readout_blocks
+    # A rival's model has no private codebook: the sites that would send its centroids are fedanchor's.
+    blocks = tuple(b for b in cfg.readout_blocks if b != "codebook")
+    base = "base" in blocks
     anchor_base = {m: base_features(models[m], m, split.anchors[m].items, cfg.readout_text_tokens) for m in split.test} if base else None
     test_base = {m: base_features(models[m], m, d.items, cfg.readout_text_tokens) for m, d in split.test.items()} if base else None
-    readout, choice = fit_readout(config, anchors, anchor_base)
-    metrics = cross_modal_metrics(to_scoring_space(tests, anchors, readout, test_base, cfg.readout_blocks), _labels(split))
+    readout, choice = fit_readout(config, anchors, anchor_base, blocks)
+    metrics = cross_modal_metrics(to_scoring_space(tests, anchors, readout, test_base, blocks), _labels(split))
     return {**metrics, **{f"readout/weight/{k}": v for k, v in choice.weights.items()}, "anchor_cv/mrr": choice.cv_mrr}
 
 
@@ -138,49 +141,21 @@ def cca_rival(anchor_f: Mapping[str, np.ndarray], test_f: Mapping[str, np.ndarra
     readout, on the base block alone or with ``extra_blocks`` (modality -> feature function of base features, e.g.
     an anchor codebook)."""
     def blocks(features: Mapping[str, np.ndarray]) -> dict[str, dict[str, np.ndarray]]:
-        return {m: {"base": x, **({"extra": extra_blocks[m](x)} if extra_blocks else {})} for m, x in features.items()}
+        return {m: {"base": x, **({"codebook": extra_blocks[m](x)} if extra_blocks else {})} for m, x in features.items()}
     readout, choice = choose_readout(blocks(anchor_f), folds=folds, seed=seed, **grid)
     tests = concatenated(blocks(test_f))
     embeddings = {m: readout.apply(m, torch.from_numpy(x)).float() for m, x in tests.items()}
     return cross_modal_metrics(embeddings, _labels(split)), {**choice.as_dict(), "chosen_by": f"{choice.folds}-fold CV on the pairs it was fitted on"}
 
 
-def anchor_codebook(anchor_f: np.ndarray, centroids: int, temperature: float = 0.2, seed: int = 0,
-                    components: int = 40) -> Callable[[np.ndarray], np.ndarray]:
-    """A nonlinear anchors-only feature: soft assignments to k-means centroids of the anchors (in their leading
-    principal components, standardised), temperature relative to the median squared distance."""
-    stats = BlockStatistics.fit(anchor_f)  # standardised on the anchors, principal axes: as the readout's blocks
-
-    def project(x: np.ndarray) -> np.ndarray:
-        return ((x - stats.mean) / stats.scale) @ stats.axes[:, :components]
-
-    points = project(anchor_f)
-    centres = kmeans(points, centroids, seed)
-    reference = float(np.median(((points[:, None] - centres[None]) ** 2).sum(-1)))
-
-    def soft(x: np.ndarray) -> np.ndarray:
-        logits = -((project(x)[:, None] - centres[None]) ** 2).sum(-1) / (max(reference, 1e-12) * temperature)
-        logits -= logits.max(1, keepdims=True)
-        p = np.exp(logits)
-        return p / p.sum(1, keepdims=True)
-    return soft
-
-
-def kmeans(points: np.ndarray, k: int, seed: int = 0, iterations: int = 50) -> np.ndarray:
-    """Lloyd's k-means with k-means++ seeding (deterministic for a seed)."""
-    rng = np.random.default_rng(seed)
-    k = min(k, len(points))
-    centres = points[rng.choice(len(points), 1)]
-    for _ in range(1, k):
-        d = ((points[:, None] - centres[None]) ** 2).sum(-1).min(1)
-        centres = np.vstack([centres, points[rng.choice(len(points), p=d / d.sum() if d.sum() > 0 else None)]])
-    for _ in range(iterations):
-        assign = ((points[:, None] - centres[None]) ** 2).sum(-1).argmin(1)
-        moved = np.array([points[assign == j].mean(0) if (assign == j).any() else centres[j] for j in range(k)])
-        if np.allclose(moved, centres):
-            break
-        centres = moved
-    return centres
+def anchor_codebook(anchor_f: np.ndarray, centroids: int, temperature: float, with_position: bool,
+                    seed: int = 0) -> Codebook:
+    """A nonlinear anchors-only feature: the private codebook's block (alignment/codebook.py), with k-means
+    centroids of the anchors instead of the sites' private centroids."""
+    projection = CodebookProjection.fit(anchor_f)
+    points = projection(anchor_f)
+    centres, _ = kmeans(points, centroids, seed)
+    return Codebook(projection, centres, assignment_scale(points, centres, temperature), with_position)
 
 
 def asif_rival(anchor_f: Mapping[str, np.ndarray], test_f: Mapping[str, np.ndarray], split: FederatedSplit,

@@ -8,9 +8,12 @@ Up, per site per round: S and its precision, m and its precision, the projector
 of the site's modality, the Gram upper triangle on public anchors, n_k, one
 uncertainty scalar, metrics, the digest of the (public, global) bases it trained on;
 in a basis refresh's gradient round (adapters/refresh.py) also G V and G^T U per
-layer, means over the site's steps and samples. Down: S, m, the projectors, K_bar,
-the anchor targets and the anchor CCA readout fitted on them, and U and V unless
-the site already holds them (``GlobalState.without_basis``).
+layer, means over the site's steps and samples; once, until the server has built
+the private codebook (alignment/codebook.py), the centroids of the site's clusters
+of at least ``alignment.codebook_min_cluster`` private items and their sizes. Down:
+S, m, the projectors, K_bar, the anchor targets and the anchor CCA readout fitted
+on them, the codebook's public projection and, once built, its centres, and U and V
+unless the site already holds them (``GlobalState.without_basis``).
 """
 from __future__ import annotations
 
@@ -23,6 +26,7 @@ from typing import Any, Mapping
 import numpy as np
 import torch
 
+from ..alignment.codebook import Codebook, CodebookProjection
 from ..alignment.readout import AnchorReadout
 
 PARAM_PREFIX = "param/"
@@ -38,6 +42,9 @@ CONSENSUS_KEY = "consensus/gram_upper"
 BASIS_DIGEST_KEY = "basis_digest"  # meta of a state sent without U and V: the bases it runs on
 TARGET_PREFIX = "targets/"
 READOUT_PREFIX = "readout/"  # readout/<modality>/mean, /proj: the anchor readout; /anchors: the anchors in its space
+CODEBOOK_PREFIX = "codebook/"  # down: codebook/<modality>/mean, /linear (the projection), /centres, /scale
+CODEBOOK_CENTROIDS = "codebook/centroids"  # up: a site's cluster centroids (clusters x components) ...
+CODEBOOK_COUNTS = "codebook/counts"  # ... and how many private items each averages
 
 
 def adapter_key(layer: str, part: str) -> str:
@@ -96,7 +103,7 @@ class GlobalState:
 
     round: int
     anchor_fingerprint: str
-    tensors: dict[str, torch.Tensor]  # adapter/*, projector/*, consensus/gram_upper, targets/<modality>, readout/*
+    tensors: dict[str, torch.Tensor]  # adapter/*, projector/*, consensus/gram_upper, targets/<modality>, readout/*, codebook/*
     meta: dict[str, Any] = field(default_factory=dict)
 
     def shared_params(self) -> dict[str, torch.Tensor]:
@@ -142,6 +149,27 @@ class GlobalState:
         return {k[len(READOUT_PREFIX):-len("/anchors")]: v.float() for k, v in self.tensors.items()
                 if k.startswith(READOUT_PREFIX) and k.endswith("/anchors")}
 
+    def codebook_projections(self) -> dict[str, CodebookProjection]:
+        """Per modality, the public projection its private codebook lives in (sent from round 0 on)."""
+        return {m: CodebookProjection(self.tensors[f"{CODEBOOK_PREFIX}{m}/mean"].double().numpy(),
+                                      self.tensors[f"{CODEBOOK_PREFIX}{m}/linear"].double().numpy())
+                for m in self._codebook_modalities("mean")}
+
+    def codebooks(self) -> dict[str, Codebook]:
+        """Per modality, its private codebook, once the server has built it (empty before)."""
+        projections = self.codebook_projections()
+        return {m: Codebook(projections[m], self.tensors[f"{CODEBOOK_PREFIX}{m}/centres"].double().numpy(),
+                            float(self.tensors[f"{CODEBOOK_PREFIX}{m}/scale"]))
+                for m in self._codebook_modalities("centres")}
+
+    def _codebook_modalities(self, part: str) -> list[str]:
+        return sorted(k[len(CODEBOOK_PREFIX):-len(part) - 1] for k in self.tensors
+                      if k.startswith(CODEBOOK_PREFIX) and k.endswith("/" + part))
+
+    def readout_blocks(self, configured: tuple[str, ...]) -> tuple[str, ...]:
+        """The blocks this state's readout reads: the configured ones, without the codebook before it is built."""
+        return tuple(b for b in configured if b != "codebook" or self.codebooks())
+
     def to_arrays(self) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
         meta = {"round": self.round, "anchor_fingerprint": self.anchor_fingerprint, **self.meta}
         return _to_numpy(self.tensors), meta
@@ -155,7 +183,7 @@ class GlobalState:
         return cls(round=int(meta["round"]), anchor_fingerprint=str(meta["anchor_fingerprint"]), tensors=_to_torch(arrays), meta=extra)
 
 
-ARRAY_FIELDS = ("params", "precision", "gram_upper", "basis_gradients")  # the SiteUpdate fields that travel as arrays
+ARRAY_FIELDS = ("params", "precision", "gram_upper", "basis_gradients", "codebook_centroids", "codebook_counts")  # the SiteUpdate fields that travel as arrays
 
 
 @dataclass
@@ -174,6 +202,8 @@ class SiteUpdate:
     metrics: dict[str, float] = field(default_factory=dict)
     basis_gradients: dict[str, torch.Tensor] = field(default_factory=dict)  # refresh gradient rounds: adapter/<layer>/U|V
     basis_digest: str = ""  # the bases the site trained on (it holds them: the next state may leave them out)
+    codebook_centroids: torch.Tensor = field(default_factory=lambda: torch.zeros(0, 0))  # until the codebook is built
+    codebook_counts: torch.Tensor = field(default_factory=lambda: torch.zeros(0))
 
     def __post_init__(self) -> None:
         # Round the statistics to what the wire carries, so an in-process run merges exactly what FLARE would.
@@ -189,6 +219,9 @@ class SiteUpdate:
         arrays.update({PRECISION_PREFIX + k: _log_wire(v).numpy() for k, v in self.precision.items()})
         arrays[GRAM_KEY] = self.gram_upper.detach().cpu().to(WIRE_STATISTICS).numpy()
         arrays.update({BASIS_GRADIENT_PREFIX + k: v.astype(np.float16) for k, v in _to_numpy(self.basis_gradients).items()})
+        if self.codebook_counts.numel():
+            arrays[CODEBOOK_CENTROIDS] = self.codebook_centroids.detach().cpu().float().numpy()
+            arrays[CODEBOOK_COUNTS] = self.codebook_counts.detach().cpu().float().numpy()
         meta = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in ARRAY_FIELDS}
         meta["metrics"] = {k: float(v) for k, v in self.metrics.items()}
         return arrays, meta
@@ -201,9 +234,13 @@ class SiteUpdate:
             raise ValueError(f"site update meta lacks {missing}")
         if GRAM_KEY not in arrays:
             raise ValueError(f"site update lacks {GRAM_KEY!r}")
-        unknown = [k for k in arrays if k != GRAM_KEY and not k.startswith((PARAM_PREFIX, PRECISION_PREFIX, BASIS_GRADIENT_PREFIX))]
+        unknown = [k for k in arrays if k not in (GRAM_KEY, CODEBOOK_CENTROIDS, CODEBOOK_COUNTS)
+                   and not k.startswith((PARAM_PREFIX, PRECISION_PREFIX, BASIS_GRADIENT_PREFIX))]
         if unknown:
-            raise ValueError(f"site update carries unexpected entries {sorted(unknown)[:5]}; only parameters, precisions, the Gram and a refresh's basis gradients may travel")
+            raise ValueError(f"site update carries unexpected entries {sorted(unknown)[:5]}; only parameters, precisions, "
+                             "the Gram, a refresh's basis gradients and codebook centroids may travel")
+        if (CODEBOOK_CENTROIDS in arrays) != (CODEBOOK_COUNTS in arrays):
+            raise ValueError(f"site update carries one of {CODEBOOK_CENTROIDS!r} and {CODEBOOK_COUNTS!r} without the other")
         uncertainty = float(meta["uncertainty"])
         if not math.isfinite(uncertainty):
             raise ValueError(f"site update uncertainty {uncertainty} is not finite")
@@ -217,6 +254,8 @@ class SiteUpdate:
             metrics={k: float(v) for k, v in dict(meta.get("metrics", {})).items()},
             basis_gradients={k[len(BASIS_GRADIENT_PREFIX):]: v.float() for k, v in tensors.items() if k.startswith(BASIS_GRADIENT_PREFIX)},
             basis_digest=str(meta.get("basis_digest", "")),
+            **({"codebook_centroids": tensors[CODEBOOK_CENTROIDS].float(), "codebook_counts": tensors[CODEBOOK_COUNTS].float()}
+               if CODEBOOK_COUNTS in tensors else {}),
         )
 
     def nbytes(self) -> int:

@@ -15,6 +15,7 @@ from typing import Mapping
 import numpy as np
 import torch
 
+from ..alignment.codebook import Codebook, CodebookProjection, assignment_scale, pool_centroids
 from ..alignment.gram import GramConsensus, centred_gram, from_upper_triangle, upper_triangle
 from ..alignment.readout import AnchorReadout
 from ..alignment.readout_choice import ReadoutChoice, choose_readout
@@ -25,7 +26,7 @@ from ..model.base_features import base_features
 from ..model.homogeneous import HomogeneousTransformer, build_model
 from ..precision import PrecisionWeightedMerge, sample_weight
 from ..adapters.refresh import augment_basis, refresh_phase, truncate
-from .messages import (CONSENSUS_KEY, READOUT_PREFIX, TARGET_PREFIX, WIRE_STATISTICS, GlobalState, SiteUpdate,
+from .messages import (CODEBOOK_PREFIX, CONSENSUS_KEY, READOUT_PREFIX, TARGET_PREFIX, WIRE_STATISTICS, GlobalState, SiteUpdate,
                        adapter_key, is_core_or_magnitude)
 from .site import resolve_device
 from .state import core_params, load_shared, projector_params, shared_tensors
@@ -63,34 +64,41 @@ def centre_on_anchors(z: torch.Tensor, anchor_z: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.normalize(z - anchor_z.mean(0), dim=-1)
 
 
-def readout_input(blocks: tuple[str, ...], model_z: torch.Tensor, base: np.ndarray | torch.Tensor | None) -> torch.Tensor:
+def readout_input(blocks: tuple[str, ...], model_z: torch.Tensor, base: np.ndarray | torch.Tensor | None,
+                  codebook: Codebook | None = None) -> torch.Tensor:
     """A modality's readout input: its feature blocks side by side, in the job's order (``alignment.readout_blocks``)."""
-    if "base" in blocks and base is None:
-        raise ValueError("this readout reads the base block: pass the items' base features (model/base_features.py)")
-    parts = {"model": lambda: model_z.double().cpu(), "base": lambda: torch.as_tensor(np.asarray(base), dtype=torch.float64)}
+    if {"base", "codebook"} & set(blocks) and base is None:
+        raise ValueError("this readout reads the base or codebook block: pass the items' base features (model/base_features.py)")
+    if "codebook" in blocks and codebook is None:
+        raise ValueError("this readout reads the codebook block: pass the modality's codebook (GlobalState.codebooks)")
+    parts = {"model": lambda: model_z.double().cpu(), "base": lambda: torch.as_tensor(np.asarray(base), dtype=torch.float64),
+             "codebook": lambda: torch.from_numpy(codebook(np.asarray(base)))}
     return torch.cat([parts[k]() for k in blocks], dim=1)
 
 
 def fit_readout(config: FedAnchorConfig, anchor_z: Mapping[str, torch.Tensor | None],
-                anchor_base: Mapping[str, np.ndarray] | None,
-                blocks: tuple[str, ...] | None = None) -> tuple[AnchorReadout, ReadoutChoice]:
+                anchor_base: Mapping[str, np.ndarray] | None, blocks: tuple[str, ...] | None = None,
+                codebooks: Mapping[str, Codebook] | None = None) -> tuple[AnchorReadout, ReadoutChoice]:
     """The anchor readout of a model, chosen by cross-validation on the anchors (alignment/readout_choice.py), over
-    ``blocks`` (default: the job's ``alignment.readout_blocks``)."""
+    ``blocks`` (default: the job's ``alignment.readout_blocks``; the codebook block needs ``codebooks``)."""
     cfg = config.alignment
-    parts = {m: {k: (anchor_base[m] if k == "base" else z) for k in blocks or cfg.readout_blocks} for m, z in anchor_z.items()}
+    sources = {"base": lambda m, z: anchor_base[m], "model": lambda m, z: z,
+               "codebook": lambda m, z: codebooks[m](anchor_base[m])}
+    parts = {m: {k: sources[k](m, z) for k in blocks or cfg.readout_blocks} for m, z in anchor_z.items()}
     return choose_readout(parts, folds=cfg.readout_folds, seed=config.adapter.seed, fixed_reg=cfg.readout_reg,
                           fixed_dims=cfg.readout_dims, repeats=cfg.readout_repeats)
 
 
 def to_scoring_space(embeddings: Mapping[str, torch.Tensor], anchors: Mapping[str, torch.Tensor],
                      readout: AnchorReadout | None, base: Mapping[str, np.ndarray] | None = None,
-                     blocks: tuple[str, ...] = ("model",)) -> dict[str, torch.Tensor]:
+                     blocks: tuple[str, ...] = ("model",), codebooks: Mapping[str, Codebook] | None = None) -> dict[str, torch.Tensor]:
     """Embeddings in the space held-out retrieval is scored in: the anchor readout's when the job fits one (over
-    ``blocks``: the model's embeddings and, for "base", the items' ``base`` features), else each modality's anchor
-    mean removed (the space the cross-modal term trains)."""
+    ``blocks``: the model's embeddings and, for "base" and "codebook", the items' ``base`` features), else each
+    modality's anchor mean removed (the space the cross-modal term trains)."""
     if readout is None:
         return {m: centre_on_anchors(z, anchors[m]) for m, z in embeddings.items()}
-    return {m: readout.apply(m, readout_input(blocks, z, (base or {}).get(m))).float() for m, z in embeddings.items()}
+    return {m: readout.apply(m, readout_input(blocks, z, (base or {}).get(m), (codebooks or {}).get(m))).float()
+            for m, z in embeddings.items()}
 
 
 def _unit_mean(precision: torch.Tensor) -> torch.Tensor:
@@ -128,6 +136,7 @@ class FederatedServer:
         self.readout_choice: ReadoutChoice | None = None  # what anchor cross-validation picked for the latest state
         self._choice_round = -1  # the round of the state readout_choice was made for
         self._anchors_only: dict[str, float] | None = None  # anchors_only_eval(), made once
+        self._codebook_parts: dict[str, list[tuple[np.ndarray, np.ndarray]]] = {}  # modality -> sites' (centroids, counts)
 
     # -- round 0 -------------------------------------------------------------
     def initial_state(self) -> GlobalState:
@@ -138,7 +147,8 @@ class FederatedServer:
             consensus.add(modality, centred_gram(z.double()))
         tensors = shared_tensors(self.model)
         tensors[CONSENSUS_KEY] = upper_triangle(consensus.combine()).to(WIRE_STATISTICS)
-        tensors.update(self._targets_and_readout(embeddings, 0))
+        tensors.update(self._codebook_projections())
+        tensors.update(self._targets_and_readout(embeddings, 0, {}))
         self.state = GlobalState(round=0, anchor_fingerprint=self.anchor_fingerprint, tensors=tensors)
         return self.state
 
@@ -216,6 +226,7 @@ class FederatedServer:
         if any(bool((v <= 0).any()) for v in update.precision.values()):
             reject("a precision is zero or negative")
         self._check_basis_gradients(update, reject)
+        self._check_codebook(update, reject)
         if update.gram_upper.numel() != self.n_anchors * (self.n_anchors + 1) // 2:
             reject(f"Gram upper triangle has {update.gram_upper.numel()} values, expected {self.n_anchors * (self.n_anchors + 1) // 2} "
                    f"for {self.n_anchors} anchors")
@@ -255,6 +266,25 @@ class FederatedServer:
                 reject(f"basis gradient {key!r} has shape {tuple(value.shape)}, expected {self._shapes[key]}")
             if not value.is_floating_point() or not bool(torch.isfinite(value).all()):
                 reject(f"basis gradient {key!r} is not a finite floating-point array")
+
+    def _check_codebook(self, update: SiteUpdate, reject) -> None:
+        centroids, counts = update.codebook_centroids, update.codebook_counts
+        if not counts.numel():
+            return
+        projections = self.state.codebook_projections()
+        if update.modality not in projections:
+            reject("it sends codebook centroids, but this job builds no codebook (alignment.codebook_size=0 or no "
+                   "'codebook' in alignment.readout_blocks); is the site's job config the server's?")
+        width = projections[update.modality].linear.shape[1]
+        if centroids.ndim != 2 or tuple(centroids.shape) != (counts.numel(), width) or counts.ndim != 1:
+            reject(f"codebook centroids have shape {tuple(centroids.shape)} and counts {tuple(counts.shape)}; expected "
+                   f"(clusters, {width}) and (clusters,)")
+        if not (bool(torch.isfinite(centroids).all()) and bool(torch.isfinite(counts).all())):
+            reject("codebook centroids or counts hold NaN or Inf")
+        least = self.config.alignment.codebook_min_cluster
+        if bool((counts < least).any()) or bool((counts != counts.round()).any()):
+            reject(f"codebook counts must be whole numbers of at least alignment.codebook_min_cluster={least} items "
+                   f"(got {counts.min().item():g}): a smaller cluster's centroid is too close to one record to leave a site")
 
     def update_change(self, update: SiteUpdate, projector: bool = False) -> float:
         """||update - global|| / ||global|| over the cores and magnitudes (comparable across sites and modalities),
@@ -306,6 +336,9 @@ class FederatedServer:
         self.report.bytes_up[update.site] = update.nbytes()
         if update.basis_digest:
             self.site_bases[update.site] = update.basis_digest
+        if update.codebook_counts.numel() and not self.state.codebooks():
+            self._codebook_parts.setdefault(update.modality, []).append(
+                (update.codebook_centroids.double().numpy(), update.codebook_counts.double().numpy()))
 
     def finish_round(self, min_sites: int = 1) -> GlobalState:
         """Merge what was accepted into the next global state."""
@@ -337,7 +370,9 @@ class FederatedServer:
                               f"(contributions of {self.report.accepted}); the global model is left unchanged")
         previous = from_upper_triangle(self.state.tensors[CONSENSUS_KEY].double()) if CONSENSUS_KEY in self.state.tensors else None
         tensors[CONSENSUS_KEY] = upper_triangle(self._consensus.combine(previous)).to(WIRE_STATISTICS)
-        tensors.update(self._targets_and_readout(anchors, self.state.round + 1))
+        tensors.update(self._build_codebooks(tensors))
+        codebooks = GlobalState(self.state.round + 1, self.anchor_fingerprint, tensors).codebooks()
+        tensors.update(self._targets_and_readout(anchors, self.state.round + 1, codebooks))
         self.state = GlobalState(round=self.state.round + 1, anchor_fingerprint=self.anchor_fingerprint, tensors=tensors)
         log.info("round %d merged from %s (weights %s)", self.report.round, self.report.accepted,
                  {s: round(w, 3) for s, w in self.report.site_weights.items()})
@@ -373,17 +408,59 @@ class FederatedServer:
                  f", at most {max(discarded.values()):.3f} of a core's norm discarded" if discarded else "")
         return out
 
+    # -- the private codebook --------------------------------------------------
+    def codebook_enabled(self) -> bool:
+        cfg = self.config.alignment
+        return cfg.readout == "cca" and cfg.codebook_size > 0 and "codebook" in cfg.readout_blocks
+
+    def _codebook_projections(self) -> dict[str, torch.Tensor]:
+        """Each modality's public codebook projection (fitted on its anchors' base features): sites cluster their
+        private items in it."""
+        if not self.codebook_enabled():
+            return {}
+        out = {}
+        for m, base in self.base_of("anchors").items():
+            projection = CodebookProjection.fit(base, self.config.alignment.codebook_components)
+            out[f"{CODEBOOK_PREFIX}{m}/mean"] = torch.from_numpy(projection.mean).float()
+            out[f"{CODEBOOK_PREFIX}{m}/linear"] = torch.from_numpy(projection.linear).float()
+        return out
+
+    def _build_codebooks(self, tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Once every modality has centroids from at least one site: pool them into each modality's codebook (its
+        centres, and the assignment scale from the public anchors). Until then the readout goes without it."""
+        if not self._codebook_parts or self.state.codebooks():
+            return {}
+        missing = [m for m in self.modalities if m not in self._codebook_parts]
+        if missing:
+            log.info("round %d: the private codebook waits for centroids of %s (sites of that modality sent none: "
+                     "too few private items, or differential privacy)", self.report.round, missing)
+            return {}
+        cfg = self.config.alignment
+        projections = GlobalState(self.state.round, self.anchor_fingerprint, dict(tensors)).codebook_projections()
+        out = {}
+        for m, parts in self._codebook_parts.items():
+            centres = pool_centroids(parts, cfg.codebook_size, seed=self.config.adapter.seed)
+            scale = assignment_scale(projections[m](self.base_of("anchors")[m]), centres, cfg.codebook_temperature)
+            out[f"{CODEBOOK_PREFIX}{m}/centres"] = torch.from_numpy(centres).float()
+            out[f"{CODEBOOK_PREFIX}{m}/scale"] = torch.tensor(scale, dtype=torch.float32)
+            log.info("round %d: private codebook of %s: %d centres from %d site(s), %d private items", self.report.round,
+                     m, len(centres), len(parts), int(sum(n.sum() for _, n in parts)))
+        self._codebook_parts = {}
+        return out
+
     # -- views of the model --------------------------------------------------
-    def _targets_and_readout(self, embeddings: Mapping[str, torch.Tensor], round_: int) -> dict[str, torch.Tensor]:
+    def _targets_and_readout(self, embeddings: Mapping[str, torch.Tensor], round_: int,
+                             codebooks: Mapping[str, Codebook]) -> dict[str, torch.Tensor]:
         """The anchor targets of the cross-modal term, and the anchor readout chosen on them by cross-validation
         (public data only), with every modality's anchors in the readout's space (what a site validates against)."""
         out = {TARGET_PREFIX + m: z.to(WIRE_STATISTICS) for m, z in embeddings.items()}
         cfg = self.config.alignment
         if cfg.readout == "cca" and len(embeddings) >= 2:
-            base = self.base_of("anchors") if "base" in cfg.readout_blocks else None
-            readout, self.readout_choice = fit_readout(self.config, embeddings, base)
+            blocks = tuple(b for b in cfg.readout_blocks if b != "codebook" or codebooks)
+            base = self.base_of("anchors") if {"base", "codebook"} & set(blocks) else None
+            readout, self.readout_choice = fit_readout(self.config, embeddings, base, blocks, codebooks)
             self._choice_round = round_
-            scored = to_scoring_space(embeddings, embeddings, readout, base, cfg.readout_blocks)
+            scored = to_scoring_space(embeddings, embeddings, readout, base, blocks, codebooks)
             for m in embeddings:
                 out[f"{READOUT_PREFIX}{m}/mean"] = readout.means[m]
                 out[f"{READOUT_PREFIX}{m}/proj"] = readout.projections[m]
@@ -440,10 +517,11 @@ class FederatedServer:
         targets = source.targets() if source is not None else {}
         anchors = targets if set(targets) >= set(self.modalities) else self._anchor_embeddings()
         readout = source.readout() if source is not None else None
-        blocks = self.config.alignment.readout_blocks
-        base = self.base_of("test") if readout is not None and "base" in blocks else None
+        codebooks = source.codebooks() if source is not None else {}
+        blocks = source.readout_blocks(self.config.alignment.readout_blocks) if source is not None else ()
+        base = self.base_of("test") if readout is not None and {"base", "codebook"} & set(blocks) else None
         embeddings = to_scoring_space({m: self.model.embed_all(m, d.items) for m, d in self.test.items()}, anchors, readout,
-                                      base, blocks)
+                                      base, blocks, codebooks)
         labels = {m: np.asarray(d.semantic_labels) for m, d in self.test.items()}
         self.last_embeddings = embeddings  # held-out pairs, row i of every modality is one pair: for the map
         metrics = {**cross_modal_metrics(embeddings, labels), **self.readout_metrics(source)}

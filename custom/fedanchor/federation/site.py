@@ -17,6 +17,7 @@ from typing import Callable, Mapping
 import numpy as np
 import torch
 
+from ..alignment.codebook import site_centroids
 from ..alignment.gram import centred_gram, from_upper_triangle, upper_triangle
 from ..alignment.losses import anchor_info_nce, cka_loss, two_view_contrastive
 from ..config import FedAnchorConfig
@@ -228,15 +229,36 @@ class SiteTrainer:
         gram_upper = upper_triangle(gram).float()
         if cfg.privacy.dp:
             params, gram_upper, precision, uncertainty, metrics = self._privatize(state, params, gram_upper, metrics)
+        centroids, counts = self.codebook_centroids(state)
         update = SiteUpdate(
             site=self.site, modality=self.modality, round=state.round, anchor_fingerprint=self.anchor_fingerprint,
             params=params, precision=precision, gram_upper=gram_upper, n_samples=n,
             uncertainty=float(uncertainty), metrics=metrics, basis_gradients=basis_gradients,
-            basis_digest=self.basis_digest or "",
+            basis_digest=self.basis_digest or "", codebook_centroids=centroids, codebook_counts=counts,
         )
         log.info("site %s round %d: loss %.4f (private %.4f, cka %.4f, cross %.4f) in %.1fs", self.site, state.round,
                  sums["loss"] / steps, sums["private"] / steps, sums["cka"] / steps, sums["cross"] / steps, metrics["seconds"])
         return update
+
+    def codebook_centroids(self, state: GlobalState) -> tuple[torch.Tensor, torch.Tensor]:
+        """(centroids, counts) of this site's private items for the private codebook (alignment/codebook.py), while
+        the server has not built it; empty otherwise, and always under differential privacy (centroids are not
+        released through its mechanism)."""
+        empty = torch.zeros(0, 0), torch.zeros(0)
+        projection = state.codebook_projections().get(self.modality)
+        if projection is None or state.codebooks():
+            return empty
+        if self.config.privacy.dp:
+            log.info("site %s: no codebook centroids under differential privacy", self.site)
+            return empty
+        cfg = self.config.alignment
+        private = base_features(self.model, self.modality, self.private.items, cfg.readout_text_tokens)
+        centroids, counts = site_centroids(projection(private), cfg.codebook_size, cfg.codebook_min_cluster, self._seed)
+        log.info("site %s round %d: %d codebook centroids of clusters of %s+ private items (of %d)", self.site,
+                 state.round, len(counts), cfg.codebook_min_cluster, len(private))
+        if not len(counts):
+            return empty
+        return torch.from_numpy(centroids).float(), torch.from_numpy(counts).float()
 
     def _privatize(self, state: GlobalState, params: dict[str, torch.Tensor], gram_upper: torch.Tensor,
                    metrics: dict[str, float]) -> tuple[dict[str, torch.Tensor], torch.Tensor, dict[str, torch.Tensor], float, dict[str, float]]:

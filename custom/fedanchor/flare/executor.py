@@ -76,10 +76,10 @@ def anchor_validation(trainer: SiteTrainer, state: GlobalState) -> dict[str, flo
     z = trainer.model.embed_all(modality, trainer.anchors.items)
     labels = trainer.anchors.semantic_labels
     readout, scored = state.readout(), state.scored_anchors()
-    blocks = trainer.config.alignment.readout_blocks
+    blocks = state.readout_blocks(trainer.config.alignment.readout_blocks)
     if readout is not None and scored:
-        base = {modality: trainer.anchor_base_features()} if "base" in blocks else None
-        mine = to_scoring_space({modality: z}, {modality: z}, readout, base, blocks)[modality]
+        base = {modality: trainer.anchor_base_features()} if {"base", "codebook"} & set(blocks) else None
+        mine = to_scoring_space({modality: z}, {modality: z}, readout, base, blocks, state.codebooks())[modality]
         others = {m: v for m, v in scored.items() if m != modality}
     else:
         targets = state.targets()

@@ -11,6 +11,9 @@ exactly what ``SiteUpdate.to_arrays`` produces, as one DXO of kind COLLECTION:
 - ``gram_upper`` (the anchor Gram's upper triangle),
 - in a basis refresh's gradient round only, ``basis_grad/adapter/<layer>/U`` (G V, d_out x r) and
   ``.../V`` (G^T U, r columns), for layers whose core it also sends,
+- until the private codebook is built, ``codebook/centroids`` (clusters x components) with
+  ``codebook/counts``: each centroid a mean of at least ``codebook_min_cluster`` private items
+  (a whole number, checked here),
 
 with meta limited to the SiteUpdate fields (site, modality, round, anchor
 fingerprint, n_samples, uncertainty, numeric metrics, the digest of the global
@@ -36,7 +39,9 @@ from nvflare.apis.fl_constant import FLContextKey, ReturnCode
 from nvflare.apis.fl_context import FLContext
 from nvflare.apis.shareable import ReservedHeaderKey, Shareable, make_reply
 
-from ..federation.messages import ARRAY_FIELDS, BASIS_GRADIENT_PREFIX, GRAM_KEY, PARAM_PREFIX, PRECISION_PREFIX, SiteUpdate
+from ..alignment.codebook import MIN_CLUSTER
+from ..federation.messages import (ARRAY_FIELDS, BASIS_GRADIENT_PREFIX, CODEBOOK_CENTROIDS, CODEBOOK_COUNTS, GRAM_KEY,
+                                   PARAM_PREFIX, PRECISION_PREFIX, SiteUpdate)
 
 ADAPTER_PARAM = re.compile(r"^param/adapter/[^/]+/[Sm]$")
 ADAPTER_PRECISION = re.compile(r"^log_precision/adapter/[^/]+/[Sm]$")
@@ -49,8 +54,9 @@ META_KEYS = frozenset(f.name for f in dataclasses.fields(SiteUpdate)) - set(ARRA
 SHAREABLE_KEYS = frozenset({ReservedHeaderKey.HEADERS, "DXO"})
 
 
-def section5_violation(shareable: Shareable) -> str | None:
-    """Why ``shareable`` is not a section-5 site update, or None when it is one."""
+def section5_violation(shareable: Shareable, min_cluster: int = MIN_CLUSTER) -> str | None:
+    """Why ``shareable`` is not a section-5 site update, or None when it is one (codebook centroids must average
+    at least ``min_cluster`` private items)."""
     extra = sorted(str(k) for k in shareable.keys() if k not in SHAREABLE_KEYS)
     if extra:
         return f"the result carries entries outside its DXO: {extra[:5]}"
@@ -60,7 +66,7 @@ def section5_violation(shareable: Shareable) -> str | None:
         return f"the result is not a DXO ({type(err).__name__}: {err})"
     if dxo.data_kind != DataKind.COLLECTION:
         return f"a site update travels as DataKind.COLLECTION, got {dxo.data_kind!r}"
-    reason = _array_violation(dxo.data or {})
+    reason = _array_violation(dxo.data or {}) or _codebook_violation(dxo.data or {}, min_cluster)
     if reason:
         return reason
     return _meta_violation(dxo.get_meta_props() or {}, dxo.data or {})
@@ -81,7 +87,7 @@ def _array_violation(data: Mapping[str, Any]) -> str | None:
             gradients.add(key[len(BASIS_GRADIENT_PREFIX):])
         elif PROJECTOR_PARAM.match(key):
             projector_modalities.add(PROJECTOR_PARAM.match(key).group("modality"))
-        elif key != GRAM_KEY:
+        elif key not in (GRAM_KEY, CODEBOOK_CENTROIDS, CODEBOOK_COUNTS):
             unknown.append(key)
     if unknown:
         return f"keys outside section 5: {sorted(unknown)[:5]}"
@@ -136,6 +142,22 @@ def _gradient_violation(data: Mapping[str, Any], adapter: set[str], gradients: s
     return None
 
 
+def _codebook_violation(data: Mapping[str, Any], min_cluster: int) -> str | None:
+    """Codebook centroids travel with their counts, one per centroid, each a whole number of at least min_cluster."""
+    if CODEBOOK_CENTROIDS not in data and CODEBOOK_COUNTS not in data:
+        return None
+    if CODEBOOK_CENTROIDS not in data or CODEBOOK_COUNTS not in data:
+        return f"{CODEBOOK_CENTROIDS} and {CODEBOOK_COUNTS} travel together"
+    centroids, counts = data[CODEBOOK_CENTROIDS], data[CODEBOOK_COUNTS]
+    if centroids.ndim != 2 or counts.ndim != 1 or centroids.shape[0] != counts.shape[0]:
+        return (f"{CODEBOOK_CENTROIDS} has shape {centroids.shape} and {CODEBOOK_COUNTS} {counts.shape}; "
+                "expected (clusters, components) and (clusters,)")
+    if not np.isfinite(counts).all() or (counts < min_cluster).any() or (counts != np.round(counts)).any():
+        return (f"{CODEBOOK_COUNTS} must be whole numbers of at least {min_cluster} (a centroid of fewer private "
+                "items is too close to one record)")
+    return None
+
+
 def _meta_violation(meta: Mapping[str, Any], data: Mapping[str, Any]) -> str | None:
     extra = sorted(str(k) for k in meta if k not in META_KEYS)
     if extra:
@@ -160,15 +182,20 @@ def _meta_violation(meta: Mapping[str, Any], data: Mapping[str, Any]) -> str | N
 
 
 class Section5OutputFilter(Filter):
-    def __init__(self, train_task: str = "train"):
+    def __init__(self, train_task: str = "train", codebook_min_cluster: int = MIN_CLUSTER):
         """
         Args:
             train_task: the task whose results must be section-5 site updates; other tasks' results pass.
+            codebook_min_cluster: the fewest private items a codebook centroid may average (the site's own floor,
+                whatever the job asks).
         """
         super().__init__()
         if not isinstance(train_task, str) or not train_task:
             raise ValueError(f"train_task must be a task name, got {train_task!r}")
+        if not isinstance(codebook_min_cluster, int) or codebook_min_cluster < 2:
+            raise ValueError(f"codebook_min_cluster must be an integer of at least 2, got {codebook_min_cluster!r}")
         self.train_task = train_task
+        self.codebook_min_cluster = codebook_min_cluster
 
     def process(self, shareable: Shareable, fl_ctx: FLContext) -> Shareable:
         task = fl_ctx.get_prop(FLContextKey.TASK_NAME) or shareable.get_header(ReservedHeaderKey.TASK_NAME)
@@ -178,7 +205,7 @@ class Section5OutputFilter(Filter):
         if rc != ReturnCode.OK:
             # An error reply says nothing but its code; anything attached to it is dropped.
             return make_reply(rc)
-        reason = section5_violation(shareable)
+        reason = section5_violation(shareable, self.codebook_min_cluster)
         if reason:
             self.log_error(fl_ctx, f"fedanchor output filter refused the {task} result: {reason}")
             return make_reply(ReturnCode.TASK_RESULT_FILTER_ERROR)

@@ -1,0 +1,154 @@
+"""The private codebook: what each modality's unpaired private data adds to the readout, as cluster centroids.
+
+Linear statistics of private data (covariances, principal axes) add nothing that the
+public anchors do not already give, but where the private data lie does: k-means
+centroids of many private items trace the modality's manifold far more finely than
+a hundred anchors can. So each site clusters the base features of its own private
+items, sends the centroids of clusters of at least ``min_cluster`` items (each a mean
+over that many records, never one record) with their sizes, the server pools every
+site's centroids of a modality into one codebook of at most ``size`` centres, and
+the readout reads a ``codebook`` block beside the base features and the model:
+
+    p(x) = softmax(-|P(x) - c_j|^2 / s)     (soft assignment to the centres)
+    codebook(x) = [p(x), p(x) C]            (the assignment and the point it denotes on the manifold)
+
+where P standardises the base features on the anchors and keeps their leading
+principal components (public: every party computes it from the anchors), and s is
+``temperature`` times the median squared distance of the anchors to the centres.
+The readout's cross-validation on the anchors weighs the block, and drops it where
+it does not help. Everything here is numpy: no model, no FLARE.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+COMPONENTS = 40  # principal components of the anchors' base features the centres live in
+SIZE = 160  # centres per modality after pooling
+TEMPERATURE = 0.1  # of the soft assignment, relative to the anchors' median squared distance to the centres
+MIN_CLUSTER = 5  # private items a centroid must average before it may leave a site
+
+
+@dataclass
+class CodebookProjection:
+    """P: base features -> the anchors' standardised leading principal components (fitted on public anchors only)."""
+
+    mean: np.ndarray  # features
+    linear: np.ndarray  # features x components
+
+    @classmethod
+    def fit(cls, anchor_base: np.ndarray, components: int = COMPONENTS) -> "CodebookProjection":
+        x = np.asarray(anchor_base, dtype=np.float64)
+        if x.ndim != 2 or len(x) < 2:
+            raise ValueError(f"a codebook projection needs anchors x features base features, got shape {x.shape}")
+        mean = x.mean(0)
+        scale = x.std(0)
+        scale[scale < 1e-6] = 1.0  # a feature constant on the anchors carries nothing; keep it finite
+        _, _, vt = np.linalg.svd((x - mean) / scale, full_matrices=False)
+        keep = max(1, min(components, len(x) - 1, vt.shape[0]))
+        return cls(mean, vt[:keep].T / scale[:, None])
+
+    def __call__(self, base: np.ndarray) -> np.ndarray:
+        return (np.asarray(base, dtype=np.float64) - self.mean) @ self.linear
+
+
+def kmeans(points: np.ndarray, k: int, seed: int = 0, weights: np.ndarray | None = None,
+           iterations: int = 50) -> tuple[np.ndarray, np.ndarray]:
+    """(centres, assignment) of Lloyd's k-means with k-means++ seeding, deterministic for a seed; ``weights``
+    (one per point, e.g. the sizes of pooled centroids) weigh the means."""
+    points = np.asarray(points, dtype=np.float64)
+    w = np.ones(len(points)) if weights is None else np.asarray(weights, dtype=np.float64)
+    if len(points) == 0 or len(w) != len(points):
+        raise ValueError(f"k-means needs points and one weight per point, got {len(points)} points, {len(w)} weights")
+    rng = np.random.default_rng(seed)
+    k = max(1, min(k, len(points)))
+    centres = points[rng.choice(len(points), 1, p=w / w.sum())]
+    for _ in range(1, k):
+        d = _squared_distances(points, centres).min(1) * w
+        centres = np.vstack([centres, points[rng.choice(len(points), p=d / d.sum() if d.sum() > 0 else None)]])
+    for _ in range(iterations):
+        assign = _squared_distances(points, centres).argmin(1)
+        moved = np.array([np.average(points[assign == j], axis=0, weights=w[assign == j]) if (assign == j).any() else centres[j]
+                          for j in range(k)])
+        if np.allclose(moved, centres):
+            break
+        centres = moved
+    return centres, _squared_distances(points, centres).argmin(1)
+
+
+def _squared_distances(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    return np.maximum((a ** 2).sum(1)[:, None] - 2.0 * a @ b.T + (b ** 2).sum(1)[None], 0.0)
+
+
+def site_centroids(projected: np.ndarray, size: int = SIZE, min_cluster: int = MIN_CLUSTER,
+                   seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """(centroids, counts) a site may send: k-means of its projected private base features into clusters of
+    ``min_cluster`` items or more (at most ``size`` clusters). k-means leaves some clusters smaller: each of those,
+    smallest first, is dissolved into the nearest remaining centres, so every item still counts in some centroid
+    and none averages fewer than ``min_cluster`` items. Empty arrays when the site holds fewer than that."""
+    if min_cluster < 2:
+        raise ValueError(f"codebook min_cluster={min_cluster}: a centroid of fewer than 2 items is one record; use >= 2")
+    projected = np.asarray(projected, dtype=np.float64)
+    k = min(size, len(projected) // min_cluster)
+    if k < 1:
+        return np.zeros((0, projected.shape[1])), np.zeros(0)
+    centres, assign = kmeans(projected, k, seed)
+    alive = np.ones(len(centres), dtype=bool)
+    while True:
+        counts = np.bincount(assign, minlength=len(centres))
+        small = np.flatnonzero(alive & (counts < min_cluster))
+        if not len(small):
+            break
+        smallest = small[np.argmin(counts[small])]
+        alive[smallest] = False
+        moved = assign == smallest
+        if moved.any():
+            distances = _squared_distances(projected[moved], centres)
+            distances[:, ~alive] = np.inf
+            assign[moved] = distances.argmin(1)
+            for j in np.unique(assign[moved]):
+                centres[j] = projected[assign == j].mean(0)
+    counts = np.bincount(assign, minlength=len(centres)).astype(np.float64)
+    return centres[alive], counts[alive]
+
+
+def pool_centroids(parts: list[tuple[np.ndarray, np.ndarray]], size: int = SIZE, seed: int = 0) -> np.ndarray:
+    """One modality's codebook from every site's (centroids, counts): all of them when they are at most ``size``,
+    else their k-means weighted by the counts."""
+    parts = [(np.asarray(c, dtype=np.float64), np.asarray(n, dtype=np.float64)) for c, n in parts if len(c)]
+    if not parts:
+        raise ValueError("no site sent codebook centroids for this modality")
+    centres = np.concatenate([c for c, _ in parts])
+    counts = np.concatenate([n for _, n in parts])
+    if len(centres) <= size:
+        return centres
+    return kmeans(centres, size, seed, weights=counts)[0]
+
+
+def soft_assignments(projected: np.ndarray, centres: np.ndarray, scale: float) -> np.ndarray:
+    """items x centres: softmax of minus the squared distances over ``scale``."""
+    logits = -_squared_distances(np.asarray(projected, dtype=np.float64), centres) / max(scale, 1e-12)
+    logits -= logits.max(1, keepdims=True)
+    p = np.exp(logits)
+    return p / p.sum(1, keepdims=True)
+
+
+def assignment_scale(anchor_projected: np.ndarray, centres: np.ndarray, temperature: float = TEMPERATURE) -> float:
+    """s: ``temperature`` times the median squared distance of the (public) anchors to the centres."""
+    return float(temperature * np.median(_squared_distances(np.asarray(anchor_projected, dtype=np.float64), centres)))
+
+
+@dataclass
+class Codebook:
+    """One modality's codebook: the projection, the centres and the assignment scale; maps base features to the
+    readout's ``codebook`` block."""
+
+    projection: CodebookProjection
+    centres: np.ndarray  # centres x components
+    scale: float
+    with_position: bool = True  # append p C (the point on the manifold) to the assignment p
+
+    def __call__(self, base: np.ndarray) -> np.ndarray:
+        p = soft_assignments(self.projection(base), self.centres, self.scale)
+        return np.hstack([p, p @ self.centres]) if self.with_position else p
