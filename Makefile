@@ -27,7 +27,7 @@ test: $(STAMP)
 test-fast: $(STAMP)
 	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(PY) -m pytest -q -m "not slow and not deployment"
 
-# Issue 2's figure: the full objective against the same run without the alignment terms, in process.
+# The alignment ablation: the full objective against the same run without the alignment terms, in process.
 compare: $(STAMP)
 	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(VENV)/bin/fedanchor compare --scenario xray --rounds $(ROUNDS) --out runs/compare-xray
 

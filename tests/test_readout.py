@@ -77,9 +77,11 @@ def test_server_broadcasts_the_readout_and_scores_in_it():
     scored = state.scored_anchors()
     za, zg = scored["accel"], scored["gyro"]
     assert float((za * zg).sum(1).mean()) > 0.3
-    # It reads the base block and the model block side by side: each modality's input is raw values + the embedding.
+    # It reads the base, codebook and model blocks side by side: each modality's input is raw values, the
+    # assignment to each codebook centre and its point (centres + components), then the embedding.
+    books = state.codebooks()
     width = {m: p.shape[0] for m, p in readout.projections.items()}
-    assert width == {"accel": 300 + config.trunk.embed_dim, "gyro": 300 + config.trunk.embed_dim}
+    assert width == {m: 300 + len(b.centres) + b.centres.shape[1] + config.trunk.embed_dim for m, b in books.items()}
     without = run_in_process(tiny_config(rounds=1, alignment={"readout": "none"}), progress=None).final_state
     assert without.readout() is None and not any(k.startswith("readout/") for k in without.tensors)
     assert np.isfinite(result.final_eval["accel->gyro/recall@1"])

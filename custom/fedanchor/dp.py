@@ -1,6 +1,6 @@
 """Differential privacy of a site's upload: clip, add Gaussian noise, account the budget.
 
-What a site uploads (DESIGN.md section 5) is a function of its private data: the
+What a site uploads (docs/DESIGN.md, "What crosses the network") is a function of its private data: the
 change it made to the shared cores, magnitudes and its projector, and its Gram
 matrix on the anchors (computed by a model trained on private data). With
 ``privacy.dp`` each round releases both through the Gaussian mechanism:

@@ -100,7 +100,7 @@ def test_privacy_scope_puts_the_output_filter_on_every_task_result():
     scopes = {s["name"]: s for s in privacy["scopes"]}
     assert privacy["default_scope"] == jobs.PRIVACY_SCOPE  # a job that names no scope gets it too
     filters = scopes[jobs.PRIVACY_SCOPE]["task_result_filters"]
-    assert [f["path"] for f in filters] == ["fedanchor.flare.filters.Section5OutputFilter"]
+    assert [f["path"] for f in filters] == ["fedanchor.flare.filters.SiteReleaseFilter"]
     assert "direction" not in filters[0]  # a site's result filters default to outgoing results
     module, _, name = filters[0]["path"].rpartition(".")
     getattr(importlib.import_module(module), name)(**filters[0].get("args", {}))  # it builds with these arguments

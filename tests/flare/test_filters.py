@@ -1,4 +1,4 @@
-"""Section5OutputFilter: a train result leaves the site only as the section-5 site update, nothing more."""
+"""SiteReleaseFilter: a task result leaves the site only as what fedanchor may release, nothing more."""
 from __future__ import annotations
 
 import copy
@@ -6,13 +6,13 @@ import copy
 import numpy as np
 import pytest
 import torch
-from nvflare.apis.dxo import DXO, DataKind
+from nvflare.apis.dxo import DXO, DataKind, from_shareable
 from nvflare.apis.fl_constant import FLContextKey, ReturnCode
 from nvflare.apis.fl_context import FLContext
 from nvflare.apis.shareable import Shareable, make_reply
 
 from fedanchor.federation.messages import SiteUpdate
-from fedanchor.flare.filters import Section5OutputFilter, section5_violation
+from fedanchor.flare.filters import SiteReleaseFilter, update_violation
 from fedanchor.flare.shareable import update_to_dxo
 
 
@@ -57,13 +57,13 @@ def outside_dxo() -> Shareable:
 
 # (case, result, the reason's words)
 REFUSED = [
-    ("extra key", with_data(lambda d: d.__setitem__("private/embeddings", np.zeros((5, 4), np.float32))), "outside section 5"),
+    ("extra key", with_data(lambda d: d.__setitem__("private/embeddings", np.zeros((5, 4), np.float32))), "outside what a site update may carry"),
     ("param outside adapter/projector", with_data(lambda d: d.__setitem__("param/head/weight", np.zeros(3, np.float32))),
-     "outside section 5"),
+     "outside what a site update may carry"),
     ("adapter basis U goes up", with_data(lambda d: d.__setitem__("param/adapter/layer.0.query/U", np.zeros(3, np.float32))),
-     "outside section 5"),
+     "outside what a site update may carry"),
     ("key with an extra level", with_data(lambda d: d.__setitem__("param/adapter/x/y/S", np.zeros(3, np.float32))),
-     "outside section 5"),
+     "outside what a site update may carry"),
     ("precision without its parameter", with_data(lambda d: d.pop("param/adapter/layer.1.value/m")), "do not pair up"),
     ("parameter without its precision", with_data(lambda d: d.pop("log_precision/adapter/layer.0.query/S")), "do not pair up"),
     ("no Gram", with_data(lambda d: d.pop("gram_upper")), "lacks 'gram_upper'"),
@@ -106,8 +106,8 @@ REFUSED = [
 
 def test_a_section5_update_passes_unchanged():
     result = update_to_dxo(site_update()).to_shareable()
-    assert section5_violation(result) is None
-    assert Section5OutputFilter().process(result, ctx()) is result
+    assert update_violation(result) is None
+    assert SiteReleaseFilter().process(result, ctx()) is result
 
 
 def test_a_refresh_gradient_round_update_passes_with_cores_of_several_ranks():
@@ -121,37 +121,83 @@ def test_a_refresh_gradient_round_update_passes_with_cores_of_several_ranks():
                  "adapter/layer.1.value/U": torch.zeros(8, 3), "adapter/layer.1.value/V": torch.zeros(8, 3)}
     result = update_to_dxo(dataclasses.replace(update, params=params, precision=precision,
                                                basis_gradients=gradients)).to_shareable()
-    assert section5_violation(result) is None
+    assert update_violation(result) is None
 
 
 @pytest.mark.parametrize("case,result,reason", REFUSED, ids=[c[0] for c in REFUSED])
 def test_anything_else_is_refused_with_a_reason(case, result, reason, caplog):
-    assert reason in (section5_violation(result) or ""), case
+    assert reason in (update_violation(result) or ""), case
     with caplog.at_level("ERROR"):
-        out = Section5OutputFilter().process(result, ctx())
+        out = SiteReleaseFilter().process(result, ctx())
     assert out.get_return_code() == ReturnCode.TASK_RESULT_FILTER_ERROR
     assert "DXO" not in out and not [k for k in out if k != "__headers__"], "a refused result must carry nothing"
     assert reason in caplog.text
 
 
-def test_other_tasks_pass_and_error_replies_are_emptied():
+def test_validate_results_pass_as_finite_metrics_only():
+    metrics = DXO(DataKind.METRICS, data={"anchor/cka_to_consensus": 0.5}, meta={"round": 2}).to_shareable()
+    assert SiteReleaseFilter().process(metrics, ctx("validate")) is metrics
+
+
+VALIDATE_REFUSED = [
+    ("an array among the metrics", {"anchor/embeddings": np.zeros((5, 4))}, {}, "finite numbers"),
+    ("a NaN metric", {"anchor/recall@1": float("nan")}, {}, "finite numbers"),
+    ("a string metric", {"ids": "17,18"}, {}, "finite numbers"),
+    ("meta beyond the round", {"anchor/recall@1": 0.5}, {"round": 1, "site_ids": [1, 2]}, "round only"),
+]
+
+
+@pytest.mark.parametrize("case,data,meta,reason", VALIDATE_REFUSED, ids=[c[0] for c in VALIDATE_REFUSED])
+def test_validate_results_carrying_anything_else_are_refused(case, data, meta, reason):
+    result = DXO(DataKind.METRICS, data=data, meta=meta).to_shareable()
+    out = SiteReleaseFilter().process(result, ctx("validate"))
+    assert out.get_return_code() == ReturnCode.TASK_RESULT_FILTER_ERROR and "DXO" not in out
+    assert reason in SiteReleaseFilter().violation("validate", result)
+
+
+def submitted(update: SiteUpdate, change=None) -> Shareable:
+    data = {k: v.numpy().copy() for k, v in update.params.items()}
+    if change:
+        change(data)
+    return DXO(DataKind.WEIGHTS, data=data, meta={"site": update.site, "round": update.round}).to_shareable()
+
+
+def test_submit_model_may_only_send_again_what_train_released():
+    release = SiteReleaseFilter()
+    update = site_update()
+    early = release.process(submitted(update), ctx("submit_model"))
+    assert early.get_return_code() == ReturnCode.TASK_RESULT_FILTER_ERROR  # nothing released yet
+    release.process(update_to_dxo(update).to_shareable(), ctx())
+    again = submitted(update)
+    assert release.process(again, ctx("submit_model")) is again
+    for change, reason in ((lambda d: d["adapter/layer.0.query/S"].__iadd__(1e-3), "values differ"),  # e.g. un-noised cores
+                           (lambda d: d.__setitem__("adapter/layer.0.query/delta", np.zeros(8, np.float32)), "differing keys"),
+                           (lambda d: d.pop("projector/accel/bias"), "differing keys")):
+        out = release.process(submitted(update, change), ctx("submit_model"))
+        assert out.get_return_code() == ReturnCode.TASK_RESULT_FILTER_ERROR and "DXO" not in out
+        assert reason in release.violation("submit_model", submitted(update, change))
+    extra_meta = DXO(DataKind.WEIGHTS, data=from_shareable(again).data, meta={"site": "a", "ids": [3, 4]}).to_shareable()
+    assert "meta may carry" in release.violation("submit_model", extra_meta)
+
+
+def test_results_of_other_tasks_are_refused_and_error_replies_emptied():
     metrics = DXO(DataKind.METRICS, data={"anchor/cka_to_consensus": 0.5}).to_shareable()
-    assert Section5OutputFilter().process(metrics, ctx("validate")) is metrics
+    assert SiteReleaseFilter().process(metrics, ctx("export_embeddings")).get_return_code() == ReturnCode.TASK_RESULT_FILTER_ERROR
     aborted = make_reply(ReturnCode.TASK_ABORTED)
     aborted["leak"] = np.zeros(3)
-    out = Section5OutputFilter().process(aborted, ctx())
+    out = SiteReleaseFilter().process(aborted, ctx())
     assert out.get_return_code() == ReturnCode.TASK_ABORTED and "leak" not in out
 
 
 def test_the_train_task_name_is_checked():
     with pytest.raises(ValueError, match="task name"):
-        Section5OutputFilter(train_task="")
+        SiteReleaseFilter(train_task="")
 
 
 def test_a_site_can_raise_its_own_codebook_floor_above_the_jobs():
     result = update_to_dxo(site_update()).to_shareable()  # clusters of 5, 6 and 9 private items
-    assert Section5OutputFilter(codebook_min_cluster=5).process(result, ctx()) is result
-    refused = Section5OutputFilter(codebook_min_cluster=8).process(update_to_dxo(site_update()).to_shareable(), ctx())
+    assert SiteReleaseFilter(codebook_min_cluster=5).process(result, ctx()) is result
+    refused = SiteReleaseFilter(codebook_min_cluster=8).process(update_to_dxo(site_update()).to_shareable(), ctx())
     assert refused.get_return_code() == ReturnCode.TASK_RESULT_FILTER_ERROR
     with pytest.raises(ValueError, match="at least 2"):
-        Section5OutputFilter(codebook_min_cluster=1)
+        SiteReleaseFilter(codebook_min_cluster=1)

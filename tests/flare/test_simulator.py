@@ -236,9 +236,9 @@ def test_components_train_validate_submit_and_keep_delta_site(tmp_path):
     executor.handle_event(EventType.START_RUN, site_ctx)
     result = executor.execute("train", task, site_ctx, Signal())
     assert from_shareable(result).data_kind == DataKind.COLLECTION
-    from fedanchor.flare.filters import section5_violation
+    from fedanchor.flare.filters import update_violation
 
-    assert section5_violation(result) is None  # what the executor sends passes the site's output filter
+    assert update_violation(result) is None  # what the executor sends passes the site's output filter
     result.set_peer_props({ReservedKey.IDENTITY_NAME: "site-1"})
     assert aggregator.accept(result, server_ctx)
     assert not aggregator.accept(result, server_ctx)  # the same site twice in one round
@@ -617,3 +617,48 @@ def test_basis_cache_filter_leaves_held_bases_out_and_never_fails_a_task(tmp_pat
     broken = fake_ctx(tmp_path / "other", "server", {})  # no server component: log, and send the whole state
     broken.set_peer_context(peer)
     assert BasisCacheFilter().process(task, broken) is task
+
+
+def test_a_dp_site_trains_through_the_executor_and_submits_only_what_it_released(tmp_path):
+    """A DP round's update carries only seconds and dp/* metrics: the executor's round log must not need the losses,
+    and submit_model must send the noised cores that left, never the trained ones."""
+    from nvflare.apis.dxo import from_shareable
+    from nvflare.apis.event_type import EventType
+    from nvflare.apis.fl_constant import FLContextKey, ReturnCode
+    from nvflare.apis.signal import Signal
+
+    from fedanchor.federation.state import core_params
+    from fedanchor.flare.executor import FedAnchorExecutor
+    from fedanchor.flare.filters import SiteReleaseFilter
+    from fedanchor.flare.persistor import FedAnchorPersistor
+    from fedanchor.flare.server_state import FedAnchorServerComponent
+
+    config = jobs.read_job_config(JOBS / "motion")
+    config = dict(config, privacy=dict(config.get("privacy", {}), dp=True, noise_multiplier=2.0, clip_update=0.1),
+                  adapter=dict(config["adapter"], refresh_every=0))  # projected basis gradients are not released under DP
+    component = FedAnchorServerComponent(config=config)
+    server_ctx = fake_ctx(tmp_path / "server", "server", {"fedanchor_server": component})
+    task = FedAnchorShareableGenerator().learnable_to_shareable(FedAnchorPersistor().load_model(server_ctx), server_ctx)
+    site_ctx = fake_ctx(tmp_path / "site-1", "site-1")
+    executor = FedAnchorExecutor(config=config)
+    executor.handle_event(EventType.START_RUN, site_ctx)
+    release = SiteReleaseFilter()
+
+    def leaving(task_name, result):
+        site_ctx.set_prop(FLContextKey.TASK_NAME, task_name, private=True, sticky=False)
+        return release.process(result, site_ctx)
+
+    early = executor.execute("submit_model", task, site_ctx, Signal())
+    assert early.get_return_code() == ReturnCode.EXECUTION_EXCEPTION  # nothing released yet, nothing to submit
+    trained = leaving("train", executor.execute("train", task, site_ctx, Signal()))
+    assert trained.get_return_code(ReturnCode.OK) == ReturnCode.OK
+    sent = dxo_to_update(from_shareable(trained))
+    assert set(sent.metrics) == {"seconds", "dp/epsilon", "dp/delta", "dp/rounds"} and not sent.codebook_counts.numel()
+    submitted = leaving("submit_model", executor.execute("submit_model", task, site_ctx, Signal()))
+    assert submitted.get_return_code(ReturnCode.OK) == ReturnCode.OK
+    data = from_shareable(submitted).data
+    assert set(data) == set(sent.params)
+    local = core_params(executor._trainer.model)
+    for key, value in sent.params.items():
+        assert np.array_equal(data[key], value.numpy())
+    assert any(not torch.equal(local[k].detach().cpu(), sent.params[k]) for k in local), "the noise was not applied"

@@ -12,7 +12,7 @@ anchor images best agree with one shared N x d configuration G:
 With two modalities this is regularised CCA: the eigenvalues of H_1 + H_2 are
 1 + rho. It touches public anchors only (the server already embeds them with the
 global model to make the anchor targets), so it crosses the network as part of
-the global state (DESIGN.md section 5, "anchor targets"), costs M x p x d floats
+the global state (docs/DESIGN.md, "What crosses the network", "anchor targets"), costs M x p x d floats
 down and nothing up. The same function fits the anchors-only CCA rival of the
 bench on raw features, so the rival and the method use one CCA.
 """

@@ -1,4 +1,4 @@
-"""fedanchor bench: every rival on one split, scored the same way (issue 4, first slice).
+"""fedanchor bench: every rival on one split, scored the same way.
 
 ``python -m fedanchor bench --scenario motion --trunk tiny --quick --out runs/bench-motion``
 """

@@ -1,4 +1,4 @@
-"""Federated rivals of issue 4: FedAvg on LoRA factors (with and without an anchor term), FedProto, CreamFL.
+"""Federated rivals: FedAvg on LoRA factors (with and without an anchor term), FedProto, CreamFL.
 
 Each rival is a function ``(config, split) -> RivalRun`` that runs every site and
 the server in one process on the split and seeds that fedanchor uses, and is

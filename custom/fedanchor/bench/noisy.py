@@ -7,7 +7,7 @@ with precision weighting as configured and once with ``precision.method=uniform`
 reference. Recorded per run: every site's merge weight and uncertainty scalar per
 round, the final held-out metrics and the wall seconds.
 
-Two figures per mode answer the issue's targets:
+Two figures per mode, each with its target:
 
 - **weight ratio** = the noisy site's merge weight / the mean weight of the clean
   sites *of the same modality*, per round, under precision weighting (target: at

@@ -1,4 +1,4 @@
-"""Fixed against refreshed GeoLoRA bases, at equal bytes (issue 8).
+"""Fixed against refreshed GeoLoRA bases, at equal bytes.
 
 On one split and seed: fedanchor with a fixed basis at several ranks, and with a
 basis refresh every T rounds (adapters/refresh.py) capped at the base rank. A

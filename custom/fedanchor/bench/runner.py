@@ -16,7 +16,7 @@ from ..config import FedAnchorConfig, config_from_dict, config_to_dict, with_ove
 from ..federation.loop import make_split, run_in_process
 from . import fed_rivals, rivals
 
-# Per scenario: split sizes of the reference measurements (issue 4); motion has only 80 samples.
+# Per scenario: the bench's split sizes (public anchors, held-out pairs); motion has only 80 samples.
 SCENARIO_DATA: dict[str, dict[str, Any]] = {
     "xray": {"data.n_anchors": 200, "data.n_test": 500},
     "digits": {"data.n_anchors": 100, "data.n_test": 400},
@@ -47,7 +47,7 @@ FEDERATED: dict[str, dict[str, Any]] = {
     "fedanchor - base block": {"alignment.readout_blocks": ("model",)},
 }
 NO_DELTA = "fedanchor - delta_site"
-# Rivals that share something else than fedanchor does (bench/fed_rivals.py), in the order of issue 4.
+# Rivals that share something else than fedanchor does (bench/fed_rivals.py).
 FED_RIVALS: dict[str, Callable[[FedAnchorConfig, Any], fed_rivals.RivalRun]] = {
     "local only": fed_rivals.local_only,
     "FedAvg on PEFT LoRA": fed_rivals.fedavg_lora,
@@ -59,8 +59,8 @@ CEILINGS = ("ceiling (all true pairs)", "ceiling CCA (all true pairs)")
 FEATURE_RIVALS = ("anchors-only CCA", "anchors-only CCA + anchor codebook", "anchors-only ASIF")
 ANCHORS_ONLY = ("anchors-only model", *FEATURE_RIVALS)
 METHODS: tuple[str, ...] = (*CEILINGS, *ANCHORS_ONLY, *FED_RIVALS, *FEDERATED, NO_DELTA)
-# The recall@k of the headline "gap closed", per level: issue 4's reference figures use code-set recall@10 on
-# xray, and exact-pair recall@10 with same-class recall@1 on digits (same-class recall@10 is near 1 for every method).
+# The recall@k of the headline "gap closed", per level: recall@10 at both levels on xray (semantic: the same code
+# set), exact-pair recall@10 with same-class recall@1 on digits and motion (same-class recall@10 is near 1 there).
 HEADLINE_K: dict[str, dict[str, int]] = {
     "xray": {"instance": 10, "semantic": 10},
     "digits": {"instance": 10, "semantic": 1},

@@ -1,4 +1,4 @@
-"""Scale: the server's peak memory as sites are added, and FLARE's own cost against the in-process loop (issue 8).
+"""Scale: the server's peak memory as sites are added, and FLARE's own cost against the in-process loop.
 
 Server memory: each count of sites runs in its own Python process (peak RSS
 cannot be reset inside one), builds the server, folds in that many site updates

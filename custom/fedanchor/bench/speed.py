@@ -6,7 +6,7 @@ baseline swaps GeoLoRA for peft's LoRA of the same rank on the same layers
 two augmented views of a private batch and an anchor batch, in one forward),
 the same two-view contrastive loss, a backward pass and an Adam step. The ratio
 printed is baseline seconds / fedanchor seconds per step (1.0: GeoLoRA costs
-nothing extra; issue 8 aims at 0.9 or better), median of the timed steps after
+nothing extra; the target is 0.9 or better), median of the timed steps after
 warm-up, in one process, so machine noise hits both alike.
 
 On a GPU both steps run under the site's autocast (``train.autocast``: bf16 where

@@ -114,7 +114,6 @@ def run_in_process(config: FedAnchorConfig, progress: Callable[[str], None] | No
         state = server.finish_round(min_sites=1)
         metrics = server.evaluate(state) if evaluate_each_round or r == config.rounds - 1 else {}
         report = server.report
-        assert report is not None
         record = RoundRecord(r, time.perf_counter() - started, report.site_metrics, report.site_weights,
                              report.site_uncertainty, report.rejected, report.bytes_up, metrics,
                              {s: server.bytes_down[s] for s in sites})

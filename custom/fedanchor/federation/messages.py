@@ -2,7 +2,7 @@
 
 Both convert to and from a flat ``dict[str, numpy.ndarray]`` plus a JSON-able
 meta dict, which is what a FLARE DXO carries, so the FLARE components never touch
-the maths. DESIGN.md section 5 is the contract:
+the maths. docs/DESIGN.md, "What crosses the network" is the contract:
 
 Up, per site per round: S and its precision, m and its precision, the projector
 of the site's modality, the Gram upper triangle on public anchors, n_k, one

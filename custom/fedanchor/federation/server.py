@@ -136,7 +136,15 @@ class FederatedServer:
         self.readout_choice: ReadoutChoice | None = None  # what anchor cross-validation picked for the latest state
         self._choice_round = -1  # the round of the state readout_choice was made for
         self._anchors_only: dict[str, float] | None = None  # anchors_only_eval(), made once
-        self._codebook_parts: dict[str, list[tuple[np.ndarray, np.ndarray]]] = {}  # modality -> sites' (centroids, counts)
+        self._codebook_parts: dict[str, dict[str, tuple[np.ndarray, np.ndarray]]] = {}  # modality -> site -> (centroids, counts)
+
+    # -- where the server is ---------------------------------------------------
+    def _open_round(self) -> tuple[GlobalState, RoundReport]:
+        """The state and report of the round in progress; a call out of order raises (python -O keeps the check)."""
+        if self.state is None or self.report is None:
+            raise RuntimeError("no round is open: call initial_state() or resume(), then start_round(), before "
+                               "accepting or merging updates")
+        return self.state, self.report
 
     # -- round 0 -------------------------------------------------------------
     def initial_state(self) -> GlobalState:
@@ -195,101 +203,103 @@ class FederatedServer:
 
     def check(self, update: SiteUpdate) -> float:
         """Raise ContributionRejected with a reason, or return the update's change (``update_change``) if it may count."""
-        site, report = update.site, self.report
-        assert report is not None and self.state is not None
-        def reject(reason: str) -> None:
+        site = update.site
+        state, report = self._open_round()
+
+        def refuse(reason: str) -> None:
             raise ContributionRejected(site, reason)
         if site in report.accepted:
-            reject("it already contributed to this round")
+            refuse("it already contributed to this round")
         if update.round != self.state.round:
-            reject(f"it is for round {update.round}, the server is in round {self.state.round}")
+            refuse(f"it is for round {update.round}, the server is in round {self.state.round}")
         if update.anchor_fingerprint != self.anchor_fingerprint:
-            reject(f"anchor fingerprint {update.anchor_fingerprint[:12]} differs from the job's {self.anchor_fingerprint[:12]}")
+            refuse(f"anchor fingerprint {update.anchor_fingerprint[:12]} differs from the job's {self.anchor_fingerprint[:12]}")
         if update.modality not in self.modalities:
-            reject(f"modality {update.modality!r} is not one of {list(self.modalities)}")
+            refuse(f"modality {update.modality!r} is not one of {list(self.modalities)}")
         expected = self._core_keys | self._projector_keys[update.modality]
         got = set(update.params)
         if got != expected:
             missing, extra = sorted(expected - got), sorted(got - expected)
-            reject(f"parameter keys differ from the model: missing {missing[:3]}{'...' if len(missing) > 3 else ''}, "
+            refuse(f"parameter keys differ from the model: missing {missing[:3]}{'...' if len(missing) > 3 else ''}, "
                    f"extra {extra[:3]}{'...' if len(extra) > 3 else ''}")
         if set(update.precision) != self._core_keys:
-            reject("precision keys must be exactly the S and m keys")
+            refuse("precision keys must be exactly the S and m keys")
         for key, value in list(update.params.items()) + [("precision/" + k, v) for k, v in update.precision.items()]:
             shape = self._shapes[key.removeprefix("precision/")]
             if tuple(value.shape) != shape:
-                reject(f"{key!r} has shape {tuple(value.shape)}, expected {shape}")
+                refuse(f"{key!r} has shape {tuple(value.shape)}, expected {shape}")
             if not value.is_floating_point():
-                reject(f"{key!r} has dtype {value.dtype}, expected a floating type")
+                refuse(f"{key!r} has dtype {value.dtype}, expected a floating type")
             if not bool(torch.isfinite(value).all()):
-                reject(f"{key!r} holds NaN or Inf")
+                refuse(f"{key!r} holds NaN or Inf")
         if any(bool((v <= 0).any()) for v in update.precision.values()):
-            reject("a precision is zero or negative")
-        self._check_basis_gradients(update, reject)
-        self._check_codebook(update, reject)
+            refuse("a precision is zero or negative")
+        self._check_basis_gradients(update, refuse)
+        self._check_codebook(update, refuse)
         if update.gram_upper.numel() != self.n_anchors * (self.n_anchors + 1) // 2:
-            reject(f"Gram upper triangle has {update.gram_upper.numel()} values, expected {self.n_anchors * (self.n_anchors + 1) // 2} "
+            refuse(f"Gram upper triangle has {update.gram_upper.numel()} values, expected {self.n_anchors * (self.n_anchors + 1) // 2} "
                    f"for {self.n_anchors} anchors")
         if not bool(torch.isfinite(update.gram_upper).all()):
-            reject("Gram matrix holds NaN or Inf")
+            refuse("Gram matrix holds NaN or Inf")
         if update.n_samples < 1:
-            reject(f"n_samples={update.n_samples}")
+            refuse(f"n_samples={update.n_samples}")
         if not (math.isfinite(update.uncertainty) and update.uncertainty > 0):
-            reject(f"uncertainty scalar {update.uncertainty} is not a positive finite number")
+            refuse(f"uncertainty scalar {update.uncertainty} is not a positive finite number")
         cfg = self.config.server
         change = self.update_change(update)
         projector_change = self.update_change(update, projector=True)
         for what, value in (("cores and magnitudes", change), ("projector", projector_change)):
             if value > cfg.max_change:
-                reject(f"its {what} move by {value:.3g} times the global model's norm (limit server.max_change="
+                refuse(f"its {what} move by {value:.3g} times the global model's norm (limit server.max_change="
                        f"{cfg.max_change:g}): values that no training step produces")
         reference = self._previous_changes + self._changes
         if len(reference) >= cfg.outlier_min_reference:
             median = float(np.median(reference))
             if change > cfg.outlier_factor * max(median, 1e-12):
-                reject(f"its change of the cores and magnitudes ({change:.3g}, relative to the global model) is "
+                refuse(f"its change of the cores and magnitudes ({change:.3g}, relative to the global model) is "
                        f"{change / max(median, 1e-12):.1f}x the median of {len(reference)} accepted updates ({median:.3g}); "
                        f"the limit is server.outlier_factor={cfg.outlier_factor:g}")
         return change
 
-    def _check_basis_gradients(self, update: SiteUpdate, reject) -> None:
+    def _check_basis_gradients(self, update: SiteUpdate, refuse) -> None:
         expected = ({adapter_key(k.split("/")[1], side) for k in self._core_keys for side in ("U", "V")}
                     if self._phase == "gradients" else set())
         got = set(update.basis_gradients)
         if got != expected:
-            reject(f"round {self.state.round} is a basis refresh's gradient round: G V and G^T U of every layer are "
+            refuse(f"round {self.state.round} is a basis refresh's gradient round: G V and G^T U of every layer are "
                    f"needed (missing {sorted(expected - got)[:2]})" if expected else
                    f"it sends basis gradients in round {self.state.round}, which is not a refresh's gradient round "
                    f"(adapter.refresh_every={self.config.adapter.refresh_every}); is the site's job config the server's?")
         for key, value in update.basis_gradients.items():
             if tuple(value.shape) != self._shapes[key]:
-                reject(f"basis gradient {key!r} has shape {tuple(value.shape)}, expected {self._shapes[key]}")
+                refuse(f"basis gradient {key!r} has shape {tuple(value.shape)}, expected {self._shapes[key]}")
             if not value.is_floating_point() or not bool(torch.isfinite(value).all()):
-                reject(f"basis gradient {key!r} is not a finite floating-point array")
+                refuse(f"basis gradient {key!r} is not a finite floating-point array")
 
-    def _check_codebook(self, update: SiteUpdate, reject) -> None:
+    def _check_codebook(self, update: SiteUpdate, refuse) -> None:
         centroids, counts = update.codebook_centroids, update.codebook_counts
         if not counts.numel():
             return
         projections = self.state.codebook_projections()
         if update.modality not in projections:
-            reject("it sends codebook centroids, but this job builds no codebook (alignment.codebook_size=0 or no "
+            refuse("it sends codebook centroids, but this job builds no codebook (alignment.codebook_size=0 or no "
                    "'codebook' in alignment.readout_blocks); is the site's job config the server's?")
         width = projections[update.modality].linear.shape[1]
         if centroids.ndim != 2 or tuple(centroids.shape) != (counts.numel(), width) or counts.ndim != 1:
-            reject(f"codebook centroids have shape {tuple(centroids.shape)} and counts {tuple(counts.shape)}; expected "
+            refuse(f"codebook centroids have shape {tuple(centroids.shape)} and counts {tuple(counts.shape)}; expected "
                    f"(clusters, {width}) and (clusters,)")
         if not (bool(torch.isfinite(centroids).all()) and bool(torch.isfinite(counts).all())):
-            reject("codebook centroids or counts hold NaN or Inf")
+            refuse("codebook centroids or counts hold NaN or Inf")
         least = self.config.alignment.codebook_min_cluster
         if bool((counts < least).any()) or bool((counts != counts.round()).any()):
-            reject(f"codebook counts must be whole numbers of at least alignment.codebook_min_cluster={least} items "
+            refuse(f"codebook counts must be whole numbers of at least alignment.codebook_min_cluster={least} items "
                    f"(got {counts.min().item():g}): a smaller cluster's centroid is too close to one record to leave a site")
 
     def update_change(self, update: SiteUpdate, projector: bool = False) -> float:
         """||update - global|| / ||global|| over the cores and magnitudes (comparable across sites and modalities),
         or over the site's projector."""
-        assert self.state is not None
+        if self.state is None:
+            raise RuntimeError("call initial_state() or resume() before update_change()")
         diff = total = 0.0
         for key, value in update.params.items():
             if is_core_or_magnitude(key) != projector:
@@ -298,7 +308,7 @@ class FederatedServer:
                 total += float((base ** 2).sum())
         return math.sqrt(diff / max(total, 1e-300))
 
-    def reject(self, site: str, reason: str) -> None:
+    def record_rejection(self, site: str, reason: str) -> None:
         """Record and log a contribution that does not count, also one that never became a SiteUpdate."""
         if self.report is not None:
             self.report.rejected[site] = reason
@@ -306,11 +316,11 @@ class FederatedServer:
 
     def accept(self, update: SiteUpdate) -> None:
         """Check and fold one update into the running sums."""
-        assert self.report is not None
+        self._open_round()
         try:
             change = self.check(update)
         except ContributionRejected as err:
-            self.reject(update.site, err.reason)
+            self.record_rejection(update.site, err.reason)
             raise
         cfg = self.config.precision
         mass = sample_weight(update.n_samples, cfg.sample_exponent)
@@ -337,12 +347,13 @@ class FederatedServer:
         if update.basis_digest:
             self.site_bases[update.site] = update.basis_digest
         if update.codebook_counts.numel() and not self.state.codebooks():
-            self._codebook_parts.setdefault(update.modality, []).append(
-                (update.codebook_centroids.double().numpy(), update.codebook_counts.double().numpy()))
+            # Keyed by site: a site sends again each round until the codebook is built, and counts once.
+            self._codebook_parts.setdefault(update.modality, {})[update.site] = (
+                update.codebook_centroids.double().numpy(), update.codebook_counts.double().numpy())
 
     def finish_round(self, min_sites: int = 1) -> GlobalState:
         """Merge what was accepted into the next global state."""
-        assert self.report is not None and self.state is not None
+        self._open_round()
         accepted = len(self.report.accepted)
         if accepted < max(1, min_sites):
             reasons = "; ".join(f"{s}: {r}" for s, r in self.report.rejected.items()) or "no site reported"
@@ -380,7 +391,7 @@ class FederatedServer:
 
     def _refresh_basis(self, tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Augment the bases after a gradient round, truncate them after an augmented one (adapters/refresh.py)."""
-        assert self.report is not None
+        self._open_round()
         if self._phase == "fixed":
             return {}
         cfg = self.config.adapter
@@ -439,12 +450,12 @@ class FederatedServer:
         projections = GlobalState(self.state.round, self.anchor_fingerprint, dict(tensors)).codebook_projections()
         out = {}
         for m, parts in self._codebook_parts.items():
-            centres = pool_centroids(parts, cfg.codebook_size, seed=self.config.adapter.seed)
+            centres = pool_centroids(list(parts.values()), cfg.codebook_size, seed=self.config.adapter.seed)
             scale = assignment_scale(projections[m](self.base_of("anchors")[m]), centres, cfg.codebook_temperature)
             out[f"{CODEBOOK_PREFIX}{m}/centres"] = torch.from_numpy(centres).float()
-            out[f"{CODEBOOK_PREFIX}{m}/scale"] = torch.tensor(scale, dtype=torch.float32)
+            out[f"{CODEBOOK_PREFIX}{m}/scale"] = torch.tensor([scale], dtype=torch.float32)  # 1-d: checkpoints hash bytes
             log.info("round %d: private codebook of %s: %d centres from %d site(s), %d private items", self.report.round,
-                     m, len(centres), len(parts), int(sum(n.sum() for _, n in parts)))
+                     m, len(centres), len(parts), int(sum(n.sum() for _, n in parts.values())))
         self._codebook_parts = {}
         return out
 

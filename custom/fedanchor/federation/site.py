@@ -5,7 +5,7 @@ own log-gains delta (kept on its disk), and the projector of its modality, on
 
     L = L_private + lambda_a (1 - CKA(K_site, K_bar)) + lambda_x L_cross + lambda_d ||delta||^2
 
-and returns a :class:`SiteUpdate` holding only what DESIGN.md section 5 lists.
+and returns a :class:`SiteUpdate` holding only what docs/DESIGN.md, "What crosses the network" lists.
 """
 from __future__ import annotations
 

@@ -91,12 +91,12 @@ class FedAnchorAggregator(Aggregator):
             except Exception as err:  # malformed payload: not a DXO, wrong kind, missing or unexpected entries
                 reason = f"malformed update: {type(err).__name__}: {err}"
                 if sender:
-                    server.reject(sender, reason)
+                    server.record_rejection(sender, reason)
                 self.log_warning(fl_ctx, f"rejected the contribution of {sender or '?'}: {reason}")
                 return False
             if sender and update.site != sender:
                 reason = f"it claims to come from {update.site!r} but was sent by {sender!r}"
-                server.reject(sender, reason)
+                server.record_rejection(sender, reason)
                 self.log_warning(fl_ctx, f"rejected the contribution of {sender}: {reason}")
                 return False
             try:
@@ -125,12 +125,10 @@ class FedAnchorAggregator(Aggregator):
                 self.log_error(fl_ctx, str(err))
                 self._write_summary(fl_ctx, failure=str(err))
                 self.system_panic(str(err), fl_ctx)
-                assert previous is not None
                 return state_to_dxo(previous, component.state_meta()).to_shareable()
             self._round_open = False
             metrics = server.evaluate(state)
             report = server.report
-            assert report is not None
             bytes_up = {site: self._bytes_serialized.get(site, n) for site, n in report.bytes_up.items()}
             down = previous.nbytes() if previous is not None else 0  # the whole state; BasisCacheFilter may send less
             record = RoundRecord(report.round, time.perf_counter() - self._round_started, report.site_metrics,

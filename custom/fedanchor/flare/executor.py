@@ -9,8 +9,8 @@ when the site restarts.
 - ``train``: GlobalState from the task's DXO -> ``train_round`` -> SiteUpdate as a DXO (COLLECTION).
 - ``validate``: the received global state on the site's own view of the public anchors: retrieval
   of the other modalities' anchor targets and CKA to the consensus Gram (METRICS).
-- ``submit_model``: the shared tensors the site trained last (cores, magnitudes, its projector);
-  never delta_site.
+- ``submit_model``: the shared tensors (cores, magnitudes, its projector) of the last update train
+  released, as they left (noised under differential privacy); never delta_site, never anything new.
 """
 from __future__ import annotations
 
@@ -33,10 +33,9 @@ from ..alignment.gram import centred_gram, from_upper_triangle
 from ..config import FedAnchorConfig, config_from_dict, config_to_dict
 from ..evaluation import retrieval
 from ..federation.loop import make_split, site_modality
-from ..federation.messages import GlobalState
+from ..federation.messages import GlobalState, SiteUpdate
 from ..federation.server import centre_on_anchors, to_scoring_space
 from ..federation.site import SiteTrainer
-from ..federation.state import core_params, projector_params
 from .persistor import CheckpointError, load_tensors, save_tensors
 from .shareable import dxo_to_state, update_to_dxo
 from ..data.folder import load_folder
@@ -123,6 +122,7 @@ class FedAnchorExecutor(Executor):
         self._bases_path: Path | None = None
         self._saved_bases: str | None = None
         self._last_round: int | None = None
+        self._released: SiteUpdate | None = None  # the last update train sent: all that submit_model may send again
 
     # -- set-up ------------------------------------------------------------
     def handle_event(self, event_type: str, fl_ctx: FLContext):
@@ -179,8 +179,14 @@ class FedAnchorExecutor(Executor):
                               f"{'resumed from round ' + str(resumed) if resumed is not None else 'new'} at {self._delta_path} "
                               f"[{time.perf_counter() - started:.1f}s]")
 
+    def _site(self) -> SiteTrainer:
+        """The site's trainer, made at START_RUN; a task before a finished set-up raises (python -O keeps it)."""
+        if self._trainer is None or self._delta_path is None or self._bases_path is None:
+            raise RuntimeError("the fedanchor site is not set up: START_RUN did not complete (see the error above)")
+        return self._trainer
+
     def _load_delta(self, site: str) -> int | None:
-        assert self._trainer is not None and self._delta_path is not None
+        self._site()
         if not self._delta_path.exists():
             return None
         try:
@@ -195,24 +201,23 @@ class FedAnchorExecutor(Executor):
         return self._last_round
 
     def _save_delta(self, round_: int) -> None:
-        assert self._trainer is not None and self._delta_path is not None
-        save_tensors(self._delta_path, self._trainer.local_state(),
-                     {"site": self._trainer.site, "modality": self._trainer.modality, "round": round_,
-                      "anchor_fingerprint": self._trainer.anchor_fingerprint}, kind=DELTA_FORMAT, mode=0o600)
+        trainer = self._site()
+        save_tensors(self._delta_path, trainer.local_state(),
+                     {"site": trainer.site, "modality": trainer.modality, "round": round_,
+                      "anchor_fingerprint": trainer.anchor_fingerprint}, kind=DELTA_FORMAT, mode=0o600)
         self._save_bases()
 
     def _save_bases(self) -> None:
         """The global bases this site holds, kept when they change: after a restart the server may send a state
         without them (flare/basis_cache.py), and the site then needs them from its disk, not a lost round."""
-        trainer = self._trainer
-        assert trainer is not None and self._bases_path is not None
+        trainer = self._site()
         if trainer.basis_digest is None or trainer.basis_digest == self._saved_bases:
             return
         save_tensors(self._bases_path, trainer.held_bases(), {"digest": trainer.basis_digest}, kind=BASES_FORMAT)
         self._saved_bases = trainer.basis_digest
 
     def _load_bases(self, fl_ctx: FLContext) -> None:
-        assert self._trainer is not None and self._bases_path is not None
+        self._site()
         if not self._bases_path.exists():
             return
         try:
@@ -256,8 +261,7 @@ class FedAnchorExecutor(Executor):
         return state
 
     def _train(self, state: GlobalState, fl_ctx: FLContext, abort_signal: Signal) -> Shareable:
-        trainer = self._trainer
-        assert trainer is not None
+        trainer = self._site()
 
         def progress(step: int, total: int, loss: float) -> None:
             if abort_signal.triggered:
@@ -280,19 +284,35 @@ class FedAnchorExecutor(Executor):
             return make_reply(ReturnCode.EXECUTION_EXCEPTION)
         self._save_delta(state.round)
         self._last_round = state.round
-        m = update.metrics
-        self.log_info(fl_ctx, f"fedanchor site {trainer.site} round {state.round + 1}: loss {m['loss/loss']:.4f} "
-                              f"(private {m['loss/private']:.4f}, cka {m['loss/cka']:.4f}, cross {m['loss/cross']:.4f}), "
-                              f"cka to consensus {m.get('cka_to_consensus', float('nan')):.3f}, uncertainty scalar "
-                              f"{update.uncertainty:.3g}, {update.nbytes()} bytes up, {m['seconds']:.1f}s")
+        self._released = update
+        self.log_info(fl_ctx, f"fedanchor site {trainer.site} round {state.round + 1}: {round_summary(update)}")
         return update_to_dxo(update).to_shareable()
 
     def _submit_model(self, fl_ctx: FLContext) -> Shareable:
-        trainer = self._trainer
-        assert trainer is not None
-        tensors = {k: v.detach().cpu().numpy() for k, v in core_params(trainer.model).items()}
-        tensors.update({k: v.detach().cpu().numpy() for k, v in projector_params(trainer.model, trainer.modality).items()})
-        meta = {"site": trainer.site, "modality": trainer.modality, "round": -1 if self._last_round is None else self._last_round,
-                "anchor_fingerprint": trainer.anchor_fingerprint}
-        self.log_info(fl_ctx, f"submit_model: {len(tensors)} shared tensors of round {self._last_round} (delta_site stays here)")
+        """The shared parameters of the last update this site released, as they left (after differential privacy's
+        noise when the job uses it): submitting a model sends nothing that train did not already send."""
+        released = self._released
+        if released is None:
+            self.log_error(fl_ctx, "submit_model: this site has released no update in this run yet; a site submits only "
+                                   "what a train round already sent (run a round first)")
+            return make_reply(ReturnCode.EXECUTION_EXCEPTION)
+        tensors = {k: v.detach().cpu().numpy() for k, v in released.params.items()}
+        meta = {"site": released.site, "modality": released.modality, "round": released.round,
+                "anchor_fingerprint": released.anchor_fingerprint}
+        self.log_info(fl_ctx, f"submit_model: the {len(tensors)} shared tensors released in round {released.round} "
+                              "(delta_site stays here)")
         return DXO(data_kind=DataKind.WEIGHTS, data=tensors, meta=meta).to_shareable()
+
+
+def round_summary(update: SiteUpdate) -> str:
+    """A train round in one log line: the losses, or under differential privacy the privacy spent (the losses depend
+    on private data and stay at the site)."""
+    m = update.metrics
+    if "loss/loss" in m:
+        what = (f"loss {m['loss/loss']:.4f} (private {m['loss/private']:.4f}, cka {m['loss/cka']:.4f}, cross "
+                f"{m['loss/cross']:.4f}), cka to consensus {m.get('cka_to_consensus', float('nan')):.3f}, uncertainty "
+                f"scalar {update.uncertainty:.3g}")
+    else:
+        what = (f"differential privacy, epsilon {m.get('dp/epsilon', float('nan')):.3g} at delta "
+                f"{m.get('dp/delta', float('nan')):g} after {m.get('dp/rounds', 0):.0f} round(s); losses stay here")
+    return f"{what}, {update.nbytes()} bytes up, {m.get('seconds', float('nan')):.1f}s"

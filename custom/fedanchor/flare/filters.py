@@ -1,9 +1,10 @@
-"""The site's output filter: a train result leaves the site only if it is what DESIGN.md section 5 allows.
+"""The site's release filter: a task result leaves the site only as what fedanchor may release (docs/DESIGN.md).
 
-A hospital puts ``Section5OutputFilter`` on every task result through the scopes
-of its ``local/privacy.json`` (see ``provision/site/privacy.json``), so the check
-runs whatever the job's own configuration says. Up, per round, a site may send
-exactly what ``SiteUpdate.to_arrays`` produces, as one DXO of kind COLLECTION:
+A hospital puts ``SiteReleaseFilter`` on every task result through the scopes of
+its ``local/privacy.json`` (see ``provision/site/privacy.json``), so the check runs
+whatever the job's own configuration says. It checks every task:
+
+``train``: exactly what ``SiteUpdate.to_arrays`` produces, as one DXO of kind COLLECTION:
 
 - ``param/adapter/<layer>/S`` and ``param/adapter/<layer>/m`` (the shared cores and magnitudes),
 - ``log_precision/adapter/<layer>/S|m``, one for every such parameter and no other,
@@ -17,11 +18,19 @@ exactly what ``SiteUpdate.to_arrays`` produces, as one DXO of kind COLLECTION:
 
 with meta limited to the SiteUpdate fields (site, modality, round, anchor
 fingerprint, n_samples, uncertainty, numeric metrics, the digest of the global
-bases it trained on). Anything else (an extra
-key, a key outside these prefixes, a nested object, a second modality's
-projector) is refused: the filter logs why and replaces the result with an empty
-``TASK_RESULT_FILTER_ERROR`` reply, so nothing of it reaches the server. Results of
-other tasks (validate, submit_model) pass unchanged; issue 6 hardens those.
+bases it trained on).
+
+``validate``: a DXO of kind METRICS whose values are finite numbers, meta the round only.
+
+``submit_model``: a DXO of kind WEIGHTS holding exactly the parameters (``param/...``
+keys stripped) of the last train result this filter let through, byte for byte:
+what was already released, after differential privacy's noise when the job uses it.
+Nothing new leaves through it.
+
+Anything else (an extra key, a key outside these prefixes, a nested object, a
+second modality's projector, another task) is refused: the filter logs why and
+replaces the result with an empty ``TASK_RESULT_FILTER_ERROR`` reply, so nothing of
+it reaches the server.
 """
 from __future__ import annotations
 
@@ -52,20 +61,15 @@ WIDEST_LAYER = 4  # G^T U has d_in rows; no transformer linear layer is wider th
 META_KEYS = frozenset(f.name for f in dataclasses.fields(SiteUpdate)) - set(ARRAY_FIELDS)
 # What a FLARE Shareable may hold: the headers FLARE itself sets and the DXO (stored under "DXO" by DXO.to_shareable).
 SHAREABLE_KEYS = frozenset({ReservedHeaderKey.HEADERS, "DXO"})
+SUBMIT_META_KEYS = frozenset({"site", "modality", "round", "anchor_fingerprint"})
 
 
-def section5_violation(shareable: Shareable, min_cluster: int = MIN_CLUSTER) -> str | None:
-    """Why ``shareable`` is not a section-5 site update, or None when it is one (codebook centroids must average
-    at least ``min_cluster`` private items)."""
-    extra = sorted(str(k) for k in shareable.keys() if k not in SHAREABLE_KEYS)
-    if extra:
-        return f"the result carries entries outside its DXO: {extra[:5]}"
-    try:
-        dxo = from_shareable(shareable)
-    except Exception as err:  # not a DXO at all: FLARE raises several types here
-        return f"the result is not a DXO ({type(err).__name__}: {err})"
-    if dxo.data_kind != DataKind.COLLECTION:
-        return f"a site update travels as DataKind.COLLECTION, got {dxo.data_kind!r}"
+def update_violation(shareable: Shareable, min_cluster: int = MIN_CLUSTER) -> str | None:
+    """Why ``shareable`` is not a site update fedanchor may release, or None when it is one (codebook centroids must
+    average at least ``min_cluster`` private items)."""
+    dxo, reason = _dxo_of(shareable, DataKind.COLLECTION)
+    if reason:
+        return reason
     reason = _array_violation(dxo.data or {}) or _codebook_violation(dxo.data or {}, min_cluster)
     if reason:
         return reason
@@ -90,7 +94,7 @@ def _array_violation(data: Mapping[str, Any]) -> str | None:
         elif key not in (GRAM_KEY, CODEBOOK_CENTROIDS, CODEBOOK_COUNTS):
             unknown.append(key)
     if unknown:
-        return f"keys outside section 5: {sorted(unknown)[:5]}"
+        return f"keys outside what a site update may carry: {sorted(unknown)[:5]}"
     if not adapter:
         return "the update carries no adapter cores or magnitudes"
     if precision != adapter:
@@ -105,7 +109,7 @@ def _array_violation(data: Mapping[str, Any]) -> str | None:
 
 
 def _shape_violation(data: Mapping[str, Any], adapter: set[str]) -> str | None:
-    """Shapes that a section-5 update has whatever the model: square cores, 1-D magnitudes, a precision
+    """Shapes that a site update has whatever the model: square cores, 1-D magnitudes, a precision
     shaped like its parameter, a Gram upper triangle of n(n+1)/2 values. A per-sample array smuggled under one of
     these names breaks at least one of them."""
     for key in sorted(adapter):
@@ -161,7 +165,7 @@ def _codebook_violation(data: Mapping[str, Any], min_cluster: int) -> str | None
 def _meta_violation(meta: Mapping[str, Any], data: Mapping[str, Any]) -> str | None:
     extra = sorted(str(k) for k in meta if k not in META_KEYS)
     if extra:
-        return f"meta keys outside section 5: {extra[:5]}"
+        return f"meta keys outside what a site update may carry: {extra[:5]}"
     metrics = meta.get("metrics", {})
     if not isinstance(metrics, Mapping) or not all(
             isinstance(k, str) and isinstance(v, Real) and not isinstance(v, bool) for k, v in metrics.items()):
@@ -181,33 +185,100 @@ def _meta_violation(meta: Mapping[str, Any], data: Mapping[str, Any]) -> str | N
     return None
 
 
-class Section5OutputFilter(Filter):
-    def __init__(self, train_task: str = "train", codebook_min_cluster: int = MIN_CLUSTER):
+def metrics_violation(shareable: Shareable) -> str | None:
+    """Why ``shareable`` is not a validate result (finite numbers by name, the round in the meta), or None."""
+    dxo, reason = _dxo_of(shareable, DataKind.METRICS)
+    if reason:
+        return reason
+    bad = sorted(str(k) for k, v in (dxo.data or {}).items()
+                 if not isinstance(k, str) or not isinstance(v, Real) or isinstance(v, bool) or not math.isfinite(v))
+    if bad:
+        return f"validate metrics must be finite numbers by name; not so: {bad[:5]}"
+    extra = sorted(str(k) for k in (dxo.get_meta_props() or {}) if k != "round")
+    if extra:
+        return f"validate meta may carry the round only, got {extra[:5]}"
+    return None
+
+
+def resend_violation(shareable: Shareable, released: Mapping[str, np.ndarray] | None) -> str | None:
+    """Why ``shareable`` is not a submit_model result that re-sends exactly the ``released`` parameters, or None."""
+    dxo, reason = _dxo_of(shareable, DataKind.WEIGHTS)
+    if reason:
+        return reason
+    if released is None:
+        return "no train result has left this site yet, so there is no released model to submit"
+    data = dxo.data or {}
+    if set(data) != set(released):
+        odd = sorted(set(data) ^ set(released))[:5]
+        return f"submit_model must carry exactly the parameters of the last released train result; differing keys: {odd}"
+    changed = sorted(k for k, v in data.items()
+                     if not (isinstance(v, np.ndarray) and v.dtype == released[k].dtype and np.array_equal(v, released[k])))
+    if changed:
+        return f"submit_model values differ from the last released train result (not what was released): {changed[:5]}"
+    extra = sorted(str(k) for k in (dxo.get_meta_props() or {}) if k not in SUBMIT_META_KEYS)
+    if extra:
+        return f"submit_model meta may carry {sorted(SUBMIT_META_KEYS)} only, got {extra[:5]}"
+    return None
+
+
+def _dxo_of(shareable: Shareable, kind: str):
+    extra = sorted(str(k) for k in shareable.keys() if k not in SHAREABLE_KEYS)
+    if extra:
+        return None, f"the result carries entries outside its DXO: {extra[:5]}"
+    try:
+        dxo = from_shareable(shareable)
+    except Exception as err:  # not a DXO at all: FLARE raises several types here
+        return None, f"the result is not a DXO ({type(err).__name__}: {err})"
+    if dxo.data_kind != kind:
+        return None, f"this task's result travels as DataKind.{kind}, got {dxo.data_kind!r}"
+    return dxo, None
+
+
+class SiteReleaseFilter(Filter):
+    def __init__(self, train_task: str = "train", codebook_min_cluster: int = MIN_CLUSTER,
+                 validate_task: str = "validate", submit_model_task: str = "submit_model"):
         """
         Args:
-            train_task: the task whose results must be section-5 site updates; other tasks' results pass.
+            train_task, validate_task, submit_model_task: the executor's task names; a result of any other task
+                is refused.
             codebook_min_cluster: the fewest private items a codebook centroid may average (the site's own floor,
                 whatever the job asks).
         """
         super().__init__()
-        if not isinstance(train_task, str) or not train_task:
-            raise ValueError(f"train_task must be a task name, got {train_task!r}")
+        for name, value in (("train_task", train_task), ("validate_task", validate_task),
+                            ("submit_model_task", submit_model_task)):
+            if not isinstance(value, str) or not value:
+                raise ValueError(f"{name} must be a task name, got {value!r}")
         if not isinstance(codebook_min_cluster, int) or codebook_min_cluster < 2:
             raise ValueError(f"codebook_min_cluster must be an integer of at least 2, got {codebook_min_cluster!r}")
         self.train_task = train_task
+        self.validate_task = validate_task
+        self.submit_model_task = submit_model_task
         self.codebook_min_cluster = codebook_min_cluster
+        self._released: dict[str, np.ndarray] | None = None  # the parameters of the last train result let through
+
+    def violation(self, task: str, shareable: Shareable) -> str | None:
+        """Why the ``task`` result may not leave, or None."""
+        if task == self.train_task:
+            return update_violation(shareable, self.codebook_min_cluster)
+        if task == self.validate_task:
+            return metrics_violation(shareable)
+        if task == self.submit_model_task:
+            return resend_violation(shareable, self._released)
+        return f"task {task!r} is none of {self.train_task!r}, {self.validate_task!r}, {self.submit_model_task!r}"
 
     def process(self, shareable: Shareable, fl_ctx: FLContext) -> Shareable:
         task = fl_ctx.get_prop(FLContextKey.TASK_NAME) or shareable.get_header(ReservedHeaderKey.TASK_NAME)
-        if task != self.train_task:
-            return shareable
         rc = shareable.get_return_code(ReturnCode.OK)
         if rc != ReturnCode.OK:
             # An error reply says nothing but its code; anything attached to it is dropped.
             return make_reply(rc)
-        reason = section5_violation(shareable, self.codebook_min_cluster)
+        reason = self.violation(task, shareable)
         if reason:
-            self.log_error(fl_ctx, f"fedanchor output filter refused the {task} result: {reason}")
+            self.log_error(fl_ctx, f"fedanchor release filter refused the {task} result: {reason}")
             return make_reply(ReturnCode.TASK_RESULT_FILTER_ERROR)
-        self.log_info(fl_ctx, f"fedanchor output filter passed the {task} result ({len(from_shareable(shareable).data)} arrays)")
+        data = from_shareable(shareable).data or {}
+        if task == self.train_task:
+            self._released = {k[len(PARAM_PREFIX):]: np.array(v) for k, v in data.items() if k.startswith(PARAM_PREFIX)}
+        self.log_info(fl_ctx, f"fedanchor release filter passed the {task} result ({len(data)} entries)")
         return shareable

@@ -88,7 +88,7 @@ DEMO_JOBS: dict[str, dict[str, Any]] = {
             "train": {"local_steps": 10, "batch_size": 16},
         },
     },
-    # Sixteen hospitals (issue 8): eight image sites and eight Zernike sites, tiny trunk, small shards.
+    # Sixteen hospitals: eight image sites and eight Zernike sites, tiny trunk, small shards.
     "digits16": {
         "num_rounds": 2,
         "config": {

@@ -1,7 +1,7 @@
 """Experiment tracking through FLARE's analytics: every round's metrics to TensorBoard (and MLflow) on the server.
 
 The server already receives what tracking needs: each site's losses, its anchor CKA
-to the consensus and its uncertainty travel in its update (DESIGN.md section 5,
+to the consensus and its uncertainty travel in its update (docs/DESIGN.md, "What crosses the network",
 "metrics"), and the server scores the global model itself. After each round the
 aggregator fires them as FLARE analytics events (``analytix_log_stats``), and
 the receivers the job's ``tracking`` option names write them under the run folder:

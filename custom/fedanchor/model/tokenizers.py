@@ -7,7 +7,7 @@ trunk through ``inputs_embeds``; BERT adds its own position and token-type
 embeddings and its LayerNorm. A learned modality embedding marks the modality.
 
 The trainable parameters of a tokenizer are its modality's projector: the
-parameters that sites holding this modality share (DESIGN.md section 5).
+parameters that sites holding this modality share (docs/DESIGN.md, "What crosses the network").
 """
 from __future__ import annotations
 
