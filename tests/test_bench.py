@@ -76,13 +76,17 @@ def test_bench_speed_times_a_local_step_against_peft_lora(tmp_path):
     assert "ratio (LoRA / fedanchor)" in (tmp_path / "speed.md").read_text()
 
 
-def test_server_peak_folds_updates_as_they_arrive_and_the_table_reads_them():
+def test_server_peak_folds_updates_as_they_arrive_and_the_table_reads_them(tmp_path):
     from fedanchor.bench.runner import bench_config
-    from fedanchor.bench.scale import scale_markdown, server_peak
+    from fedanchor.bench.scale import growth_per_site, scale_markdown, server_peak, write_site_update
 
     config = bench_config("motion", quick=True, trunk="tiny", overrides={"train.local_steps": 4, "precision.window": 2})
-    row = server_peak(config, 3)
+    update_path = write_site_update(config, tmp_path / "update")
+    row = server_peak(config, 3, update_path)
     assert row["sites"] == 3 and row["peak_after_mib"] >= row["peak_before_mib"] > 0
+    flat = [{"sites": n, "peak_before_mib": 100.0, "peak_after_mib": 100.0 + 0.5 * n, "seconds": 0.1} for n in (2, 4, 8)]
+    assert growth_per_site(flat) == pytest.approx(0.5)
+    assert "Growth per added site: 0.500 MiB" in scale_markdown(flat, None)
     from fedanchor.bench.scale import _phases
 
     in_process, simulator = _phases(8.0, [5.0, 6.0, 7.0]), _phases(20.0, [12.0, 13.5, 15.0])

@@ -121,3 +121,9 @@ class GramConsensus:
     def reset(self) -> None:
         self._sums.clear()
         self._weights.clear()
+
+
+def consensus_agreement(gram: torch.Tensor, kernel: torch.Tensor) -> float:
+    """<K, K_bar>: the agreement of a centred, normalised anchor Gram with the consensus (1 when they coincide, their
+    CKA since both have unit norm); what a site, the server and a site's validation report as cka_to_consensus."""
+    return float((gram.double().cpu() * kernel.double().cpu()).sum())

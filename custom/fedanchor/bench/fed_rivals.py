@@ -12,33 +12,33 @@ Shared with fedanchor's ``SiteTrainer`` (so that only what is shared differs):
   ``private.weight``;
 - the sampling order of the site's generator (batch, views, then anchors), seeded
   by ``crc32(site) ^ train.seed`` and the round, as in ``SiteTrainer``;
-- a fresh Adam each round (``train.lr`` for adapters, ``train.projector_lr`` for
-  the site's projector, ``train.weight_decay``) with the same linear warm-up;
-- the cross-modal anchor term: ``anchor_info_nce`` between the site's anchor
-  embeddings and fixed targets of the other modalities, centred on the targets'
-  mean over all anchors, with the same duplicate-anchor mask ``same_items``.
+- SiteTrainer's own round optimiser (``round_optimizer``: a fresh Adam each round,
+  ``train.lr`` for adapters, ``train.projector_lr`` for the site's projector, the
+  linear warm-up) and, for the own-model rivals, its trainable parameters
+  (``trainable_params``);
+- SiteTrainer's cross-modal anchor term (``cross_modal_anchor_loss``) against fixed
+  targets of the other modalities, centred on the targets' mean over all anchors,
+  with the same duplicate-anchor mask ``same_items``.
 
 Bytes are measured on the messages with ``messages.tensor_nbytes``, the count of
 ``SiteUpdate.nbytes`` and ``GlobalState.nbytes`` (the tensors as numpy arrays; JSON
 meta such as n_k is not counted there either). ``bytes_down[r][site]`` is what the server sends that
 site at the start of round r; the state after the last round is evaluated, not sent.
 
-What each rival shares per site per round, in bytes, measured on the motion scenario
-with the tiny trunk (``bench_config("motion", quick=True, trunk="tiny")``: p=32,
-rank 4, 16 anchors, 2 sites of 20 private samples, 4 classes); fedanchor's own
-update there is 31,328 bytes up:
+What each rival shares per site per round (``test_message_sizes`` checks every
+one of these, per site and round, against the measured bytes; ``fedanchor bench``
+prints the measured figures):
 
-- FedAvg-LoRA: up A and B of every adapted layer (8,832 floats) and the site's
-  projector (4,096 floats): 51,712. Down the global model's A, B and every
-  projector: 68,096; with the anchor term also the other modality's anchor
-  targets (N x p): 70,144.
-- FedProto: up one p-vector per class the site holds plus its class ids and
-  counts (int64): 576. Down the global prototypes of every class seen so far and
-  their ids: 0 in round 0 (the server has none yet), then 544.
+- FedAvg-LoRA: up A and B of every adapted layer and the site's projector; down
+  the global model's A, B and every projector, with the anchor term also the
+  other modalities' anchor targets (N x p).
+- FedProto: up one p-vector per class the site holds, with the class ids and
+  counts (int64); down the global prototypes of every class seen so far and their
+  ids (nothing in round 0: the server has none yet).
 - CreamFL: up the site's embeddings of all N public anchors of its modality
-  (N x p): 2,048. Down every modality's aggregated anchor representations: 4,096.
-- Full fine-tuning (bytes only, ``full_finetune_bytes``): 16,984,064, 542 times
-  fedanchor's update (the tiny trunk's word embeddings are most of it).
+  (N x p); down every modality's aggregated anchor representations.
+- Full fine-tuning (bytes only, ``full_finetune_bytes``): the whole trunk, head
+  and projector of one site.
 """
 from __future__ import annotations
 
@@ -53,11 +53,12 @@ import torch
 from torch import nn
 
 from ..adapters.geolora import geolora_layers
-from ..alignment.losses import anchor_info_nce, two_view_contrastive
+from ..alignment.losses import two_view_contrastive
 from ..config import FedAnchorConfig
 from ..data.scenario import FederatedSplit, ModalityData, ModalitySpec
 from ..federation.messages import TARGET_PREFIX, tensor_nbytes
-from ..federation.site import embed_step, resolve_device, same_items, take_step
+from ..federation.site import (cross_modal_anchor_loss, embed_step, resolve_device, round_optimizer, same_items, take_step,
+                              trainable_params)
 from ..federation.state import projector_params
 from ..model.homogeneous import HomogeneousTransformer, build_model
 from .rivals import score_models
@@ -133,16 +134,6 @@ def _make_sites(config: FedAnchorConfig, split: FederatedSplit, device: torch.de
     return sites
 
 
-def _optimizer(config: FedAnchorConfig, adapters: Sequence[nn.Parameter],
-               projector: Sequence[nn.Parameter]) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
-    """Adam with SiteTrainer's two learning rates and its per-round linear warm-up (a fresh one each round, as there)."""
-    cfg = config.train
-    optimizer = torch.optim.Adam([{"params": list(adapters), "lr": cfg.lr},
-                                  {"params": list(projector), "lr": cfg.projector_lr}], weight_decay=cfg.weight_decay)
-    warmup = max(1, round(cfg.local_steps * cfg.warmup_fraction))
-    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / warmup))
-
-
 # extra(z1, z2, private batch index, anchor embeddings or None, anchor index or None) -> a scalar loss term
 ExtraTerm = Callable[[torch.Tensor, torch.Tensor, np.ndarray, torch.Tensor | None, np.ndarray | None], torch.Tensor]
 
@@ -158,7 +149,7 @@ def _local_round(config: FedAnchorConfig, site: _Site, round_: int, adapters: Se
     """
     cfg = config
     model = site.model
-    optimizer, scheduler = _optimizer(cfg, adapters, projector)
+    optimizer, scheduler = round_optimizer(cfg, list(adapters), list(projector))
     rng = np.random.default_rng([site.seed, round_])
     n, n_anchor = len(site.private), len(site.anchors)
     batch = min(cfg.train.batch_size, n)
@@ -187,12 +178,9 @@ def _anchor_term(config: FedAnchorConfig, site: _Site, targets: Mapping[str, tor
     means = {m: t.mean(0) for m, t in fixed.items()}  # over all anchors, as site.py
 
     def term(z1, z2, index, za, anchor_index):
-        assert za is not None and anchor_index is not None
-        index_t = torch.as_tensor(anchor_index)
-        same = site.anchor_same[index_t][:, index_t]
-        rows = index_t.to(device)
-        return sum(anchor_info_nce(za, t[rows], config.alignment.temperature, means[m], same)
-                   for m, t in fixed.items()) / len(fixed)
+        if za is None or anchor_index is None:
+            raise ValueError("the anchor term needs the step's anchor batch (use_anchors=True)")
+        return cross_modal_anchor_loss(za, anchor_index, fixed, means, site.anchor_same, config.alignment.temperature)
     return term
 
 
@@ -208,14 +196,8 @@ def _own_model_sites(config: FedAnchorConfig, split: FederatedSplit) -> dict[str
 def _own_round(config: FedAnchorConfig, site: _Site, round_: int, extra: ExtraTerm | None = None,
                use_anchors: bool = False) -> dict[str, float]:
     """One local round of an own-model site: what a fedanchor site trains (S, m, delta, its projector)."""
-    return _local_round(config, site, round_, _geolora_params(site.model),
-                        list(projector_params(site.model, site.modality).values()), extra,
+    return _local_round(config, site, round_, *trainable_params(site.model, site.modality), extra,
                         config.alignment.lambda_cross, use_anchors=use_anchors)
-
-
-def _geolora_params(model: HomogeneousTransformer) -> list[nn.Parameter]:
-    """What a fedanchor site trains besides its projector (S, m, delta of every layer): for the own-model rivals."""
-    return [p for layer in model.adapters().values() for p in (layer.S, layer.m, layer.delta)]
 
 
 # -- scoring ------------------------------------------------------------------------

@@ -1,10 +1,13 @@
 """Scale: the server's peak memory as sites are added, and FLARE's own cost against the in-process loop.
 
-Server memory: each count of sites runs in its own Python process (peak RSS
-cannot be reset inside one), builds the server, folds in that many site updates
-(one real update of the job's model, perturbed per site) and merges; the figure
-is the peak RSS above the same process with no update. The server keeps running
-sums per modality, not the updates, so the figure should stay flat.
+Server memory: one real site update of the job's model is trained first and
+written to a file. Then each count of sites runs in a fresh Python process (peak
+RSS cannot be reset inside one) that does nothing but the server's part: build
+the server and its initial state, read the update, record the peak, fold in that
+many copies of it (perturbed per site) and merge, record the peak again. No site
+training ever runs in a measuring process, so the growth is the accept-and-merge's
+own. The server keeps running sums per modality, not the updates, so the growth
+per added site (the least-squares slope over the counts) should be near zero.
 
 FLARE cost: the same job, rounds and sites in the FLARE simulator and in the
 in-process loop (``run_in_process``), wall time of each and their ratio.
@@ -16,10 +19,12 @@ import json
 import resource
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any, Sequence
 
+import numpy as np
 import torch
 
 from ..config import FedAnchorConfig, config_from_dict, config_to_dict
@@ -29,19 +34,40 @@ def _peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # kilobytes on Linux
 
 
-def server_peak(config: FedAnchorConfig, n_sites: int) -> dict[str, float]:
-    """In this process: build the server, accept ``n_sites`` updates, merge; peak RSS before and after the updates."""
+def write_site_update(config: FedAnchorConfig, path: Path) -> Path:
+    """Train one site's round of the job's model from the initial state and write its update (arrays + meta) to
+    ``path`` (.npz beside a .json): what the measuring processes fold in."""
     from ..federation.loop import make_split
     from ..federation.server import FederatedServer
     from ..federation.site import SiteTrainer
 
     split = make_split(config)
     modalities = {m: d.spec for m, d in split.anchors.items()}
-    server = FederatedServer(config, modalities, split.anchors, split.anchor_fingerprint, split.feature_stats)
-    state = server.initial_state()
+    state = FederatedServer(config, modalities, split.anchors, split.anchor_fingerprint, split.feature_stats).initial_state()
     site, private = next(iter(split.private.items()))
     update = SiteTrainer(config, site, private, split.anchors[private.spec.name], split.anchor_fingerprint, modalities,
                          split.feature_stats).train_round(state)
+    arrays, meta = update.to_arrays()
+    np.savez(path.with_suffix(".npz"), **arrays)
+    path.with_suffix(".json").write_text(json.dumps(meta))
+    return path
+
+
+def server_peak(config: FedAnchorConfig, n_sites: int, update_path: Path) -> dict[str, float]:
+    """In this process: build the server, read the update at ``update_path``, accept ``n_sites`` perturbed copies,
+    merge; peak RSS before the first update and after the merge."""
+    from ..federation.loop import make_split
+    from ..federation.messages import SiteUpdate
+    from ..federation.server import FederatedServer
+
+    if n_sites < 1:
+        raise ValueError(f"n_sites={n_sites}: a merge needs at least one site")
+    split = make_split(config)
+    modalities = {m: d.spec for m, d in split.anchors.items()}
+    server = FederatedServer(config, modalities, split.anchors, split.anchor_fingerprint, split.feature_stats)
+    server.initial_state()
+    with np.load(Path(update_path).with_suffix(".npz")) as arrays:
+        update = SiteUpdate.from_arrays(dict(arrays), json.loads(Path(update_path).with_suffix(".json").read_text()))
     before = _peak_rss_mib()
     started = time.perf_counter()
     server.start_round()
@@ -49,24 +75,35 @@ def server_peak(config: FedAnchorConfig, n_sites: int) -> dict[str, float]:
     for k in range(n_sites):
         params = {key: v + 1e-4 * torch.randn(v.shape, generator=g) for key, v in update.params.items()}
         server.accept(dataclasses.replace(update, site=f"site-{k}", params=params))
-    if n_sites:
-        server.finish_round(min_sites=1)
+    server.finish_round(min_sites=1)
     return {"sites": n_sites, "peak_before_mib": before, "peak_after_mib": _peak_rss_mib(),
             "seconds": time.perf_counter() - started}
 
 
-def server_memory(config: FedAnchorConfig, counts: Sequence[int] = (0, 2, 4, 8, 16)) -> list[dict[str, float]]:
-    """``server_peak`` for each count of sites, each in a fresh interpreter."""
-    rows = []
-    for n in counts:
-        code = ("import json, sys; from fedanchor.bench.scale import server_peak; from fedanchor.config import config_from_dict; "
-                f"print(json.dumps(server_peak(config_from_dict(json.loads(sys.argv[1])), {int(n)})))")
-        done = subprocess.run([sys.executable, "-c", code, json.dumps(config_to_dict(config))], capture_output=True,
-                              text=True, timeout=1800)
-        if done.returncode != 0:
-            raise RuntimeError(f"server memory run with {n} sites failed: {done.stderr[-2000:]}")
-        rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
+def server_memory(config: FedAnchorConfig, counts: Sequence[int] = (2, 4, 8, 16, 64)) -> list[dict[str, float]]:
+    """``server_peak`` for each count of sites, each in a fresh interpreter, on one update trained here first."""
+    with tempfile.TemporaryDirectory() as folder:
+        update_path = write_site_update(config, Path(folder) / "update")
+        rows = []
+        for n in counts:
+            code = ("import json, sys; from fedanchor.bench.scale import server_peak; from fedanchor.config import "
+                    "config_from_dict; print(json.dumps(server_peak(config_from_dict(json.loads(sys.argv[1])), "
+                    f"{int(n)}, sys.argv[2])))")
+            done = subprocess.run([sys.executable, "-c", code, json.dumps(config_to_dict(config)), str(update_path)],
+                                  capture_output=True, text=True, timeout=1800)
+            if done.returncode != 0:
+                raise RuntimeError(f"server memory run with {n} sites failed: {done.stderr[-2000:]}")
+            rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
     return rows
+
+
+def growth_per_site(memory: Sequence[dict[str, float]]) -> float:
+    """MiB per added site: the least-squares slope of the accept-and-merge growth over the site counts."""
+    sites = np.array([r["sites"] for r in memory], dtype=float)
+    growth = np.array([r["peak_after_mib"] - r["peak_before_mib"] for r in memory])
+    if len(set(sites)) < 2:
+        raise ValueError("the growth per site needs at least two different site counts")
+    return float(np.polyfit(sites, growth, 1)[0])
 
 
 def bytes_vs_anchors(config: FedAnchorConfig, counts: Sequence[int] = (50, 100, 200, 400, 800)) -> list[dict[str, Any]]:
@@ -139,6 +176,9 @@ def scale_markdown(memory: list[dict[str, float]], cost: dict[str, Any] | None,
              "|---|---|---|---|"]
     lines += [f"| {r['sites']} | {r['peak_after_mib']:.0f} | {r['peak_after_mib'] - r['peak_before_mib']:.1f} | "
               f"{r['seconds']:.2f} |" for r in memory]
+    if len({r["sites"] for r in memory}) >= 2:
+        lines += ["", f"Growth per added site: {growth_per_site(memory):.3f} MiB (least-squares slope over the counts; "
+                      "each count in a fresh process that only builds the server, accepts and merges)."]
     if anchors:
         lines += ["", "| modality | anchors | bytes up per site per round | of which the Gram (float16) |", "|---|---|---|---|"]
         lines += [f"| {r['modality']} | {r['anchors']} | {r['bytes_up'] / 1024:.1f} KiB | {r['gram_share']:.0%} |" for r in anchors]

@@ -129,7 +129,8 @@ class GlobalState:
 
     def without_basis(self) -> "GlobalState":
         """This state for a site that already holds its bases: U and V left out, their digest in the meta.
-        The bases are most of what goes down (592 of 1,058 KiB with MiniLM) and change only at a refresh."""
+        The bases are most of what goes down with MiniLM (the bench prints bytes down per round) and change only at
+        a refresh."""
         digest = self.basis_digest()
         if digest is None:
             raise ValueError("the state names no basis: it can only travel whole")

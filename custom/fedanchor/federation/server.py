@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from ..alignment.codebook import Codebook, CodebookProjection, assignment_scale, pool_centroids
-from ..alignment.gram import GramConsensus, centred_gram, from_upper_triangle, upper_triangle
+from ..alignment.gram import GramConsensus, centred_gram, consensus_agreement, from_upper_triangle, upper_triangle
 from ..alignment.readout import AnchorReadout
 from ..alignment.readout_choice import ReadoutChoice, choose_readout
 from ..config import FedAnchorConfig
@@ -540,5 +540,5 @@ class FederatedServer:
         if kernel is not None:
             k = from_upper_triangle(kernel.double())
             for m, z in anchors.items():
-                metrics[f"{m}/anchor_cka_to_consensus"] = float((centred_gram(z.double()) * k).sum())
+                metrics[f"{m}/anchor_cka_to_consensus"] = consensus_agreement(centred_gram(z.double()), k)
         return metrics

@@ -12,13 +12,14 @@ from __future__ import annotations
 import logging
 import time
 import zlib
+from dataclasses import dataclass, field
 from typing import Callable, Mapping
 
 import numpy as np
 import torch
 
 from ..alignment.codebook import site_centroids
-from ..alignment.gram import centred_gram, from_upper_triangle, upper_triangle
+from ..alignment.gram import centred_gram, consensus_agreement, from_upper_triangle, upper_triangle
 from ..alignment.losses import anchor_info_nce, cka_loss, two_view_contrastive
 from ..config import FedAnchorConfig
 from ..data.augment import augment
@@ -33,6 +34,52 @@ from .state import (core_params, load_local, load_shared, local_tensors, project
                     set_gradient_probes, shared_tensors)
 
 log = logging.getLogger(__name__)
+
+
+def trainable_params(model: HomogeneousTransformer, modality: str) -> tuple[list[torch.nn.Parameter], list[torch.nn.Parameter]]:
+    """(adapter parameters: S, m and delta of every layer; the modality's projector): what a site trains."""
+    adapters = [p for layer in model.adapters().values() for p in (layer.S, layer.m, layer.delta)]
+    return adapters, list(projector_params(model, modality).values())
+
+
+def round_optimizer(config: FedAnchorConfig, adapters: list[torch.nn.Parameter], projector: list[torch.nn.Parameter]):
+    """(optimizer, scheduler) of one round: a fresh Adam, ``train.lr`` for the adapters and ``train.projector_lr`` for
+    the projector, with a linear warm-up over ``train.warmup_fraction`` of the local steps. A fresh Adam's first steps
+    move every parameter by about lr whatever its gradient; warming the rate up keeps the code table and the cores
+    from jumping at the start of each round."""
+    cfg = config.train
+    optimizer = torch.optim.Adam([{"params": adapters, "lr": cfg.lr}, {"params": projector, "lr": cfg.projector_lr}],
+                                 weight_decay=cfg.weight_decay)
+    warmup = max(1, round(cfg.local_steps * cfg.warmup_fraction))
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / warmup))
+
+
+def cross_modal_anchor_loss(za: torch.Tensor, anchor_index: np.ndarray, targets: Mapping[str, torch.Tensor],
+                            target_means: Mapping[str, torch.Tensor], anchor_same: torch.Tensor, temperature: float) -> torch.Tensor:
+    """L_cross: the anchor InfoNCE of the batch's anchor embeddings against each other modality's anchor targets
+    (identical anchors not counted as negatives), averaged over those modalities."""
+    index = torch.as_tensor(anchor_index)
+    same = anchor_same[index][:, index]
+    rows = index.to(za.device)
+    return sum(anchor_info_nce(za, t[rows], temperature, target_means[m], same) for m, t in targets.items()) / len(targets)
+
+
+@dataclass
+class LocalRound:
+    """What one round's local steps share (``SiteTrainer.start_round``)."""
+
+    round: int
+    kernel: torch.Tensor | None  # the consensus Gram on the site's device
+    targets: dict[str, torch.Tensor]  # the other modalities' anchor targets
+    target_means: dict[str, torch.Tensor]
+    use_cka: bool
+    use_cross: bool
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    tracker: PrecisionTracker
+    rng: np.random.Generator
+    collect_gradients: bool
+    sums: dict[str, float] = field(default_factory=lambda: {"loss": 0.0, "private": 0.0, "cka": 0.0, "cross": 0.0})
 
 
 class BasisNotHeld(ValueError):
@@ -144,86 +191,83 @@ class SiteTrainer:
         self.basis_digest = state.basis_digest()
 
     def train_round(self, state: GlobalState, progress: Callable[[int, int, float], None] | None = None) -> SiteUpdate:
-        cfg = self.config
+        """One round, in named steps: install the state, take the local steps, then measure and package the update."""
         started = time.perf_counter()
-        model = self.model
         self.install(state)
-        consensus = state.consensus()
-        kernel = from_upper_triangle(consensus.double()).to(self.device) if consensus is not None else None
-        targets = {m: t.to(self.device) for m, t in state.targets().items() if m != self.modality}
-        target_means = {m: t.mean(0) for m, t in targets.items()}
-        use_cka = cfg.alignment.lambda_cka > 0 and kernel is not None
-        use_cross = cfg.alignment.lambda_cross > 0 and bool(targets)
-
-        adapters = [p for layer in model.adapters().values() for p in (layer.S, layer.m, layer.delta)]
-        projector = list(projector_params(model, self.modality).values())
-        optimizer = torch.optim.Adam([
-            {"params": adapters, "lr": cfg.train.lr},
-            {"params": projector, "lr": cfg.train.projector_lr},
-        ], weight_decay=cfg.train.weight_decay)
-        # A fresh Adam's first steps move every parameter by about lr whatever its gradient; warming the rate up
-        # keeps the code table and the cores from jumping at the start of each round.
-        warmup = max(1, round(cfg.train.local_steps * cfg.train.warmup_fraction))
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / warmup))
-        tracker = PrecisionTracker(core_params(model), cfg.precision.method, cfg.precision.window)
-        rng = np.random.default_rng([self._seed, state.round])
-        n, n_anchor = len(self.private), len(self.anchors)
-        batch = min(cfg.train.batch_size, n)
-        anchor_batch = min(cfg.alignment.anchor_batch, n_anchor)
-        sums = {"loss": 0.0, "private": 0.0, "cka": 0.0, "cross": 0.0}
+        local = self.start_round(state)
         # Dropout draws from torch's global generator: seed a private copy of it by site and round, so that a round
         # is a function of the state it starts from (a resumed job reproduces the uninterrupted one).
         devices = [self.device.index or 0] if self.device.type == "cuda" else []
-        collect_gradients = refresh_phase(state.round, cfg.adapter.refresh_every) == "gradients"
-        set_gradient_probes(model, collect_gradients)
         with torch.random.fork_rng(devices=devices):
             torch.manual_seed((self._seed * 1_000_003 + state.round) % (2 ** 63))
-            model.train()
-            for step in range(cfg.train.local_steps):
-                # bf16 autocast covers the trunk's forward; the model returns float32 embeddings, so the losses,
-                # the Gram and the optimiser stay in float32.
-                with autocast_to(self.device, self.autocast):
-                    items, _, z1, z2, za, anchor_index = embed_step(model, self.spec, self.private, self.anchors, rng, batch,
-                                                                    anchor_batch, cfg.private.augment_strength,
-                                                                    use_cka or use_cross)
-                if anchor_index is not None:
-                    index_t = torch.as_tensor(anchor_index)
-                loss_private = two_view_contrastive(z1, z2, cfg.private.temperature, same_items(items))
-                loss = cfg.private.weight * loss_private
-                loss_cka = cka_loss(za, kernel, index_t.to(self.device)) if use_cka else z1.new_zeros(())
-                same = self._anchor_same[index_t][:, index_t] if use_cross else None
-                loss_cross = (sum(anchor_info_nce(za, t[index_t.to(self.device)], cfg.alignment.temperature, target_means[m], same)
-                                  for m, t in targets.items()) / len(targets)
-                              if use_cross else z1.new_zeros(()))
-                loss_delta = sum((layer.delta ** 2).sum() for layer in model.adapters().values())
-                loss = loss + cfg.alignment.lambda_cka * loss_cka + cfg.alignment.lambda_cross * loss_cross + cfg.alignment.lambda_delta * loss_delta
-                take_step(loss, optimizer, scheduler, f"site {self.site!r} round {state.round} step {step}")
-                tracker.record()
-                for key, value in (("loss", loss), ("private", loss_private), ("cka", loss_cka), ("cross", loss_cross)):
-                    sums[key] += float(value.detach())
+            self.model.train()
+            for step in range(self.config.train.local_steps):
+                loss = self.local_step(local, step)
                 if progress is not None:
-                    progress(step + 1, cfg.train.local_steps, float(loss.detach()))
-        basis_gradients = projected_gradients(model, cfg.train.local_steps) if collect_gradients else {}
+                    progress(step + 1, self.config.train.local_steps, loss)
+        return self.finish_round(state, local, started)
 
-        anchor_z = model.embed_all(self.modality, self.anchors.items)
-        gram = centred_gram(anchor_z.double())
-        precision = tracker.precision(cfg.precision.eps)
-        uncertainty = 1.0
-        metrics: dict[str, float] = {}
-        # Under differential privacy the site scalar is not sent (it depends on private data), so it is not computed.
-        if cfg.precision.site_scalar and cfg.precision.method != "uniform" and not cfg.privacy.dp:
-            probe = min(cfg.precision.site_scalar_anchors, n_anchor)
-            epistemic = embedding_spread(model, self.modality, take_items(self.anchors.items, np.arange(probe)),
-                                         core_params(model), precision, cfg.precision.site_scalar_samples, self._seed + state.round)
-            aleatoric = view_spread(model, self.spec, self.private.items, min(cfg.precision.site_scalar_anchors, n),
-                                    cfg.private.augment_strength, self._seed + state.round)
-            uncertainty = 1.0 / (epistemic + aleatoric + cfg.precision.eps)
-            metrics.update({"spread/epistemic": epistemic, "spread/aleatoric": aleatoric})
+    def start_round(self, state: GlobalState) -> "LocalRound":
+        """What the round's steps share: the state's consensus and targets on this device, a fresh optimiser with a
+        warm-up, the precision tracker, this round's batch generator. The state must be installed."""
+        cfg = self.config
+        consensus = state.consensus()
+        kernel = from_upper_triangle(consensus.double()).to(self.device) if consensus is not None else None
+        targets = {m: t.to(self.device) for m, t in state.targets().items() if m != self.modality}
+        optimizer, scheduler = round_optimizer(cfg, *trainable_params(self.model, self.modality))
+        collect_gradients = refresh_phase(state.round, cfg.adapter.refresh_every) == "gradients"
+        set_gradient_probes(self.model, collect_gradients)
+        return LocalRound(
+            round=state.round, kernel=kernel, targets=targets, target_means={m: t.mean(0) for m, t in targets.items()},
+            use_cka=cfg.alignment.lambda_cka > 0 and kernel is not None,
+            use_cross=cfg.alignment.lambda_cross > 0 and bool(targets),
+            optimizer=optimizer, scheduler=scheduler,
+            tracker=PrecisionTracker(core_params(self.model), cfg.precision.method, cfg.precision.window),
+            rng=np.random.default_rng([self._seed, state.round]), collect_gradients=collect_gradients)
+
+    def local_step(self, local: "LocalRound", step: int) -> float:
+        """One local step: L = L_private + lambda_a (1 - CKA) + lambda_x L_cross + lambda_d ||delta||^2, an Adam step,
+        the precision tracker's record; returns the loss."""
+        cfg = self.config
+        batch, anchor_batch = min(cfg.train.batch_size, len(self.private)), min(cfg.alignment.anchor_batch, len(self.anchors))
+        # bf16 autocast covers the trunk's forward; the model returns float32 embeddings, so the losses, the Gram and
+        # the optimiser stay in float32.
+        with autocast_to(self.device, self.autocast):
+            items, _, z1, z2, za, anchor_index = embed_step(self.model, self.spec, self.private, self.anchors, local.rng,
+                                                            batch, anchor_batch, cfg.private.augment_strength,
+                                                            local.use_cka or local.use_cross)
+        loss_private = two_view_contrastive(z1, z2, cfg.private.temperature, same_items(items))
+        loss_cka = loss_cross = z1.new_zeros(())
+        if anchor_index is not None:
+            index = torch.as_tensor(anchor_index)
+            if local.use_cka:
+                loss_cka = cka_loss(za, local.kernel, index.to(self.device))
+            if local.use_cross:
+                loss_cross = cross_modal_anchor_loss(za, anchor_index, local.targets, local.target_means,
+                                                     self._anchor_same, cfg.alignment.temperature)
+        loss_delta = sum((layer.delta ** 2).sum() for layer in self.model.adapters().values())
+        a = cfg.alignment
+        loss = (cfg.private.weight * loss_private + a.lambda_cka * loss_cka + a.lambda_cross * loss_cross
+                + a.lambda_delta * loss_delta)
+        take_step(loss, local.optimizer, local.scheduler, f"site {self.site!r} round {local.round} step {step}")
+        local.tracker.record()
+        for key, value in (("loss", loss), ("private", loss_private), ("cka", loss_cka), ("cross", loss_cross)):
+            local.sums[key] += float(value.detach())
+        return float(loss.detach())
+
+    def finish_round(self, state: GlobalState, local: "LocalRound", started: float) -> SiteUpdate:
+        """The update: shared parameters, their precision, the site scalar, the anchor Gram, metrics, a refresh's
+        projected gradients, codebook centroids while the codebook is being built; released under DP if asked."""
+        cfg, model = self.config, self.model
+        basis_gradients = projected_gradients(model, cfg.train.local_steps) if local.collect_gradients else {}
+        gram = centred_gram(model.embed_all(self.modality, self.anchors.items).double())
+        precision = local.tracker.precision(cfg.precision.eps)
+        uncertainty, metrics = self._site_scalar(state, precision)
         steps = cfg.train.local_steps
-        metrics.update({f"loss/{k}": v / steps for k, v in sums.items()})
-        metrics["seconds"] = time.perf_counter() - started
-        if kernel is not None:
-            metrics["cka_to_consensus"] = float((gram * kernel.cpu()).sum())
+        metrics.update({f"loss/{k}": v / steps for k, v in local.sums.items()})
+        metrics["seconds"] = time.perf_counter() - started  # ``started``: when train_round began
+        if local.kernel is not None:
+            metrics["cka_to_consensus"] = consensus_agreement(gram, local.kernel)
         params = {k: v.detach().cpu().clone() for k, v in core_params(model).items()}
         params.update({k: v.detach().cpu().clone() for k, v in projector_params(model, self.modality).items()})
         gram_upper = upper_triangle(gram).float()
@@ -232,13 +276,29 @@ class SiteTrainer:
         centroids, counts = self.codebook_centroids(state)
         update = SiteUpdate(
             site=self.site, modality=self.modality, round=state.round, anchor_fingerprint=self.anchor_fingerprint,
-            params=params, precision=precision, gram_upper=gram_upper, n_samples=n,
+            params=params, precision=precision, gram_upper=gram_upper, n_samples=len(self.private),
             uncertainty=float(uncertainty), metrics=metrics, basis_gradients=basis_gradients,
             basis_digest=self.basis_digest or "", codebook_centroids=centroids, codebook_counts=counts,
         )
+        sums = local.sums
         log.info("site %s round %d: loss %.4f (private %.4f, cka %.4f, cross %.4f) in %.1fs", self.site, state.round,
                  sums["loss"] / steps, sums["private"] / steps, sums["cka"] / steps, sums["cross"] / steps, metrics["seconds"])
         return update
+
+    def _site_scalar(self, state: GlobalState, precision: Mapping[str, torch.Tensor]) -> tuple[float, dict[str, float]]:
+        """(pi_k, its parts as metrics): 1 / (epistemic + aleatoric spread), or 1.0 when not estimated. Under
+        differential privacy it is not computed: it depends on private data and is not released."""
+        cfg = self.config
+        if not (cfg.precision.site_scalar and cfg.precision.method != "uniform" and not cfg.privacy.dp):
+            return 1.0, {}
+        probe = min(cfg.precision.site_scalar_anchors, len(self.anchors))
+        epistemic = embedding_spread(self.model, self.modality, take_items(self.anchors.items, np.arange(probe)),
+                                     core_params(self.model), precision, cfg.precision.site_scalar_samples,
+                                     self._seed + state.round)
+        aleatoric = view_spread(self.model, self.spec, self.private.items,
+                                min(cfg.precision.site_scalar_anchors, len(self.private)), cfg.private.augment_strength,
+                                self._seed + state.round)
+        return 1.0 / (epistemic + aleatoric + cfg.precision.eps), {"spread/epistemic": epistemic, "spread/aleatoric": aleatoric}
 
     def codebook_centroids(self, state: GlobalState) -> tuple[torch.Tensor, torch.Tensor]:
         """(centroids, counts) of this site's private items for the private codebook (alignment/codebook.py), while

@@ -29,7 +29,7 @@ from nvflare.apis.fl_context import FLContext
 from nvflare.apis.shareable import Shareable, make_reply
 from nvflare.apis.signal import Signal
 
-from ..alignment.gram import centred_gram, from_upper_triangle
+from ..alignment.gram import centred_gram, consensus_agreement, from_upper_triangle
 from ..config import FedAnchorConfig, config_from_dict, config_to_dict
 from ..evaluation import retrieval
 from ..federation.loop import make_split, site_modality
@@ -91,7 +91,7 @@ def anchor_validation(trainer: SiteTrainer, state: GlobalState) -> dict[str, flo
                 metrics[f"anchor/{modality}->{other}/{key}"] = value
     kernel = state.consensus()
     if kernel is not None:
-        metrics["anchor/cka_to_consensus"] = float((centred_gram(z.double()) * from_upper_triangle(kernel.double())).sum())
+        metrics["anchor/cka_to_consensus"] = consensus_agreement(centred_gram(z.double()), from_upper_triangle(kernel.double()))
     return metrics
 
 
