@@ -59,7 +59,7 @@ class AlignmentConfig:
     readout_text_tokens: int = 128  # tokens of a text item's base features (the whole report, not the training crop)
     codebook_size: int = 160  # centres of a modality's private codebook (alignment/codebook.py); 0: no codebook
     codebook_components: int = 40  # principal components of the anchors' base features the centres live in
-    codebook_temperature: float = 0.1  # of the soft assignment, relative to the anchors' median squared distance
+    codebook_temperature: float = 0.0  # of the soft assignment, relative to the anchors' median squared distance; 0: chosen by anchor cross-validation
     codebook_min_cluster: int = 5  # private items a centroid must average before it may leave a site
 
 
@@ -188,7 +188,8 @@ class FedAnchorConfig:
              "e.g. ['base', 'codebook', 'model']"),
             (self.alignment.codebook_size >= 0, f"alignment.codebook_size={self.alignment.codebook_size} must be >= 0 (0: no codebook)"),
             (self.alignment.codebook_components >= 1, f"alignment.codebook_components={self.alignment.codebook_components} must be at least 1"),
-            (self.alignment.codebook_temperature > 0, f"alignment.codebook_temperature={self.alignment.codebook_temperature} must be positive"),
+            (self.alignment.codebook_temperature >= 0,
+             f"alignment.codebook_temperature={self.alignment.codebook_temperature} must be positive, or 0 to choose it by anchor cross-validation"),
             (self.alignment.codebook_min_cluster >= 2,
              f"alignment.codebook_min_cluster={self.alignment.codebook_min_cluster} must be at least 2: a centroid of one item is that record"),
             (self.alignment.readout_folds >= 2, f"alignment.readout_folds={self.alignment.readout_folds} must be at least 2"),

@@ -27,6 +27,7 @@ import numpy as np
 COMPONENTS = 40  # principal components of the anchors' base features the centres live in
 SIZE = 160  # centres per modality after pooling
 TEMPERATURE = 0.1  # of the soft assignment, relative to the anchors' median squared distance to the centres
+TEMPERATURES = (0.1, 0.2, 0.3, 0.5)  # what anchor cross-validation chooses from when the job fixes none
 MIN_CLUSTER = 5  # private items a centroid must average before it may leave a site
 
 

@@ -12,6 +12,7 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 import torch
 
+from ..alignment.codebook import TEMPERATURES
 from ..config import FedAnchorConfig, config_from_dict, config_to_dict, with_overrides
 from ..federation.loop import make_split, run_in_process
 from . import fed_rivals, rivals
@@ -180,8 +181,9 @@ def codebook_rival(anchor_f: Mapping[str, np.ndarray], test_f: Mapping[str, np.n
     softer temperature), like everything else, chosen by cross-validation on the anchors."""
     n = len(next(iter(anchor_f.values())))
     best = None
-    for centroids, (temperature, with_position) in itertools.product(sorted({max(2, n // 10), max(2, n // 5)}),
-                                                                     ((0.1, True), (0.2, False))):
+    # The private codebook's block at each temperature fedanchor's server chooses from, and assignments alone.
+    forms = [(t, True) for t in TEMPERATURES] + [(0.2, False)]
+    for centroids, (temperature, with_position) in itertools.product(sorted({max(2, n // 10), max(2, n // 5)}), forms):
         codebooks = {m: rivals.anchor_codebook(x, centroids, temperature, with_position, seed=config.adapter.seed)
                      for m, x in anchor_f.items()}
         metrics, notes = rivals.cca_rival(anchor_f, test_f, split, extra_blocks=codebooks,

@@ -15,7 +15,7 @@ from typing import Mapping
 import numpy as np
 import torch
 
-from ..alignment.codebook import Codebook, CodebookProjection, assignment_scale, pool_centroids
+from ..alignment.codebook import TEMPERATURES, Codebook, CodebookProjection, assignment_scale, pool_centroids
 from ..alignment.gram import GramConsensus, centred_gram, consensus_agreement, from_upper_triangle, upper_triangle
 from ..alignment.readout import AnchorReadout
 from ..alignment.readout_choice import ReadoutChoice, choose_readout
@@ -137,6 +137,7 @@ class FederatedServer:
         self._choice_round = -1  # the round of the state readout_choice was made for
         self._anchors_only: dict[str, float] | None = None  # anchors_only_eval(), made once
         self._codebook_parts: dict[str, dict[str, tuple[np.ndarray, np.ndarray]]] = {}  # modality -> site -> (centroids, counts)
+        self.codebook_temperature: float | None = None  # the assignment temperature, once the codebook is built
 
     # -- where the server is ---------------------------------------------------
     def _open_round(self) -> tuple[GlobalState, RoundReport]:
@@ -448,14 +449,31 @@ class FederatedServer:
             return {}
         cfg = self.config.alignment
         projections = GlobalState(self.state.round, self.anchor_fingerprint, dict(tensors)).codebook_projections()
+        anchors = self.base_of("anchors")
+        centres = {m: pool_centroids(list(parts.values()), cfg.codebook_size, seed=self.config.adapter.seed)
+                   for m, parts in self._codebook_parts.items()}
+
+        def codebooks(temperature: float) -> dict[str, Codebook]:
+            return {m: Codebook(projections[m], c, assignment_scale(projections[m](anchors[m]), c, temperature))
+                    for m, c in centres.items()}
+        temperature, cv = cfg.codebook_temperature, None
+        if temperature <= 0:
+            # Chosen once, on the base features and the codebook alone (the model changes every round, the codebook
+            # does not), by the readout's own anchor cross-validation.
+            scores = {t: fit_readout(self.config, dict.fromkeys(anchors), anchors, ("base", "codebook"), codebooks(t))[1].cv_mrr
+                      for t in TEMPERATURES}
+            temperature = max(scores, key=scores.get)
+            cv = scores[temperature]
         out = {}
-        for m, parts in self._codebook_parts.items():
-            centres = pool_centroids(list(parts.values()), cfg.codebook_size, seed=self.config.adapter.seed)
-            scale = assignment_scale(projections[m](self.base_of("anchors")[m]), centres, cfg.codebook_temperature)
-            out[f"{CODEBOOK_PREFIX}{m}/centres"] = torch.from_numpy(centres).float()
-            out[f"{CODEBOOK_PREFIX}{m}/scale"] = torch.tensor([scale], dtype=torch.float32)  # 1-d: checkpoints hash bytes
+        for m, book in codebooks(temperature).items():
+            out[f"{CODEBOOK_PREFIX}{m}/centres"] = torch.from_numpy(book.centres).float()
+            out[f"{CODEBOOK_PREFIX}{m}/scale"] = torch.tensor([book.scale], dtype=torch.float32)  # 1-d: checkpoints hash bytes
+            parts = self._codebook_parts[m]
             log.info("round %d: private codebook of %s: %d centres from %d site(s), %d private items", self.report.round,
-                     m, len(centres), len(parts), int(sum(n.sum() for _, n in parts.values())))
+                     m, len(book.centres), len(parts), int(sum(n.sum() for _, n in parts.values())))
+        log.info("round %d: codebook temperature %g (%s)", self.report.round, temperature,
+                 "alignment.codebook_temperature" if cv is None else f"anchor cross-validation, MRR {cv:.3f}")
+        self.codebook_temperature = temperature
         self._codebook_parts = {}
         return out
 
@@ -514,6 +532,8 @@ class FederatedServer:
         out = {"anchor_cv/mrr": choice.cv_mrr, "readout/reg": choice.reg, "readout/dims": float(choice.dims)}
         out.update({f"readout/weight/{k}": v for k, v in choice.weights.items()})
         out.update({f"readout/truncation/{k}": float(v) for k, v in choice.truncation.items()})
+        if self.codebook_temperature is not None:
+            out["codebook/temperature"] = self.codebook_temperature
         return out
 
     def evaluate(self, state: GlobalState | None = None) -> dict[str, float]:
