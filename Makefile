@@ -36,7 +36,7 @@ demo: $(STAMP)
 	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(VENV)/bin/fedanchor simulate jobs/xray --out runs/demo-xray
 
 # The provisioned path on 127.0.0.1: provision (mutual TLS), start the server and hospital-a/-b/-c, submit TRIAL_JOB as
-# the lead user, watch, download, print the results, shut down; prints the cycle's wall time (see README, Deploying).
+# the lead user, watch, download, print the results, shut down; prints the cycle's wall time (see docs/DEPLOY.md).
 TRIAL_JOB ?= jobs/xray
 trial: $(STAMP)
 	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(PY) -m fedanchor.deploy.trial $(TRIAL_JOB)

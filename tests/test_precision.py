@@ -62,7 +62,7 @@ def test_coefficients_no_site_informs_fail_instead_of_becoming_zero():
 
 
 # Only additive noise is asserted: a gain shift is what delta_site exists to absorb (the site is particular,
-# not unreliable), and scrambled pixels are down-weighted on some seeds only (see the README).
+# not unreliable), and scrambled pixels are down-weighted on some seeds only (docs/DECISIONS.md, "Precision").
 @pytest.mark.slow
 @pytest.mark.parametrize("seed", [0, 1])
 def test_a_site_with_noisy_data_gets_a_lower_weight_than_clean_sites(seed):

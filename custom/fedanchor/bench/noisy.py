@@ -53,7 +53,7 @@ class NoisyMode:
     meaning: str
 
 
-# Severities: noise of 3 per-position standard deviations is the level the README measured (the noisy site got
+# Severities: noise of 3 per-position standard deviations is the level docs/DECISIONS.md, "Precision", measured (the noisy site got
 # 0.12-0.20 of the merge against 0.26-0.40 for clean sites); gain 1.0 doubles every value and adds one std;
 # shuffle 1.0 scrambles every item. On text, severities above 1 act as 1 (every word replaced / every report shuffled).
 NOISY_MODES: dict[str, NoisyMode] = {
