@@ -46,6 +46,7 @@ FEDERATED: dict[str, dict[str, Any]] = {
     "fedanchor, uniform weights": {"precision.method": "uniform"},
     "fedanchor - CCA readout": {"alignment.readout": "none"},
     "fedanchor - base block": {"alignment.readout_blocks": ("model",)},
+    "fedanchor - private codebook": {"alignment.readout_blocks": ("base", "model")},
 }
 NO_DELTA = "fedanchor - delta_site"
 # Rivals that share something else than fedanchor does (bench/fed_rivals.py).
