@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import math
+import numbers
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
@@ -184,6 +185,22 @@ class GlobalState:
         return cls(round=int(meta["round"]), anchor_fingerprint=str(meta["anchor_fingerprint"]), tensors=_to_torch(arrays), meta=extra)
 
 
+def _meta_number(meta: Mapping[str, Any], key: str, what: str = "meta") -> float:
+    """A number of a site update's meta as a float; anything else (None, text, a list) is refused by name."""
+    value = meta[key]
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise ValueError(f"site update {what} {key}={value!r} is not a number")
+    return float(value)
+
+
+def _meta_whole(meta: Mapping[str, Any], key: str) -> int:
+    """A whole number of a site update's meta (a round, a sample count): 3 and 3.0 pass, 2.5, inf and text do not."""
+    value = _meta_number(meta, key)
+    if not (math.isfinite(value) and value == int(value)):
+        raise ValueError(f"site update meta {key}={meta[key]!r} is not a whole number")
+    return int(value)
+
+
 ARRAY_FIELDS = ("params", "precision", "gram_upper", "basis_gradients", "codebook_centroids", "codebook_counts")  # the SiteUpdate fields that travel as arrays
 
 
@@ -242,17 +259,23 @@ class SiteUpdate:
                              "the Gram, a refresh's basis gradients and codebook centroids may travel")
         if (CODEBOOK_CENTROIDS in arrays) != (CODEBOOK_COUNTS in arrays):
             raise ValueError(f"site update carries one of {CODEBOOK_CENTROIDS!r} and {CODEBOOK_COUNTS!r} without the other")
-        uncertainty = float(meta["uncertainty"])
+        uncertainty = _meta_number(meta, "uncertainty")
         if not math.isfinite(uncertainty):
             raise ValueError(f"site update uncertainty {uncertainty} is not finite")
-        tensors = _to_torch(arrays)
+        metrics = meta.get("metrics", {})
+        if not isinstance(metrics, Mapping):
+            raise ValueError(f"site update metrics are a {type(metrics).__name__}, not a mapping of names to numbers")
+        try:
+            tensors = _to_torch(arrays)
+        except TypeError as err:  # e.g. an array of strings or objects
+            raise ValueError(f"site update carries an array torch cannot read: {err}") from err
         return cls(
-            site=str(meta["site"]), modality=str(meta["modality"]), round=int(meta["round"]),
+            site=str(meta["site"]), modality=str(meta["modality"]), round=_meta_whole(meta, "round"),
             anchor_fingerprint=str(meta["anchor_fingerprint"]),
             params={k[len(PARAM_PREFIX):]: v for k, v in tensors.items() if k.startswith(PARAM_PREFIX)},
             precision={k[len(PRECISION_PREFIX):]: v.double().exp() for k, v in tensors.items() if k.startswith(PRECISION_PREFIX)},
-            gram_upper=tensors[GRAM_KEY].float(), n_samples=int(meta["n_samples"]), uncertainty=uncertainty,
-            metrics={k: float(v) for k, v in dict(meta.get("metrics", {})).items()},
+            gram_upper=tensors[GRAM_KEY].float(), n_samples=_meta_whole(meta, "n_samples"), uncertainty=uncertainty,
+            metrics={str(k): _meta_number(metrics, k, "metric") for k in metrics},
             basis_gradients={k[len(BASIS_GRADIENT_PREFIX):]: v.float() for k, v in tensors.items() if k.startswith(BASIS_GRADIENT_PREFIX)},
             basis_digest=str(meta.get("basis_digest", "")),
             **({"codebook_centroids": tensors[CODEBOOK_CENTROIDS].float(), "codebook_counts": tensors[CODEBOOK_COUNTS].float()}

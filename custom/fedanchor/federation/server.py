@@ -246,6 +246,7 @@ class FederatedServer:
             refuse(f"n_samples={update.n_samples}")
         if not (math.isfinite(update.uncertainty) and update.uncertainty > 0):
             refuse(f"uncertainty scalar {update.uncertainty} is not a positive finite number")
+        self._check_merge_weights(update, refuse)
         cfg = self.config.server
         change = self.update_change(update)
         projector_change = self.update_change(update, projector=True)
@@ -309,6 +310,35 @@ class FederatedServer:
                 total += float((base ** 2).sum())
         return math.sqrt(diff / max(total, 1e-300))
 
+    def _merge_weights(self, update: SiteUpdate) -> tuple[float, float, dict[str, torch.Tensor]]:
+        """(n_k ** gamma, pi_k n_k ** gamma, the weight of every core and magnitude coefficient): what accept folds in.
+
+        Lambda's absolute scale follows the optimiser's step size, not the data, so it is not comparable across
+        sites: it only distributes a site's weight over its coefficients. pi_k is comparable only between sites of
+        one modality (same augmentations, same objective), so it weighs sites within a modality, and the modalities
+        are then combined by their sample mass n_k ** gamma.
+        """
+        mass = sample_weight(update.n_samples, self.config.precision.sample_exponent)
+        scale = update.uncertainty * mass
+        weights = {k: scale * _unit_mean(update.precision[k].double()) for k in update.params if is_core_or_magnitude(k)}
+        return mass, scale, weights
+
+    def _check_merge_weights(self, update: SiteUpdate, refuse) -> None:
+        """Finite, positive values can still weigh to Inf or 0 in float64 (a precision of 1e300, an uncertainty of
+        1e-320): the merge would then fail or divide by zero at the end of the round, so such an update is refused."""
+        try:
+            _, scale, weights = self._merge_weights(update)
+        except OverflowError:
+            refuse(f"n_samples, a number of {len(str(update.n_samples))} digits, is too large to weigh")
+        if not (math.isfinite(scale) and scale > 0):
+            refuse(f"its merge weight, uncertainty x n_samples**{self.config.precision.sample_exponent:g} = {scale:.3g}, "
+                   "is not a positive finite float64")
+        for key, value in update.params.items():
+            w = weights.get(key, torch.tensor(scale, dtype=torch.float64))  # a projector weighs by the scale alone
+            if not (bool(torch.isfinite(w * value.double()).all()) and bool((w > 0).all())):
+                refuse(f"the merge weights of {key!r} overflow or underflow float64 (its precisions or its weight are "
+                       "too extreme to weigh)")
+
     def record_rejection(self, site: str, reason: str) -> None:
         """Record and log a contribution that does not count, also one that never became a SiteUpdate."""
         if self.report is not None:
@@ -323,15 +353,8 @@ class FederatedServer:
         except ContributionRejected as err:
             self.record_rejection(update.site, err.reason)
             raise
-        cfg = self.config.precision
-        mass = sample_weight(update.n_samples, cfg.sample_exponent)
-        scale = update.uncertainty * mass
+        mass, scale, weights = self._merge_weights(update)
         cores = {k: v for k, v in update.params.items() if is_core_or_magnitude(k)}
-        # Lambda's absolute scale follows the optimiser's step size, not the data, so it is not comparable across
-        # sites: it only distributes a site's weight over its coefficients. pi_k is comparable only between sites of
-        # one modality (same augmentations, same objective), so it weighs sites within a modality, and the modalities
-        # are then combined by their sample mass n_k ** gamma.
-        weights = {k: scale * _unit_mean(update.precision[k].double()) for k in cores}
         self._merges.setdefault(update.modality, PrecisionWeightedMerge()).add(update.site, cores, weights)
         self._modality_mass[update.modality] = self._modality_mass.get(update.modality, 0.0) + mass
         projector = {k: v for k, v in update.params.items() if not is_core_or_magnitude(k)}
