@@ -36,3 +36,33 @@ def tiny_config(**sections) -> FedAnchorConfig:
 def _seeded():
     torch.manual_seed(0)
     yield
+
+
+def merge_coefficients(updates, sample_exponent: float) -> dict[str, dict[str, torch.Tensor]]:
+    """Site -> S/m key -> the coefficient of that site's value in the server's merge, written out from the design
+    (FederatedServer.accept and finish_round), not computed by PrecisionWeightedMerge:
+
+    within a modality a site weighs pi_k n_k**gamma Lambda_k / mean(Lambda_k) per coefficient; each modality's
+    precision-weighted mean then enters with its share of the sample mass sum_k n_k**gamma. The coefficients of one
+    entry sum to one over the sites.
+    """
+    updates = list(updates)
+    mass = {u.site: float(u.n_samples) ** sample_exponent for u in updates}
+    modality_mass: dict[str, float] = {}
+    for u in updates:
+        modality_mass[u.modality] = modality_mass.get(u.modality, 0.0) + mass[u.site]
+    total = sum(modality_mass.values())
+    raw = {u.site: {k: u.uncertainty * mass[u.site] * p.double() / p.double().mean() for k, p in u.precision.items()}
+           for u in updates}
+    out: dict[str, dict[str, torch.Tensor]] = {}
+    for u in updates:
+        peers = [v.site for v in updates if v.modality == u.modality]
+        out[u.site] = {k: modality_mass[u.modality] / total * w / sum(raw[s][k] for s in peers) for k, w in raw[u.site].items()}
+    return out
+
+
+def weighted_cores(updates, coefficients) -> dict[str, torch.Tensor]:
+    """sum_k c_k * x_k (float64) for every S and m key."""
+    updates = list(updates)
+    keys = coefficients[updates[0].site]
+    return {k: sum(coefficients[u.site][k] * u.params[k].double() for u in updates) for k in keys}

@@ -2,16 +2,17 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import numpy as np
 import pytest
 import torch
 
-from conftest import tiny_config
+from conftest import merge_coefficients, tiny_config, weighted_cores
 from fedanchor.config import config_from_dict, with_overrides
 from fedanchor.federation import (ContributionRejected, FederatedServer, GlobalState, RoundFailed, SiteTrainer, SiteUpdate,
                                   make_split, run_in_process)
-from fedanchor.federation.messages import CONSENSUS_KEY, is_core_or_magnitude
+from fedanchor.federation.messages import CONSENSUS_KEY, adapter_key, is_core_or_magnitude
 
 
 @pytest.fixture(scope="module")
@@ -97,6 +98,101 @@ def test_round_zero_centroids_become_every_modalitys_codebook_and_are_sent_once(
     assert "readout/weight/codebook" in server.evaluate(new)
     site = next(iter(sites.values()))
     assert site.codebook_centroids(new)[1].numel() == 0  # built: nothing more leaves
+
+
+def without_codebook(update: SiteUpdate) -> SiteUpdate:
+    """The update as a site sends it once the codebook is built: the merge tests need no codebook build."""
+    return dataclasses.replace(update, codebook_centroids=torch.zeros(0, 0), codebook_counts=torch.zeros(0))
+
+
+def variant(update: SiteUpdate, state: GlobalState, site: str, *, move: float = 1.0, precision=None,
+            n_samples: int | None = None, uncertainty: float | None = None, seed: int = 0) -> SiteUpdate:
+    """Another site of the same modality: the real update's change of the cores scaled by ``move`` plus a little
+    noise, and its own precisions, sample count and uncertainty."""
+    g = torch.Generator().manual_seed(seed)
+    params = {k: state.tensors[k] + move * (v - state.tensors[k]) + 1e-3 * torch.randn(v.shape, generator=g)
+              if is_core_or_magnitude(k) else v for k, v in update.params.items()}
+    return dataclasses.replace(without_codebook(update), site=site, params=params,
+                               precision={k: precision(v) for k, v in update.precision.items()} if precision else dict(update.precision),
+                               n_samples=n_samples or update.n_samples,
+                               uncertainty=update.uncertainty if uncertainty is None else uncertainty)
+
+
+def every_other(factor: float):
+    """Multiply every other coefficient's precision by ``factor``: another pattern, not just another scale."""
+    return lambda p: p * torch.where(torch.arange(p.numel()).reshape(p.shape) % 2 == 0, factor, 1.0).double()
+
+
+MERGES = [  # which sites send what, built from the real accel (a) and gyro (g) updates and the state (s)
+    ("one site per modality", lambda a, g, s: [a, g]),
+    ("two accel sites of other precisions", lambda a, g, s: [a, variant(a, s, "accel-b", move=1.8, precision=every_other(math.e ** 2)), g]),
+    ("uneven samples and uncertainty", lambda a, g, s: [a, variant(a, s, "accel-b", move=0.5, n_samples=9 * a.n_samples, uncertainty=0.25 * a.uncertainty),
+                                                        variant(g, s, "gyro-b", move=1.5, n_samples=4 * g.n_samples, precision=every_other(0.1), seed=1), g]),
+]
+
+
+def run_round(server: FederatedServer, state: GlobalState, updates: list[SiteUpdate]) -> GlobalState:
+    server.state = state
+    server.start_round()
+    for update in updates:
+        server.accept(update)
+    return server.finish_round(min_sites=len(updates))
+
+
+@pytest.mark.parametrize("name,sites", MERGES, ids=[m[0] for m in MERGES])
+def test_the_merged_weight_change_is_the_precision_weighted_mean_of_the_sites(setup, name, sites):
+    """The server's merge is exact in the shared basis: U S V^T of the merged core (in the new state and in the model
+    the server serves) equals sum_k U (C_k * S_k) V^T, C_k the coefficients the design gives each site."""
+    config, _, server, _, state, updates = setup
+    accel, gyro = (without_codebook(next(u for u in updates.values() if u.modality == m)) for m in ("accel", "gyro"))
+    sent = sites(accel, gyro, state)
+    new = run_round(server, state, sent)
+    coefficients = merge_coefficients(sent, config.precision.sample_exponent)
+    expected = weighted_cores(sent, coefficients)
+    layers = server.model.adapters()
+    for key in [k for k in state.tensors if is_core_or_magnitude(k)]:
+        torch.testing.assert_close(new.tensors[key].double(), expected[key], rtol=1e-5, atol=1e-6)
+    for layer_name, layer in layers.items():
+        u, v = (state.tensors[adapter_key(layer_name, part)].double() for part in ("U", "V"))
+        assert torch.equal(new.tensors[adapter_key(layer_name, "U")], state.tensors[adapter_key(layer_name, "U")])  # fixed basis
+        s_key = adapter_key(layer_name, "S")
+        sites_mean = sum(u @ (coefficients[x.site][s_key] * x.params[s_key].double()) @ v.T for x in sent)
+        merged = u @ new.tensors[s_key].double() @ v.T
+        served = (layer.U.double() @ layer.S.detach().double() @ layer.V.double().T)
+        torch.testing.assert_close(merged, sites_mean, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(served, sites_mean, rtol=1e-5, atol=1e-6)
+        if name != "one site per modality":  # the weights matter: the plain mean of the sites' changes is another matrix
+            plain = sum(u @ x.params[s_key].double() @ v.T for x in sent) / len(sent)
+            assert not torch.allclose(plain, sites_mean, rtol=1e-3, atol=1e-5)
+    # each site's reported weight is its mean coefficient over every core and magnitude entry
+    for site, coefficient in coefficients.items():
+        mean = float(torch.cat([c.flatten() for c in coefficient.values()]).mean())
+        assert server.report.site_weights[site] == pytest.approx(mean, rel=1e-9)
+
+
+@pytest.mark.parametrize("uncertainty_factor,n_factor", [(1.0, 1), (3.0, 1), (1.0, 4), (0.5, 9)])
+def test_two_sites_of_one_modality_merge_to_their_precision_weighted_mean(setup, uncertainty_factor, n_factor):
+    """Site a: uniform precision. Site b: precision e on every other coefficient, 1 on the rest (unit mean: 2e/(e+1)
+    and 2/(e+1)), times f = uncertainty ratio x sample-count ratio ** 0.5. So, per coefficient,
+    merged = (S_a + f w S_b) / (1 + f w), written out by hand."""
+    config, _, server, _, state, updates = setup
+    assert config.precision.sample_exponent == 0.5
+    real = without_codebook(next(u for u in updates.values() if u.modality == "accel"))
+    a = dataclasses.replace(real, precision={k: torch.ones_like(v) for k, v in real.precision.items()})
+    b = variant(real, state, "accel-b", move=-0.7, precision=lambda p: torch.where(
+        torch.arange(p.numel()).reshape(p.shape) % 2 == 0, math.e, 1.0).double(),
+        uncertainty=uncertainty_factor * real.uncertainty, n_samples=n_factor * real.n_samples)
+    new = run_round(server, state, [a, b])
+    f = uncertainty_factor * n_factor ** 0.5
+    e = math.e
+    for key in [k for k in state.tensors if is_core_or_magnitude(k)]:
+        shape = state.tensors[key].shape
+        even = (torch.arange(math.prod(shape)) % 2 == 0).reshape(shape)
+        w = f * torch.where(even, 2 * e / (e + 1), 2 / (e + 1)).double()
+        expected = (a.params[key].double() + w * b.params[key].double()) / (1 + w)
+        torch.testing.assert_close(new.tensors[key].double(), expected, rtol=1e-5, atol=1e-6)
+        plain = (a.params[key].double() + f * b.params[key].double()) / (1 + f)  # the same sites, precision ignored
+        assert not torch.allclose(new.tensors[key].double(), plain, rtol=1e-4, atol=1e-6), key
 
 
 def corrupt_nan(u):
