@@ -9,10 +9,12 @@ import pytest
 import torch
 
 from conftest import merge_coefficients, tiny_config, weighted_cores
+from fedanchor.alignment.gram import from_upper_triangle
 from fedanchor.config import config_from_dict, with_overrides
 from fedanchor.federation import (ContributionRejected, FederatedServer, GlobalState, RoundFailed, SiteTrainer, SiteUpdate,
                                   make_split, run_in_process)
 from fedanchor.federation.messages import CONSENSUS_KEY, adapter_key, is_core_or_magnitude
+from fedanchor.federation.state import shared_tensors
 
 
 @pytest.fixture(scope="module")
@@ -193,6 +195,77 @@ def test_two_sites_of_one_modality_merge_to_their_precision_weighted_mean(setup,
         torch.testing.assert_close(new.tensors[key].double(), expected, rtol=1e-5, atol=1e-6)
         plain = (a.params[key].double() + f * b.params[key].double()) / (1 + f)  # the same sites, precision ignored
         assert not torch.allclose(new.tensors[key].double(), plain, rtol=1e-4, atol=1e-6), key
+
+
+@pytest.mark.parametrize("ema", [0.0, 0.5, 0.9])
+def test_the_consensus_blends_this_round_s_grams_with_the_last_by_the_ema(setup, ema):
+    """K_bar = normalise(ema * K_prev + (1 - ema) * normalise(sum_m normalise(sum_{k in m} pi_k n_k**gamma K_k))),
+    every kernel centred and unit-norm; it travels as float16."""
+    config, split, _, _, state, updates = setup
+    config = with_overrides(config, {"alignment.consensus_ema": ema})
+    modalities = {m: d.spec for m, d in split.anchors.items()}
+    server = FederatedServer(config, modalities, split.anchors, split.anchor_fingerprint, split.feature_stats)
+    server.resume(state)
+    sent = [without_codebook(u) for u in updates.values()]
+    new = run_round(server, state, sent)
+
+    def centred_unit(k):
+        k = k - k.mean(0, keepdim=True)
+        k = k - k.mean(1, keepdim=True)
+        return k / k.norm()
+    per_modality: dict[str, torch.Tensor] = {}
+    for u in sent:
+        weight = u.uncertainty * u.n_samples ** config.precision.sample_exponent
+        per_modality[u.modality] = per_modality.get(u.modality, 0) + weight * centred_unit(from_upper_triangle(u.gram_upper.double()))
+    current = sum(config.alignment.modality_weights.get(m, 1.0) * k / k.norm() for m, k in per_modality.items())
+    current = current / current.norm()
+    previous = from_upper_triangle(state.tensors[CONSENSUS_KEY].double())
+    expected = ema * centred_unit(previous) + (1 - ema) * current
+    expected = expected / expected.norm()
+    got = from_upper_triangle(new.tensors[CONSENSUS_KEY].double())
+    torch.testing.assert_close(got, expected, rtol=0, atol=3e-4)
+    if ema > 0:  # the previous consensus counts: without it the kernel would be another
+        assert (current - expected).abs().max() > 3e-3
+
+
+def test_a_merge_that_embeds_the_anchors_as_nan_fails_and_the_last_good_model_is_served(setup):
+    """Finite magnitudes 1e20 times the global ones pass the update checks (server.max_change raised to let them), but
+    the merged model embeds the anchors as NaN: RoundFailed, and the server's model is the last good one again."""
+    config, split, _, _, state, updates = setup
+    config = with_overrides(config, {"server.max_change": 1e30})
+    modalities = {m: d.spec for m, d in split.anchors.items()}
+    server = FederatedServer(config, modalities, split.anchors, split.anchor_fingerprint, split.feature_stats)
+    server.resume(state)
+    good = without_codebook(next(iter(updates.values())))
+    huge = dataclasses.replace(good, params={k: v * 1e20 if k.endswith("/m") else v for k, v in good.params.items()})
+    server.start_round()
+    server.accept(huge)
+    with pytest.raises(RoundFailed, match=r"embeds the .* anchors as NaN/Inf .* left unchanged"):
+        server.finish_round()
+    assert server.state is state
+    served = shared_tensors(server.model)
+    for key, value in state.shared_params().items():
+        assert torch.equal(served[key], value), key
+    assert all(bool(torch.isfinite(server.model.embed_all(m, d.items)).all()) for m, d in split.anchors.items())
+    server.start_round()  # and the next round merges from it
+    server.accept(good)
+    assert server.finish_round().round == state.round + 1
+
+
+def test_resume_refuses_a_state_of_another_anchor_set_and_names_both(setup):
+    config, split, _, _, state, _ = setup
+    modalities = {m: d.spec for m, d in split.anchors.items()}
+    server = FederatedServer(config, modalities, split.anchors, split.anchor_fingerprint, split.feature_stats)
+    before = shared_tensors(server.model)
+    moved = {k: v + 1.0 if is_core_or_magnitude(k) else v for k, v in state.tensors.items()}  # would change the model
+    other = dataclasses.replace(state, anchor_fingerprint="ab" * 32, tensors=moved)
+    with pytest.raises(ValueError, match=f"anchor set {'ab' * 6}, this job uses {split.anchor_fingerprint[:12]}"):
+        server.resume(other)
+    assert server.state is None
+    assert all(torch.equal(v, before[k]) for k, v in shared_tensors(server.model).items())
+    server.resume(dataclasses.replace(state, tensors=moved))  # the same tensors under the job's own anchor set load
+    assert server.state.round == state.round
+    assert all(torch.equal(v, moved[k]) for k, v in shared_tensors(server.model).items())
 
 
 def corrupt_nan(u):
