@@ -14,7 +14,8 @@ from fedanchor.config import config_from_dict, with_overrides
 from fedanchor.federation import (ContributionRejected, FederatedServer, GlobalState, RoundFailed, SiteTrainer, SiteUpdate,
                                   make_split, run_in_process)
 from fedanchor.federation.messages import CONSENSUS_KEY, adapter_key, is_core_or_magnitude
-from fedanchor.federation.state import shared_tensors
+from fedanchor.federation.state import core_params, projector_params, shared_tensors
+from fedanchor.model.homogeneous import build_model
 
 
 @pytest.fixture(scope="module")
@@ -268,6 +269,67 @@ def test_resume_refuses_a_state_of_another_anchor_set_and_names_both(setup):
     assert all(torch.equal(v, moved[k]) for k, v in shared_tensors(server.model).items())
 
 
+def held_bytes(*objects) -> int:
+    """Bytes of every tensor and array reachable from ``objects`` (attributes, dicts, lists), each storage once."""
+    seen, storages, total = set(), set(), 0
+    stack = list(objects)
+    while stack:
+        obj = stack.pop()
+        if id(obj) in seen:
+            continue
+        seen.add(id(obj))
+        if torch.is_tensor(obj):
+            storage = obj.untyped_storage()
+            if storage.data_ptr() not in storages:
+                storages.add(storage.data_ptr())
+                total += storage.nbytes()
+        elif isinstance(obj, np.ndarray):
+            total += obj.nbytes
+        elif isinstance(obj, dict):
+            stack.extend(obj.values())
+        elif isinstance(obj, (list, tuple, set)):
+            stack.extend(obj)
+        elif hasattr(obj, "__dict__") and not isinstance(obj, type):
+            stack.extend(vars(obj).values())
+    return total
+
+
+ROUND_STATE = [
+    ("the merge and consensus sums", lambda server: [
+        [(m._num, m._den) for m in [*server._merges.values(), *server._projector_merges.values(), server._gradient_merge]],
+        server._consensus._sums]),
+    pytest.param("everything the round holds", lambda server: [
+        server._merges, server._projector_merges, server._gradient_merge, server._consensus, server._modality_mass,
+        server._codebook_parts], marks=pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
+            "PrecisionWeightedMerge keeps every site's weight tensors (_site_share_inputs) for site_shares(): the "
+            "round grows by the size of the cores' weights (float64) per site; precision.py is outside this fix"))),
+]
+
+
+@pytest.mark.parametrize("what,held", ROUND_STATE, ids=["sums", "everything"])
+def test_the_server_holds_running_sums_not_the_updates(setup, what, held):
+    """As bench/scale.py server_peak does: perturbed copies of one real update, each under its own site name; after 2
+    and after 8 of them the tensors the round's accumulators hold take the same bytes. (The copies send no codebook
+    centroids: the codebook pools every site's centroids once, in the round before it is built, by design.)"""
+    config, split, _, _, state, updates = setup
+    modalities = {m: d.spec for m, d in split.anchors.items()}
+    server = FederatedServer(config, modalities, split.anchors, split.anchor_fingerprint, split.feature_stats)
+    server.resume(state)
+    update = without_codebook(next(iter(updates.values())))
+    sizes = {}
+    for n in (2, 8):
+        server.start_round()
+        g = torch.Generator().manual_seed(0)
+        for k in range(n):
+            params = {key: v + 1e-4 * torch.randn(v.shape, generator=g) for key, v in update.params.items()}
+            server.accept(dataclasses.replace(update, site=f"site-{k}", params=params))
+        assert len(server.report.accepted) == n
+        sizes[n] = held_bytes(*held(server))
+    one_update = sum(v.nbytes for v in update.to_arrays()[0].values())
+    assert sizes[2] >= one_update  # the sums were found: at least one update's worth, in float64
+    assert sizes[8] == sizes[2], f"{what}: {sizes[2]} bytes after 2 sites, {sizes[8]} after 8"
+
+
 def corrupt_nan(u):
     key = next(k for k in u.params if k.endswith("/S"))
     u.params[key] = u.params[key].clone().fill_(float("nan"))
@@ -372,7 +434,21 @@ def test_in_process_loop_reports_every_round():
     for record in result.rounds:
         assert set(record.site_weights) == {"site-1", "site-2"} and not record.rejected
         assert "accel->gyro/recall@1" in record.eval and "gyro->accel/semantic_recall@10" in record.eval
-        assert all(b > 0 for b in record.bytes_up.values())
+    # bytes up, counted from the model: float32 cores, magnitudes and the site's projector, their float16
+    # log-precisions, the float16 Gram upper triangle; in round 0 also float32 codebook centroids and their counts
+    split = make_split(config)
+    modalities = {m: d.spec for m, d in split.anchors.items()}
+    model = build_model(config, modalities, split.feature_stats)
+    cores = sum(p.numel() for p in core_params(model).values())
+    n = config.data.n_anchors
+    site_modality = {s: d.spec.name for s, d in split.private.items()}
+    plain = {s: 4 * (cores + sum(p.numel() for p in projector_params(model, m).values())) + 2 * cores + 2 * n * (n + 1) // 2
+             for s, m in site_modality.items()}
+    assert result.rounds[1].bytes_up == plain  # the codebook was built in round 0: nothing more of it leaves
+    for site, m in site_modality.items():
+        width = result.final_state.tensors[f"codebook/{m}/linear"].shape[1]
+        extra = result.rounds[0].bytes_up[site] - plain[site]
+        assert extra > 0 and extra % (4 * (width + 1)) == 0, (site, extra, width)  # whole centroids with their counts
 
 
 @pytest.mark.parametrize("values,match", [
