@@ -103,6 +103,37 @@ def test_consensus_weights_modalities_and_blends_with_previous_round():
     assert 0 < cka(out, a) < 1 and 0 < cka(out, b) < 1
 
 
+def _centred_unit(kernel):
+    kernel = kernel - kernel.mean(0, keepdim=True)
+    kernel = kernel - kernel.mean(1, keepdim=True)
+    return kernel / kernel.norm()
+
+
+@pytest.mark.parametrize("ema", [0.0, 0.25, 0.5, 0.9])
+def test_consensus_ema_blends_the_previous_consensus_with_the_new_one(ema):
+    """combine(previous) = normalise(ema * centre_normalise(previous) + (1 - ema) * K_new), K_new =
+    normalise(sum_m beta_m normalise(sum_{k in m} w_k K_k)), each K_k centred and unit-norm; ema 0 ignores previous."""
+    g = torch.Generator().manual_seed(7)
+    n = 9
+    sites = [("text", 0.7), ("text", 2.0), ("codes", 1.3)]
+    kernels = [(lambda z: z @ z.T)(torch.randn(n, 3, generator=g, dtype=torch.float64)) for _ in sites]
+    previous = torch.randn(n, n, generator=g, dtype=torch.float64)
+    previous = previous + previous.T + 5.0  # neither centred nor unit-norm: combine must do both
+    consensus = GramConsensus({"text": 1.0, "codes": 0.5}, ema=ema)
+    for (modality, weight), kernel in zip(sites, kernels):
+        consensus.add(modality, kernel, weight)
+    text = 0.7 * _centred_unit(kernels[0]) + 2.0 * _centred_unit(kernels[1])
+    codes = 1.3 * _centred_unit(kernels[2])
+    new = 1.0 * text / text.norm() + 0.5 * codes / codes.norm()
+    new = new / new.norm()
+    expected = ema * _centred_unit(previous) + (1 - ema) * new
+    expected = expected / expected.norm()
+    torch.testing.assert_close(consensus.combine(previous).double(), expected, atol=1e-6, rtol=0)
+    torch.testing.assert_close(consensus.combine().double(), new, atol=1e-6, rtol=0)  # the first round: no previous
+    if ema > 0:
+        assert (expected - new).abs().max() > 1e-3  # the previous consensus moved it
+
+
 def test_consensus_refuses_bad_weights_and_empty_rounds():
     consensus = GramConsensus()
     with pytest.raises(ValueError, match="no kernels"):
