@@ -66,3 +66,18 @@ def weighted_cores(updates, coefficients) -> dict[str, torch.Tensor]:
     updates = list(updates)
     keys = coefficients[updates[0].site]
     return {k: sum(coefficients[u.site][k] * u.params[k].double() for u in updates) for k in keys}
+
+
+def assert_png_drawn(path, size_inches: tuple[float, float], dpi: int = 110) -> None:
+    """A PNG that decodes to the figure's size in pixels and shows a drawing: some of it is ink (lines, text, points)
+    and most of it is not (not blank, not one flat colour)."""
+    import numpy as np
+    from PIL import Image
+
+    with Image.open(path) as image:
+        assert image.format == "PNG", image.format
+        width, height = image.size
+        grey = np.asarray(image.convert("L"), dtype=np.float64)
+    assert abs(width - size_inches[0] * dpi) <= 1 and abs(height - size_inches[1] * dpi) <= 1, (width, height)
+    ink = float((grey < 160).mean())
+    assert 0.003 < ink < 0.5, f"{path}: {ink:.2%} of the pixels are ink"

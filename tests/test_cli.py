@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 
+from conftest import assert_png_drawn
 from fedanchor.cli import main
 from fedanchor.plots import plot_rounds
 from fedanchor.report import round_table
@@ -21,7 +22,7 @@ def test_run_prints_recall_and_writes_results(tmp_path, capsys):
     table = round_table(rounds, results["fedanchor"]["initial_eval"])
     assert "cka site-1" in table and len(table.splitlines()) == 4
     png = plot_rounds(rounds, tmp_path / "rounds.png", initial_eval=results["fedanchor"]["initial_eval"])
-    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert_png_drawn(png, (15, 4.2))  # three panels: recall, CKA to the consensus, site weights
 
 
 def test_a_bad_key_is_named_and_exits_2(capsys):

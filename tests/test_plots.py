@@ -4,20 +4,17 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import tiny_config
+from conftest import assert_png_drawn, tiny_config
 from fedanchor.federation.loop import run_in_process
 from fedanchor.plots import plot_embedding_map
 from fedanchor.report import write_run
-
-PNG = b"\x89PNG\r\n\x1a\n"
-
 
 def test_a_run_writes_its_rounds_and_its_embedding_map(tmp_path):
     result = run_in_process(tiny_config(rounds=1), progress=None)
     assert set(result.embeddings) == {"accel", "gyro"} and len({len(z) for z in result.embeddings.values()}) == 1
     write_run(tmp_path, {"fedanchor": result})
-    assert (tmp_path / "fedanchor-rounds.png").read_bytes()[:8] == PNG
-    assert (tmp_path / "fedanchor-embeddings.png").read_bytes()[:8] == PNG
+    assert_png_drawn(tmp_path / "fedanchor-rounds.png", (15, 4.2))
+    assert_png_drawn(tmp_path / "fedanchor-embeddings.png", (6.5, 6))
 
 
 def test_embedding_map_refuses_modalities_of_different_widths(tmp_path):
