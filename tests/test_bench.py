@@ -2,10 +2,12 @@
 from __future__ import annotations
 
 import json
+import time
 
 import pytest
 import torch
 
+from conftest import assert_png_drawn
 from fedanchor.bench.runner import FED_RIVALS, METHODS
 from fedanchor.cli import main
 
@@ -20,7 +22,9 @@ def bench_cli(*args: str) -> int:
 
 
 def test_bench_quick_motion_writes_every_method(tmp_path, capsys):
+    started = time.perf_counter()
     code = bench_cli("--scenario", "motion", "--trunk", "tiny", "--quick", "--out", str(tmp_path))
+    elapsed = time.perf_counter() - started
     assert code == 0
     results = json.loads((tmp_path / "results.json").read_text())
     assert set(results["methods"]) == set(METHODS)
@@ -30,7 +34,7 @@ def test_bench_quick_motion_writes_every_method(tmp_path, capsys):
             for k in (1, 5, 10):
                 for key in (f"recall@{k}", f"semantic_recall@{k}", f"chance_recall@{k}", f"chance_semantic_recall@{k}"):
                     assert f"{direction}/{key}" in metrics, (name, direction, key)
-        assert method["seconds"] >= 0
+        assert method["seconds"] > 0
         federated = name in FED_RIVALS or name.startswith("fedanchor")
         assert (method["bytes_up"] is not None) == federated, name
         if federated and name != "local only":
@@ -38,6 +42,8 @@ def test_bench_quick_motion_writes_every_method(tmp_path, capsys):
             assert all(b > 0 for rnd in method["bytes_up"] for b in rnd.values())
             assert all(b >= 0 for rnd in method["bytes_down"] for b in rnd.values())
     assert all(b == 0 for rnd in results["methods"]["local only"]["bytes_up"] for b in rnd.values())
+    # each method's wall seconds are its own part of the bench's, which is its part of the call's
+    assert sum(m["seconds"] for m in results["methods"].values()) <= results["seconds"] <= elapsed
     sizes = results["bytes"]
     assert sizes["fedavg_lora_over_fedanchor_up"] > 1 and sizes["full_finetune_over_fedanchor_up"] > 100
     assert set(results["gap_closed"]["methods"]) == set(METHODS)
@@ -45,8 +51,7 @@ def test_bench_quick_motion_writes_every_method(tmp_path, capsys):
     assert "| method | accel->gyro inst R@1/5/10 |" in md and "| chance |" in md
     assert "## Gap closed" in md and "gap closed (semantic)" in md
     assert "## Bytes per site per round" in md and "FedProto" in md and "CreamFL" in md
-    png = tmp_path / "recall.png"
-    assert png.exists() and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert_png_drawn(tmp_path / "recall.png", (max(8, 0.8 * len(results["methods"])), 4.8))  # a bar pair per method
 
 
 def test_bench_several_seeds_report_the_spread(tmp_path):
@@ -66,13 +71,21 @@ def test_bench_noisy_study_needs_two_sites_of_a_modality(tmp_path, capsys):
 
 
 def test_bench_speed_times_a_local_step_against_peft_lora(tmp_path):
+    started = time.perf_counter()
     code = bench_cli("--scenario", "motion", "--trunk", "tiny", "--quick", "--speed", "--out", str(tmp_path))
+    elapsed = time.perf_counter() - started
     assert code == 0
     result = json.loads((tmp_path / "speed.json").read_text())
     assert set(result["modalities"]) == {"accel", "gyro"}
+    # step_speed times 10 steps per method and modality, one after another, and reports their median: at least 5 of
+    # them took that long, so 5 medians of each fit in the call's wall time
+    assert 5 * sum(r["fedanchor_s_per_step"] + r["peft_lora_s_per_step"] for r in result["modalities"].values()) <= elapsed
+    items = 2 * result["batch"] + result["anchor_batch"]  # two views of a private batch, and an anchor batch
     for r in result["modalities"].values():
         assert r["fedanchor_s_per_step"] > 0 and r["peft_lora_s_per_step"] > 0
         assert r["ratio"] == pytest.approx(r["peft_lora_s_per_step"] / r["fedanchor_s_per_step"])
+        assert r["samples_per_s"] == pytest.approx(items / r["fedanchor_s_per_step"])
+        assert r["lora_samples_per_s"] == pytest.approx(2 * result["batch"] / r["peft_lora_s_per_step"])
     assert "ratio (LoRA / fedanchor)" in (tmp_path / "speed.md").read_text()
 
 

@@ -1,8 +1,6 @@
 """Differential privacy of the upload: clipping, Gaussian noise, the accountant, and what a DP site sends."""
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
 from dp_accounting import dp_event
@@ -61,7 +59,9 @@ def test_a_dp_site_sends_noised_cores_uniform_precision_and_only_public_metrics(
     for record in result.rounds:
         for metrics in record.site_metrics.values():
             assert set(metrics) == {"seconds", "dp/epsilon", "dp/delta", "dp/rounds"}
-            assert math.isfinite(metrics["dp/epsilon"]) and metrics["dp/epsilon"] > 0
+            # what the accountant gives for this many rounds at this noise (round r is the (r + 1)-th release)
+            assert metrics["dp/epsilon"] == pytest.approx(privacy_spent(2.0, record.round + 1, config.privacy.delta).epsilon)
+            assert metrics["dp/rounds"] == record.round + 1 and metrics["dp/delta"] == config.privacy.delta
         epsilons.append(next(iter(record.site_metrics.values()))["dp/epsilon"])
         assert all(u == 1.0 for u in record.site_uncertainty.values())
     assert epsilons[1] > epsilons[0]
