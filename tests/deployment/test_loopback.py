@@ -156,10 +156,10 @@ def test_the_whole_cycle_as_lead_with_the_admin_command(deployment, tmp_path):
     server.resume(last)
     assert server.evaluate(last)["accel->gyro/recall@1"] == pytest.approx(summary["final_eval"]["accel->gyro/recall@1"])
 
-    # each hospital's output filter saw (and passed) its train result every round; the job store is in the workspace
+    # each hospital's release filter saw (and passed) its train result every round; the job store is in the workspace
     for site in SITES:
         log = deployment.log_of(deployment.kits.kit(site) / job_id)
-        assert log.count("fedanchor output filter passed the train result") == 2, site
+        assert log.count("fedanchor release filter passed the train result") == 2, site
     assert (deployment.kits.kit(deployment.kits.server) / "jobs-storage" / job_id).is_dir()
 
     # shutdown as the project admin leaves no process behind

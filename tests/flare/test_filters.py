@@ -104,7 +104,7 @@ REFUSED = [
 ]
 
 
-def test_a_section5_update_passes_unchanged():
+def test_a_site_update_passes_unchanged():
     result = update_to_dxo(site_update()).to_shareable()
     assert update_violation(result) is None
     assert SiteReleaseFilter().process(result, ctx()) is result

@@ -239,7 +239,7 @@ def test_components_train_validate_submit_and_keep_delta_site(tmp_path):
     assert from_shareable(result).data_kind == DataKind.COLLECTION
     from fedanchor.flare.filters import update_violation
 
-    assert update_violation(result) is None  # what the executor sends passes the site's output filter
+    assert update_violation(result) is None  # what the executor sends passes the site's release filter
     result.set_peer_props({ReservedKey.IDENTITY_NAME: "site-1"})
     assert aggregator.accept(result, server_ctx)
     assert not aggregator.accept(result, server_ctx)  # the same site twice in one round

@@ -217,7 +217,7 @@ def client_config(config: Mapping[str, Any]) -> dict[str, Any]:
 
 
 # The privacy scope every fedanchor job asks for. A site with a local/privacy.json must define it (else it refuses
-# the job); provision/site/privacy.json does, and puts fedanchor's output filter on every task result in it.
+# the job); provision/site/privacy.json does, and puts fedanchor's release filter on every task result in it.
 PRIVACY_SCOPE = "fedanchor"
 
 
