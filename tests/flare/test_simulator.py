@@ -588,9 +588,13 @@ def test_sixteen_hospitals_in_the_flare_simulator(tmp_path):
     for record in summary["rounds"]:
         assert set(record["accepted"]) == sites and not record["rejected"], record["rejected"]
         assert sum(record["site_weights"].values()) == pytest.approx(1.0)
-    # BasisCacheFilter: in round 1 every site holds the bases it trained on in round 0, so U and V stay home
+    # BasisCacheFilter: in round 1 every site holds the bases it trained on in round 0, so U and V stay home. The
+    # round-1 state (the persistor's round-0001 file) is what was sent, less its bases; it also carries the private
+    # codebook the server built from the round-0 centroids.
     first, second = (r["bytes_down"] for r in summary["rounds"])
-    assert all(second[s] < 0.8 * first[s] for s in sites), (first, second)
+    sent = load_state(next(tmp_path.rglob("round-0001.safetensors")))
+    assert sent.codebooks() and sent.has_basis()
+    assert all(second[s] == sent.without_basis().nbytes() < sent.nbytes() for s in sites), (first, second)
 
 
 def test_basis_cache_filter_leaves_held_bases_out_and_never_fails_a_task(tmp_path):
