@@ -65,8 +65,7 @@ def simulate(job: Path, out: Path, threads: int | None = None, echo=print) -> di
     round_at: list[float] = []  # seconds since launch at which each round's line appeared: the benchmark's round times
     with open(log_path, "w") as log, subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                                       env=env, cwd=str(out)) as proc:
-        assert proc.stdout is not None
-        for line in proc.stdout:
+        for line in proc.stdout or ():  # always a pipe here (stdout=PIPE)
             log.write(line)
             match = PROGRESS.search(line)
             if match:

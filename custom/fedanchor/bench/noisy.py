@@ -62,7 +62,8 @@ NOISY_MODES: dict[str, NoisyMode] = {
     "shuffle": NoisyMode("shuffle", 1.0, "each item's positions permuted with probability min(1, s); text/codes: order "
                                          "and pairing scrambled"),
 }
-assert all(m.corruption in CORRUPTIONS for m in NOISY_MODES.values())
+if not all(m.corruption in CORRUPTIONS for m in NOISY_MODES.values()):
+    raise RuntimeError(f"a noisy mode names a corruption outside {sorted(CORRUPTIONS)}")
 
 
 @dataclass
