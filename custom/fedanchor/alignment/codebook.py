@@ -24,6 +24,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .readout_choice import BlockStatistics
+
 COMPONENTS = 40  # principal components of the anchors' base features the centres live in
 SIZE = 160  # centres per modality after pooling
 TEMPERATURE = 0.1  # of the soft assignment, relative to the anchors' median squared distance to the centres
@@ -43,12 +45,9 @@ class CodebookProjection:
         x = np.asarray(anchor_base, dtype=np.float64)
         if x.ndim != 2 or len(x) < 2:
             raise ValueError(f"a codebook projection needs anchors x features base features, got shape {x.shape}")
-        mean = x.mean(0)
-        scale = x.std(0)
-        scale[scale < 1e-6] = 1.0  # a feature constant on the anchors carries nothing; keep it finite
-        _, _, vt = np.linalg.svd((x - mean) / scale, full_matrices=False)
-        keep = max(1, min(components, len(x) - 1, vt.shape[0]))
-        return cls(mean, vt[:keep].T / scale[:, None])
+        stats = BlockStatistics.fit(x)  # standardised on the anchors, principal axes: as the readout's blocks
+        keep = max(1, min(components, len(x) - 1, stats.axes.shape[1]))
+        return cls(stats.mean, stats.axes[:, :keep] / stats.scale[:, None])
 
     def __call__(self, base: np.ndarray) -> np.ndarray:
         return (np.asarray(base, dtype=np.float64) - self.mean) @ self.linear

@@ -164,13 +164,17 @@ class GlobalState:
                             float(self.tensors[f"{CODEBOOK_PREFIX}{m}/scale"]))
                 for m in self._codebook_modalities("centres")}
 
+    def has_codebook(self) -> bool:
+        """Whether the server has built the private codebook (its centres travel with the state)."""
+        return bool(self._codebook_modalities("centres"))
+
     def _codebook_modalities(self, part: str) -> list[str]:
         return sorted(k[len(CODEBOOK_PREFIX):-len(part) - 1] for k in self.tensors
                       if k.startswith(CODEBOOK_PREFIX) and k.endswith("/" + part))
 
     def readout_blocks(self, configured: tuple[str, ...]) -> tuple[str, ...]:
         """The blocks this state's readout reads: the configured ones, without the codebook before it is built."""
-        return tuple(b for b in configured if b != "codebook" or self.codebooks())
+        return tuple(b for b in configured if b != "codebook" or self.has_codebook())
 
     def to_arrays(self) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
         meta = {"round": self.round, "anchor_fingerprint": self.anchor_fingerprint, **self.meta}

@@ -370,7 +370,7 @@ class FederatedServer:
         self.report.bytes_up[update.site] = update.nbytes()
         if update.basis_digest:
             self.site_bases[update.site] = update.basis_digest
-        if update.codebook_counts.numel() and not self.state.codebooks():
+        if update.codebook_counts.numel() and not self.state.has_codebook():
             # Keyed by site: a site sends again each round until the codebook is built, and counts once.
             self._codebook_parts.setdefault(update.modality, {})[update.site] = (
                 update.codebook_centroids.double().numpy(), update.codebook_counts.double().numpy())
@@ -463,7 +463,7 @@ class FederatedServer:
     def _build_codebooks(self, tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Once every modality has centroids from at least one site: pool them into each modality's codebook (its
         centres, and the assignment scale from the public anchors). Until then the readout goes without it."""
-        if not self._codebook_parts or self.state.codebooks():
+        if not self._codebook_parts or self.state.has_codebook():
             return {}
         missing = [m for m in self.modalities if m not in self._codebook_parts]
         if missing:

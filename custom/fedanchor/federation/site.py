@@ -306,7 +306,7 @@ class SiteTrainer:
         released through its mechanism)."""
         empty = torch.zeros(0, 0), torch.zeros(0)
         projection = state.codebook_projections().get(self.modality)
-        if projection is None or state.codebooks():
+        if projection is None or state.has_codebook():
             return empty
         if self.config.privacy.dp:
             log.info("site %s: no codebook centroids under differential privacy", self.site)
