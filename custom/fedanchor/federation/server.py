@@ -205,7 +205,7 @@ class FederatedServer:
     def check(self, update: SiteUpdate) -> float:
         """Raise ContributionRejected with a reason, or return the update's change (``update_change``) if it may count."""
         site = update.site
-        state, report = self._open_round()
+        _, report = self._open_round()
 
         def refuse(reason: str) -> None:
             raise ContributionRejected(site, reason)
@@ -405,7 +405,7 @@ class FederatedServer:
                               f"(contributions of {self.report.accepted}); the global model is left unchanged")
         previous = from_upper_triangle(self.state.tensors[CONSENSUS_KEY].double()) if CONSENSUS_KEY in self.state.tensors else None
         tensors[CONSENSUS_KEY] = upper_triangle(self._consensus.combine(previous)).to(WIRE_STATISTICS)
-        tensors.update(self._build_codebooks(tensors))
+        tensors.update(self._build_codebooks())
         codebooks = GlobalState(self.state.round + 1, self.anchor_fingerprint, tensors).codebooks()
         tensors.update(self._targets_and_readout(anchors, self.state.round + 1, codebooks))
         self.state = GlobalState(round=self.state.round + 1, anchor_fingerprint=self.anchor_fingerprint, tensors=tensors)
@@ -460,7 +460,7 @@ class FederatedServer:
             out[f"{CODEBOOK_PREFIX}{m}/linear"] = torch.from_numpy(projection.linear).float()
         return out
 
-    def _build_codebooks(self, tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    def _build_codebooks(self) -> dict[str, torch.Tensor]:
         """Once every modality has centroids from at least one site: pool them into each modality's codebook (its
         centres, and the assignment scale from the public anchors). Until then the readout goes without it."""
         if not self._codebook_parts or self.state.has_codebook():
@@ -471,14 +471,14 @@ class FederatedServer:
                      "too few private items, or differential privacy)", self.report.round, missing)
             return {}
         cfg = self.config.alignment
-        projections = GlobalState(self.state.round, self.anchor_fingerprint, dict(tensors)).codebook_projections()
+        projections = self.state.codebook_projections()  # sent from round 0 on, unchanged
         anchors = self.base_of("anchors")
+        projected = {m: projections[m](anchors[m]) for m in self._codebook_parts}
         centres = {m: pool_centroids(list(parts.values()), cfg.codebook_size, seed=self.config.adapter.seed)
                    for m, parts in self._codebook_parts.items()}
 
         def codebooks(temperature: float) -> dict[str, Codebook]:
-            return {m: Codebook(projections[m], c, assignment_scale(projections[m](anchors[m]), c, temperature))
-                    for m, c in centres.items()}
+            return {m: Codebook(projections[m], c, assignment_scale(projected[m], c, temperature)) for m, c in centres.items()}
         temperature, cv = cfg.codebook_temperature, None
         if temperature <= 0:
             # Chosen once, on the base features and the codebook alone (the model changes every round, the codebook
