@@ -142,6 +142,7 @@ class SiteTrainer:
         self._dp_rounds = 0  # rounds released under differential privacy, for the accountant
         self.basis_digest: str | None = None  # the shared bases installed in the model: a state may leave them out
         self._anchor_base: np.ndarray | None = None  # base features of the anchors, made on first use
+        self._codebook_upload: tuple[torch.Tensor, torch.Tensor] | None = None  # (centroids, counts), made on first use
 
     def anchor_base_features(self) -> np.ndarray:
         """Base features (model/base_features.py) of this site's anchors: fixed, so computed once."""
@@ -311,14 +312,14 @@ class SiteTrainer:
         if self.config.privacy.dp:
             log.info("site %s: no codebook centroids under differential privacy", self.site)
             return empty
-        cfg = self.config.alignment
-        private = base_features(self.model, self.modality, self.private.items, cfg.readout_text_tokens)
-        centroids, counts = site_centroids(projection(private), cfg.codebook_size, cfg.codebook_min_cluster, self._seed)
-        log.info("site %s round %d: %d codebook centroids of clusters of %s+ private items (of %d)", self.site,
-                 state.round, len(counts), cfg.codebook_min_cluster, len(private))
-        if not len(counts):
-            return empty
-        return torch.from_numpy(centroids).float(), torch.from_numpy(counts).float()
+        if self._codebook_upload is None:  # the private items and the projection are fixed: cluster once
+            cfg = self.config.alignment
+            private = base_features(self.model, self.modality, self.private.items, cfg.readout_text_tokens)
+            centroids, counts = site_centroids(projection(private), cfg.codebook_size, cfg.codebook_min_cluster, self._seed)
+            log.info("site %s round %d: %d codebook centroids of clusters of %s+ private items (of %d)", self.site,
+                     state.round, len(counts), cfg.codebook_min_cluster, len(private))
+            self._codebook_upload = (torch.from_numpy(centroids).float(), torch.from_numpy(counts).float()) if len(counts) else empty
+        return self._codebook_upload
 
     def _privatize(self, state: GlobalState, params: dict[str, torch.Tensor], gram_upper: torch.Tensor,
                    metrics: dict[str, float]) -> tuple[dict[str, torch.Tensor], torch.Tensor, dict[str, torch.Tensor], float, dict[str, float]]:
