@@ -28,6 +28,7 @@ import torch
 from ..alignment.losses import two_view_contrastive
 from ..config import FedAnchorConfig, with_overrides
 from ..federation.loop import make_split
+from ..federation.messages import GlobalState
 from ..federation.server import FederatedServer
 from ..federation.site import SiteTrainer, autocast_dtype, autocast_to, embed_step, resolve_device, same_items
 from .fed_rivals import build_lora_model
@@ -48,12 +49,17 @@ def _timed(step, steps: int, warmup: int, device: torch.device) -> list[float]:
     return times
 
 
-def fedanchor_step_times(config: FedAnchorConfig, split, modality: str, steps: int, warmup: int,
-                         device: torch.device) -> list[float]:
-    """``SiteTrainer.local_step`` of the first site of ``modality``, in a round started from the initial state."""
+def initial_state(config: FedAnchorConfig, split, device: torch.device) -> GlobalState:
+    """The server's round-0 state on ``device``: what a site's first round starts from."""
     modalities = {m: d.spec for m, d in split.anchors.items()}
-    state = FederatedServer(config, modalities, split.anchors, split.anchor_fingerprint, split.feature_stats,
-                            device=str(device)).initial_state()
+    return FederatedServer(config, modalities, split.anchors, split.anchor_fingerprint, split.feature_stats,
+                           device=str(device)).initial_state()
+
+
+def fedanchor_step_times(config: FedAnchorConfig, split, state: GlobalState, modality: str, steps: int, warmup: int,
+                         device: torch.device) -> list[float]:
+    """``SiteTrainer.local_step`` of the first site of ``modality``, in a round started from ``state``."""
+    modalities = {m: d.spec for m, d in split.anchors.items()}
     site, private = next((s, d) for s, d in split.private.items() if d.spec.name == modality)
     trainer = SiteTrainer(config, site, private, split.anchors[modality], split.anchor_fingerprint, modalities,
                           split.feature_stats, device=str(device))
@@ -97,9 +103,12 @@ def step_speed(config: FedAnchorConfig, steps: int = 10, warmup: int = 3) -> dic
     out: dict[str, Any] = {"device": f"{device} ({name})", "autocast": str(autocast or "off"), "trunk": config.trunk.name,
                            "rank": config.adapter.rank,
                            "batch": config.train.batch_size, "anchor_batch": config.alignment.anchor_batch, "modalities": {}}
+    state = initial_state(config, split, device)
+    on_cpu = with_overrides(config, {"train.device": "cpu"})
+    cpu_state = initial_state(on_cpu, split, torch.device("cpu")) if device.type == "cuda" else None
     for modality in sorted({d.spec.name for d in split.private.values()}):
         torch.manual_seed(config.train.seed)
-        fed = statistics.median(fedanchor_step_times(config, split, modality, steps, warmup, device))
+        fed = statistics.median(fedanchor_step_times(config, split, state, modality, steps, warmup, device))
         torch.manual_seed(config.train.seed)
         lora = statistics.median(lora_step_times(config, split, modality, steps, warmup, device, autocast))
         items = 2 * config.train.batch_size + config.alignment.anchor_batch
@@ -107,8 +116,8 @@ def step_speed(config: FedAnchorConfig, steps: int = 10, warmup: int = 3) -> dic
                "lora_samples_per_s": 2 * config.train.batch_size / lora}
         if device.type == "cuda":
             torch.manual_seed(config.train.seed)
-            on_cpu = with_overrides(config, {"train.device": "cpu"})
-            cpu = statistics.median(fedanchor_step_times(on_cpu, split, modality, max(2, steps // 3), 1, torch.device("cpu")))
+            cpu = statistics.median(fedanchor_step_times(on_cpu, split, cpu_state, modality, max(2, steps // 3), 1,
+                                                         torch.device("cpu")))
             row.update({"cpu_samples_per_s": items / cpu, "gpu_over_cpu": cpu / fed})
         out["modalities"][modality] = row
     return out
