@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from .config import FedAnchorConfig, config_from_dict, with_overrides
+from .pack_commands import add_commands as add_pack_commands
 
 NO_ALIGNMENT = {"alignment.lambda_cka": 0.0, "alignment.lambda_cross": 0.0}
 
@@ -90,11 +91,13 @@ def cmd_check_data(args: argparse.Namespace) -> int:
     """Validate a site's data folder against the job's modality before a round ever runs."""
     from .data import load_scenario
     from .data.folder import data_file, load_folder
+    from .data.pack import load_pack
 
-    scenario = load_scenario(args.scenario)
-    if args.modality not in scenario.data:
-        raise ValueError(f"--modality {args.modality!r} is not a modality of {args.scenario}; choose from {sorted(scenario.data)}")
-    spec = scenario.data[args.modality].spec
+    modalities = load_pack(args.pack).modalities if args.pack else load_scenario(args.scenario).modalities
+    if args.modality not in modalities:
+        raise ValueError(f"--modality {args.modality!r} is not a modality of {args.pack or args.scenario}; "
+                         f"choose from {sorted(modalities)}")
+    spec = modalities[args.modality]
     data = load_folder(args.folder, spec)
     print(f"ok: {len(data)} {spec.kind} items of modality {spec.name!r} in {data_file(args.folder, spec)}; "
           f"first id {data.sample_ids[0]!r}")
@@ -152,9 +155,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.set_defaults(func=cmd_export)
     p = sub.add_parser("check-data", help="check a site's data folder (see fedanchor.data.folder for the format)")
     p.add_argument("folder", help="the folder named by data.path in the site's fedanchor_site.json")
-    p.add_argument("--scenario", choices=("xray", "digits", "motion"), required=True, help="the job's scenario")
+    where = p.add_mutually_exclusive_group(required=True)
+    where.add_argument("--scenario", choices=("xray", "digits", "motion"), help="the job's bundled scenario")
+    where.add_argument("--pack", help="the job's anchor pack folder")
     p.add_argument("--modality", required=True, help="the site's modality, e.g. report or findings")
     p.set_defaults(func=cmd_check_data)
+    add_pack_commands(sub)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     return _guarded(args.func, args)

@@ -104,7 +104,11 @@ class TrainConfig:
 class DataConfig:
     """The scenario and its seeded split into anchors, test pairs and private sets."""
 
-    scenario: str = "xray"  # "xray", "digits" or "motion": the bundled data and its public anchors
+    scenario: str = "xray"  # "xray", "digits" or "motion": the bundled data and its public anchors (when pack is empty)
+    # An anchor pack folder (data/pack.py, docs/PACKS.md): the federation's own modalities, anchors and validation
+    # pairs; the sites read their private items from their data folders. Empty: the bundled scenario.
+    pack: str = ""
+    pack_fingerprint: str = ""  # the pack's digest (fedanchor pack info): every site and the server must hold this one
     n_anchors: int = 200  # public paired anchors
     n_test: int = 500  # held-out pairs, for evaluation only
     seed: int = 0  # the split into anchors, test pairs and private shards

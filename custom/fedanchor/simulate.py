@@ -41,8 +41,9 @@ def find_summary(workspace: Path) -> Path:
     return found[-1]
 
 
-def simulate(job: Path, out: Path, threads: int | None = None, echo=print) -> dict:
-    """Run ``job`` in the simulator with one client per configured site; returns the summary dict."""
+def simulate(job: Path, out: Path, threads: int | None = None, echo=print, site_data: Path | None = None) -> dict:
+    """Run ``job`` in the simulator with one client per configured site; returns the summary dict. ``site_data``:
+    a folder holding one data folder per site (``<site_data>/<site>/``), which the simulated sites train on."""
     job = job.resolve()
     if not (job / "meta.json").is_file():
         raise FileNotFoundError(f"{job} is not a FLARE job folder (no meta.json)")
@@ -54,6 +55,8 @@ def simulate(job: Path, out: Path, threads: int | None = None, echo=print) -> di
         shutil.rmtree(workspace)
     out.mkdir(parents=True, exist_ok=True)
     prepare_simulator_workspace(workspace)  # FLARE 2.9 builds only allow-listed classes, in the simulator too
+    if site_data is not None:
+        write_site_data_config(workspace, Path(site_data), sites)
     command = nvflare_command() + ["simulator", "-w", str(workspace), "-n", str(len(sites)), "-c", ",".join(sites),
                                    "-t", str(threads or len(sites)), str(job)]
     echo(f"$ {' '.join(command)}")
@@ -90,11 +93,30 @@ def simulate(job: Path, out: Path, threads: int | None = None, echo=print) -> di
     return summary
 
 
+def write_site_data_config(workspace: Path, site_data: Path, sites: Sequence[str]) -> Path:
+    """WS/local/fedanchor_site.json pointing each simulated site at ``<site_data>/<site>/`` (the simulator copies
+    WS/local into every site's local folder; flare/site_config.py fills in ``{site}``)."""
+    site_data = site_data.resolve()
+    missing = [s for s in sites if not (site_data / s).is_dir()]
+    if missing:
+        raise FileNotFoundError(f"--site-data {site_data} has no folder for site(s) {missing}; it must hold one data "
+                                f"folder per site of the job ({list(sites)}), e.g. {site_data / missing[0]}/<modality>.npy")
+    path = workspace / "local" / "fedanchor_site.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"data": {"source": "folder", "path": str(site_data / "{site}")}}, indent=1))
+    return path
+
+
 def show(summary: dict, out: Path, echo=print) -> None:
     echo("")
     echo(round_table(summary["rounds"], summary.get("initial_eval")))
     echo("")
     final = summary["rounds"][-1]["eval"]
+    if summary.get("evaluated_on"):
+        echo(f"recall measured on {summary['evaluated_on']}")
+    if not final:
+        echo(f"no recall table: the pack has no validation pairs | {out / 'results.json'}")
+        return
     anchors_only = summary.get("anchors_only_eval") or {}
     runs = {"anchors-only CCA": anchors_only, "fedanchor (final global)": final} if anchors_only else {"fedanchor (final global)": final}
     print_recall_table(runs)
@@ -114,8 +136,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("job", type=Path, help="a job folder, e.g. jobs/xray")
     parser.add_argument("--out", type=Path, default=None, help="output folder (default runs/<job name>)")
     parser.add_argument("--threads", type=int, default=None, help="clients run in parallel (default: one per site)")
+    parser.add_argument("--site-data", type=Path, default=None,
+                        help="a folder with one data folder per site (<this>/<site>/): the sites train on those "
+                             "(needed by a job on an anchor pack)")
     args = parser.parse_args(argv)
     out = (args.out or Path("runs") / args.job.name).resolve()
-    summary = simulate(args.job, out, args.threads)
+    summary = simulate(args.job, out, args.threads, site_data=args.site_data)
     show(summary, out)
     return 0

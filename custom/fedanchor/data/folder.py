@@ -48,10 +48,17 @@ def load_folder(folder: str | Path, spec: ModalitySpec) -> ModalityData:
         present = sorted(p.name for p in root.iterdir())[:8]
         raise DataFolderError(f"{path} is missing: a site of modality {spec.name!r} ({spec.kind}) needs {path.name} in "
                               f"{root}; the folder holds {present or 'nothing'}")
-    data = _arrays(path, spec) if spec.is_array else _records(path, spec)
+    data = load_folder_file(path, spec)
     if len(data) < MIN_ITEMS:
         raise DataFolderError(f"{path} holds {len(data)} item(s); a site needs at least {MIN_ITEMS}")
     return data
+
+
+def load_folder_file(path: Path, spec: ModalitySpec) -> ModalityData:
+    """One file of ``spec``'s items (``.npy`` for arrays, JSON lines otherwise), or a DataFolderError naming the problem."""
+    if not path.is_file():
+        raise DataFolderError(f"{path} is missing: modality {spec.name!r} ({spec.kind}) needs it")
+    return _arrays(path, spec) if spec.is_array else _records(path, spec)
 
 
 def _arrays(path: Path, spec: ModalitySpec) -> ModalityData:

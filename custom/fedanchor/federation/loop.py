@@ -12,7 +12,8 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
 
 from ..config import FedAnchorConfig
-from ..data import corrupt, load_scenario, split_scenario
+from ..data import corrupt
+from ..data.pack import AnchorPack, bundled_pack, load_pack
 from ..data.scenario import FederatedSplit
 from ..model.homogeneous import build_model
 from .messages import GlobalState
@@ -32,15 +33,26 @@ DEFAULT_SITES: dict[str, dict[str, str]] = {
 def site_modality(config: FedAnchorConfig) -> dict[str, str]:
     if config.data.sites:
         return dict(config.data.sites)
+    if config.data.pack:
+        raise ValueError(f"a job on pack {config.data.pack} must name its sites: data.sites (site -> modality), "
+                         "as `fedanchor job new --site NAME=MODALITY` writes it")
     if config.data.scenario not in DEFAULT_SITES:
         raise ValueError(f"scenario {config.data.scenario!r} has no default sites; set data.sites")
     return dict(DEFAULT_SITES[config.data.scenario])
 
 
-def make_split(config: FedAnchorConfig) -> FederatedSplit:
+def job_pack(config: FedAnchorConfig) -> AnchorPack:
+    """The job's anchor pack: the folder ``data.pack`` (checked against ``data.pack_fingerprint``), else the bundled
+    scenario dealt by ``data.seed``."""
     data = config.data
-    return split_scenario(load_scenario(data.scenario), site_modality(config), data.n_anchors, data.n_test, data.seed,
-                          data.max_private_per_site)
+    if data.pack:
+        return load_pack(data.pack, data.pack_fingerprint)
+    return bundled_pack(data.scenario, site_modality(config), data.n_anchors, data.n_test, data.seed,
+                        data.max_private_per_site)
+
+
+def make_split(config: FedAnchorConfig) -> FederatedSplit:
+    return job_pack(config).federated_split(site_modality(config))
 
 
 @dataclass

@@ -29,7 +29,7 @@ from .server_state import get_server_component, selection_metric
 CHOSEN_BY = {
     "readout (blocks, truncation, ridge, directions)": "k-fold cross-validation on the public anchors (alignment.readout_folds)",
     "best model (best_round, best.safetensors)": "anchor_cv/mrr: the readout's cross-validated rank of held-out anchors",
-    "held-out pairs (eval)": "reported only; they choose nothing",
+    "held-out or validation pairs (eval)": "reported only; they choose nothing",
 }
 from .shareable import dxo_to_update, state_to_dxo
 from .tracking import round_scalars
@@ -186,6 +186,7 @@ class FedAnchorAggregator(Aggregator):
                 "initial_eval": component.initial_eval,
                 "anchors_only_eval": component.anchors_only_eval,
                 "chosen_by": CHOSEN_BY,
+                "evaluated_on": component.evaluated_on,
                 "rounds": [],
             }
         return self._summary

@@ -30,7 +30,7 @@ from nvflare.apis.shareable import Shareable, make_reply
 from nvflare.apis.signal import Signal
 
 from ..alignment.gram import centred_gram, consensus_agreement, from_upper_triangle
-from ..config import FedAnchorConfig, config_from_dict, config_to_dict
+from ..config import FedAnchorConfig, config_from_dict, config_to_dict, with_overrides
 from ..evaluation import retrieval
 from ..federation.loop import make_split, site_modality
 from ..federation.messages import GlobalState, SiteUpdate
@@ -154,11 +154,16 @@ class FedAnchorExecutor(Executor):
         site = fl_ctx.get_identity_name()
         self._cfg = cfg = config_from_dict(self.config)
         path = self._site_config_path(fl_ctx)
-        self._site_config = site_cfg = load_site_config(path)
+        self._site_config = site_cfg = load_site_config(path).for_site(site)
         shard, modality = resolve_shard(site, site_cfg, site_modality(cfg))
         if site_cfg.num_threads:
             torch.set_num_threads(site_cfg.num_threads)
-        split = make_split(cfg)
+        if site_cfg.pack:
+            cfg = self._cfg = with_overrides(cfg, {"data.pack": site_cfg.pack})
+        if cfg.data.pack and site_cfg.data.source != "folder":
+            raise SiteConfigError(f"the job runs on anchor pack {cfg.data.pack}, which holds no private data: set "
+                                  f"\"data\": {{\"source\": \"folder\", \"path\": ...}} in {path}")
+        split = make_split(cfg)  # a pack other than the job's (by fingerprint) is refused here, naming both
         modalities = {name: data.spec for name, data in split.anchors.items()}
         # The job's site list decides the modality; a hospital's own folder replaces the bundled shard's items.
         private = load_folder(site_cfg.data.path, modalities[modality]) if site_cfg.data.source == "folder" else split.private[shard]

@@ -46,6 +46,7 @@ class FedAnchorServerComponent(FLComponent):
         self._lock = threading.RLock()
         self.initial_eval: dict[str, float] = {}
         self.anchors_only_eval: dict[str, float] = {}
+        self.evaluated_on = ""  # which pairs the reported recall comes from (set with the server)
 
     @property
     def fedanchor_config(self) -> FedAnchorConfig:
@@ -59,10 +60,12 @@ class FedAnchorServerComponent(FLComponent):
                 modalities = {name: data.spec for name, data in split.anchors.items()}
                 self._server = FederatedServer(cfg, modalities, split.anchors, split.anchor_fingerprint,
                                                split.feature_stats, split.test, device=self.device)
+                self.evaluated_on = evaluation_set(cfg, split)
                 if fl_ctx is not None:
-                    self.log_info(fl_ctx, f"fedanchor server: scenario {cfg.data.scenario}, trunk {cfg.trunk.name}, "
-                                          f"modalities {list(modalities)}, {len(next(iter(split.anchors.values())))} anchors, "
-                                          f"{len(next(iter(split.test.values())))} test pairs, device {self._server.device}")
+                    self.log_info(fl_ctx, f"fedanchor server: {'pack' if cfg.data.pack else 'scenario'} {split.scenario} "
+                                          f"({split.anchor_fingerprint[:12]}), trunk {cfg.trunk.name}, modalities "
+                                          f"{list(modalities)}, {len(next(iter(split.anchors.values())))} anchors, evaluated "
+                                          f"on {self.evaluated_on}, device {self._server.device}")
             return self._server
 
     @property
@@ -101,3 +104,14 @@ def get_server_component(fl_ctx: FLContext, component_id: str) -> FedAnchorServe
             f"component {component_id!r} is {type(component).__name__ if component is not None else 'missing'}; "
             "config_fed_server.json must list fedanchor.flare.server_state.FedAnchorServerComponent under that id")
     return component
+
+
+def evaluation_set(config: FedAnchorConfig, split) -> str:
+    """What the run's recall is measured on, in words for the summary and the log."""
+    n = len(next(iter(split.test.values()))) if split.test else 0
+    if not n:
+        return "nothing: the pack has no validation pairs (anchor cross-validation still chooses the readout and best model)"
+    if config.data.pack:
+        return f"the pack's {n} public validation pairs"
+    return f"{n} held-out pairs of the bundled {split.scenario} scenario (demo only: a deployment has none)"
+

@@ -9,15 +9,18 @@ folder as resources.json), by default ``local/fedanchor_site.json``::
       "data": {"source": "bundled", "shard": "hospital-a"},
       "device": "auto",                 # "auto", "cpu", "cuda", "cuda:1"; overrides train.device
       "num_threads": 4,                 # torch CPU threads (optional)
-      "state_dir": "/data/fedanchor"    # where delta_site is kept, in <state_dir>/<site>/ (default: the job's
+      "state_dir": "/data/fedanchor",   # where delta_site is kept, in <state_dir>/<site>/ (default: the job's
                                         # run folder); set it so that a resubmitted job resumes the site's delta
+      "pack": "/srv/fedanchor/my-pack"  # where this machine holds the job's anchor pack, when not at the job's data.pack
     }
 
 Every key is optional and the file itself may be absent. The data source is
 ``bundled`` (the seeded split of a demo scenario) or ``folder``: the hospital's
 own files, ``{"source": "folder", "path": "/data/fedanchor"}``, in the format of
 ``fedanchor.data.folder`` (check it with ``fedanchor check-data``); the job's
-site list still decides the site's modality.
+site list still decides the site's modality. A job on an anchor pack (data.pack) has
+no bundled shards: its sites read folders. ``{site}`` in ``data.path`` or ``state_dir``
+stands for the site's name, so one file serves every site of a simulator workspace.
 
 Which shard of a bundled scenario a site trains on is decided, in order, by
 ``data.shard``, by the site's own name when the job's site list holds it, or by
@@ -58,14 +61,22 @@ class SiteConfig:
     device: str | None = None
     num_threads: int | None = None
     state_dir: str | None = None
+    pack: str | None = None  # this machine's copy of the job's anchor pack (overrides the job's data.pack path)
     source_file: str | None = None  # where it was read from, for messages
+
+    def for_site(self, site: str) -> "SiteConfig":
+        """The settings with ``{site}`` in data.path and state_dir replaced by the site's name."""
+        def fill(value: str | None) -> str | None:
+            return value.replace("{site}", site) if value else value
+        return SiteConfig(self.modality, DataSource(self.data.source, self.data.shard, fill(self.data.path)), self.device,
+                          self.num_threads, fill(self.state_dir), self.pack, self.source_file)
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any], source_file: str | None = None) -> "SiteConfig":
         where = source_file or "site config"
         if not isinstance(values, Mapping):
             raise SiteConfigError(f"{where}: the top level must be a JSON object, got {type(values).__name__}")
-        known = {"modality", "data", "device", "num_threads", "state_dir"}
+        known = {"modality", "data", "device", "num_threads", "state_dir", "pack"}
         unknown = sorted(set(values) - known)
         if unknown:
             raise SiteConfigError(f"{where}: unknown key(s) {unknown}; valid keys: {sorted(known)}")
@@ -90,8 +101,11 @@ class SiteConfig:
         device = values.get("device")
         if device is not None and not isinstance(device, str):
             raise SiteConfigError(f"{where}: device must be a string such as 'auto', 'cpu' or 'cuda:0'")
+        pack = values.get("pack")
+        if pack is not None and (not isinstance(pack, str) or not pack):
+            raise SiteConfigError(f"{where}: pack must be the path of this machine's copy of the job's anchor pack")
         return cls(modality=values.get("modality"), data=data, device=device, num_threads=num_threads,
-                   state_dir=values.get("state_dir"), source_file=source_file)
+                   state_dir=values.get("state_dir"), pack=pack, source_file=source_file)
 
 
 def load_site_config(path: str | Path | None) -> SiteConfig:

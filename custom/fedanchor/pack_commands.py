@@ -1,0 +1,163 @@
+"""``fedanchor pack check|info|export`` and ``fedanchor job new``: a consortium's own federation from files.
+
+    fedanchor pack check my-pack                  # every problem, with the file, the row and the fix
+    fedanchor pack info my-pack                   # modalities, counts, fingerprint
+    fedanchor pack export --scenario motion --out packs/motion --site-data site-data   # a bundled scenario as a pack
+    fedanchor job new --pack my-pack --site hospital-a=ecg --site hospital-b=letter --out jobs/ecg-letters --rounds 5
+
+``job new`` writes a plain package-only FLARE job (no custom/ folder) that names the
+pack by path and fingerprint; a site holding another version of the pack refuses it.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Sequence
+
+from .config import config_from_dict
+from .data.pack import MIN_ANCHORS, check_pack, load_pack, write_items, write_pack
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    problems = check_pack(args.pack, args.min_anchors)
+    if problems:
+        print(f"{args.pack}: {len(problems)} problem(s)")
+        for problem in problems:
+            print(f"- {problem}")
+        return 1
+    pack = load_pack(args.pack, min_anchors=args.min_anchors)
+    info = pack.info()
+    print(f"ok: pack {pack.name!r}, {info['anchors']} anchors, {info['validation_pairs']} validation pairs, "
+          f"modalities {list(pack.modalities)}, fingerprint {pack.fingerprint[:16]}")
+    return 0
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    info = load_pack(args.pack).info()
+    if args.json:
+        print(json.dumps(info, indent=1))
+        return 0
+    print(f"pack {info['name']} at {info['root']}")
+    print(f"fingerprint {info['fingerprint']}")
+    print(f"{info['anchors']} anchor pairs, {info['validation_pairs']} validation pairs")
+    for name, spec in info["modalities"].items():
+        print(f"  {name}: {', '.join(f'{k} {v}' for k, v in spec.items())}")
+    print(f"licence: {info['licence'] or '(none given)'}")
+    print(f"provenance: {info['provenance'] or '(none given)'}")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    """A bundled scenario's split as a pack folder, and optionally its sites' private shards as site data folders."""
+    from .bench.runner import bench_config
+    from .federation.loop import job_pack
+
+    config = bench_config(args.scenario, quick=False, seed=args.seed,
+                          overrides=_set_values(args.set))
+    pack = job_pack(config)
+    path = write_pack(args.out, f"{args.scenario}-seed{args.seed}", pack.anchors, pack.validation, pack.licence,
+                      pack.provenance, f"the bundled {args.scenario} scenario's anchors and held-out pairs")
+    print(f"wrote {path}")
+    if args.site_data:
+        for site, data in pack.demo_private.items():
+            folder = Path(args.site_data) / site
+            folder.mkdir(parents=True, exist_ok=True)
+            write_items(folder, data)
+            print(f"wrote {folder} ({data.spec.name}, {len(data)} private items)")
+    print(f"sites of the scenario: {' '.join(f'--site {s}={m}' for s, m in pack.federated_split(config.data.sites or _default_sites(args.scenario)).site_modality.items())}")
+    return 0
+
+
+def _default_sites(scenario: str) -> dict[str, str]:
+    from .federation.loop import DEFAULT_SITES
+
+    return DEFAULT_SITES[scenario]
+
+
+def cmd_job_new(args: argparse.Namespace) -> int:
+    from .flare.jobs import write_job
+
+    pack = load_pack(args.pack)
+    sites = dict(_site_pair(s) for s in args.site)
+    unknown = {s: m for s, m in sites.items() if m not in pack.modalities}
+    if unknown:
+        raise ValueError(f"--site {unknown}: pack {pack.name!r} has modalities {list(pack.modalities)}")
+    missing = [m for m in pack.modalities if m not in sites.values()]
+    if missing:
+        raise ValueError(f"no site holds modality(ies) {missing}; add --site NAME={missing[0]} (every modality of the pack "
+                         "needs at least one site)")
+    values: dict = {}
+    for key, value in list(_set_values(args.set).items()) + [
+            ("data.pack", str(pack.root)), ("data.pack_fingerprint", pack.fingerprint), ("data.sites", sites)]:
+        _nest(values, key, value)
+    if args.trunk:
+        _nest(values, "trunk.name", args.trunk)
+    config_from_dict(values)  # every key checked before anything is written
+    out = Path(args.out)
+    if out.exists() and any(out.iterdir()) and not args.force:
+        raise ValueError(f"{out} exists and is not empty; choose another --out or pass --force to overwrite it")
+    job = write_job(out, args.name or f"fedanchor-{pack.name}", values, num_rounds=args.rounds)
+    print(f"wrote {job}: pack {pack.name} ({pack.fingerprint[:16]}), sites {sites}, {args.rounds} rounds")
+    print(f"try it: fedanchor simulate {job} --site-data <folder holding one data folder per site>")
+    return 0
+
+
+def _set_values(pairs: Sequence[str] | None) -> dict:
+    from .cli import _overrides  # the KEY=VALUE parsing of every other command
+
+    return _overrides(pairs or [])
+
+
+def _site_pair(text: str) -> tuple[str, str]:
+    site, sep, modality = text.partition("=")
+    if not sep or not site.strip() or not modality.strip():
+        raise ValueError(f"--site {text!r}: write NAME=MODALITY, e.g. --site hospital-a=ecg")
+    return site.strip(), modality.strip()
+
+
+def _nest(values: dict, dotted: str, value) -> None:
+    *path, last = dotted.split(".")
+    node = values
+    for part in path:
+        node = node.setdefault(part, {})
+    node[last] = value
+
+
+def add_commands(sub: argparse._SubParsersAction) -> None:
+    pack = sub.add_parser("pack", help="check, describe or export an anchor pack (docs/PACKS.md)")
+    verbs = pack.add_subparsers(dest="verb", required=True)
+    p = verbs.add_parser("check", help="list every problem of a pack, with the file, the row and the fix")
+    p.add_argument("pack", help="the pack folder (holds pack.json)")
+    p.add_argument("--min-anchors", type=int, default=MIN_ANCHORS, help=f"fewest anchor pairs accepted (default {MIN_ANCHORS})")
+    p.set_defaults(func=cmd_check)
+    p = verbs.add_parser("info", help="modalities, counts and fingerprint of a pack")
+    p.add_argument("pack")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=cmd_info)
+    p = verbs.add_parser("export", help="write a bundled scenario's split as a pack (and its site shards as data folders)")
+    p.add_argument("--scenario", choices=("xray", "digits", "motion"), required=True)
+    p.add_argument("--out", required=True, help="the pack folder to write")
+    p.add_argument("--seed", type=int, default=0, help="the split seed (data.seed)")
+    p.add_argument("--site-data", default=None, help="also write each site's private shard to <this>/<site>/")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="a config key of the split, e.g. data.n_anchors=100")
+    p.set_defaults(func=cmd_export)
+    job = sub.add_parser("job", help="make a FLARE job for an anchor pack")
+    jv = job.add_subparsers(dest="verb", required=True)
+    p = jv.add_parser("new", help="write a package-only FLARE job folder for a pack and its sites")
+    p.add_argument("--pack", required=True, help="the pack folder")
+    p.add_argument("--site", action="append", required=True, metavar="NAME=MODALITY", help="a site and its modality (repeat)")
+    p.add_argument("--out", required=True, help="the job folder to write")
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--trunk", default=None, help="all-MiniLM-L6-v2 (default), 'tiny', or a local model folder")
+    p.add_argument("--name", default=None, help="the job's name (default fedanchor-<pack name>)")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="any config key, e.g. train.local_steps=20")
+    p.add_argument("--force", action="store_true", help="overwrite a non-empty --out")
+    p.set_defaults(func=cmd_job_new)
+
+
+def main(argv: Sequence[str]) -> int:  # for `python -m fedanchor.pack_commands`
+    parser = argparse.ArgumentParser(prog="fedanchor", description=__doc__)
+    add_commands(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv)
+    return int(args.func(args) or 0)
