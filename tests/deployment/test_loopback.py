@@ -7,6 +7,7 @@ HOME; the fixture stops exactly the processes the deployment started (they carry
 """
 from __future__ import annotations
 
+import json
 import socket
 import ssl
 import subprocess
@@ -116,6 +117,35 @@ def admin_env(deployment: LoopbackDeployment) -> dict[str, str]:
     env = dict(deployment.env)
     env.pop(MARKER)
     return env
+
+
+def test_a_job_on_the_consortiums_own_pack_runs_on_the_hospitals_folders(deployment, tmp_path):
+    """The worked example of docs/PACKS.md in the deployment: a pack of modalities fedanchor does not bundle, a job
+    made by `fedanchor job new`, each hospital's data folder named in its local/fedanchor_site.json."""
+    from fedanchor.cli import main as fedanchor_main
+
+    subprocess.run([sys.executable, str(ROOT / "docs/examples/make_pack.py"), str(tmp_path)], check=True, capture_output=True)
+    sites = {"hospital-a": "ecg", "hospital-b": "labs", "hospital-c": "ecg"}
+    assert fedanchor_main(["job", "new", "--pack", str(tmp_path / "pack"), *[f"--site={s}={m}" for s, m in sites.items()],
+                           "--out", str(tmp_path / "job"), "--rounds", "1", "--trunk", "tiny", "--set", "train.local_steps=8",
+                           "--set", "train.batch_size=8", "--set", "alignment.readout_repeats=1"]) == 0
+    site_files = [deployment.kits.kit(site) / "local" / "fedanchor_site.json" for site in SITES]
+    for path in site_files:
+        path.write_text(json.dumps({"data": {"source": "folder", "path": str(tmp_path / "sites" / "{site}")}}))
+    session = deployment.session("lead")
+    try:
+        job_id = admin_api.submit(session, tmp_path / "job")
+        meta = admin_api.watch(session, job_id, echo=print, timeout=300)
+        folder = admin_api.download(session, job_id)
+    finally:
+        session.close()
+        for path in site_files:  # the other tests' jobs train on the bundled shards
+            path.unlink()
+    assert meta["status"] == "FINISHED:COMPLETED", meta
+    summary = admin_api.read_result(folder).summary
+    assert summary["rounds"][0]["accepted"] == SITES
+    assert summary["evaluated_on"] == "the pack's 60 public validation pairs"
+    assert {"ecg->labs/recall@10", "labs->ecg/recall@10"} <= set(summary["final_eval"])
 
 
 def test_the_whole_cycle_as_lead_with_the_admin_command(deployment, tmp_path):
