@@ -32,7 +32,7 @@ def test_merge_is_the_precision_weighted_mean_and_reports_shares():
     merge.add("b", {"s": torch.tensor([5.0, 4.0])}, {"s": torch.tensor([1.0, 1.0])})
     torch.testing.assert_close(merge.result()["s"], torch.tensor([2.0, 2.0]))
     shares = merge.site_shares()
-    assert shares == pytest.approx({"a": (0.75 + 0.5) / 2, "b": (0.25 + 0.5) / 2})
+    assert shares == pytest.approx({"a": 4 / 6, "b": 2 / 6})  # each site's fraction of the tensor's total weight
 
 
 @pytest.mark.parametrize("weights,match", [

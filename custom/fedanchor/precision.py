@@ -83,12 +83,14 @@ class PrecisionWeightedMerge:
     def __init__(self) -> None:
         self._num: dict[str, torch.Tensor] = {}
         self._den: dict[str, torch.Tensor] = {}
-        self._site_share_inputs: dict[str, dict[str, torch.Tensor]] = {}
+        # Per site and tensor one number, the weight it put on that tensor: a site's share needs no weight tensor kept,
+        # so the round's memory does not grow with the sites.
+        self._site_mass: dict[str, dict[str, float]] = {}
 
     def add(self, site: str, values: Mapping[str, torch.Tensor], weights: Mapping[str, torch.Tensor] | float) -> None:
-        if site in self._site_share_inputs:
+        if site in self._site_mass:
             raise ValueError(f"site {site!r} contributed twice to one merge")
-        site_weights: dict[str, torch.Tensor] = {}
+        site_mass: dict[str, float] = {}
         for name, value in values.items():
             w = weights if isinstance(weights, (int, float)) else weights[name]
             w = torch.as_tensor(w, dtype=torch.float64).expand(value.shape) if not torch.is_tensor(w) or w.ndim == 0 else w.double()
@@ -106,12 +108,12 @@ class PrecisionWeightedMerge:
             else:
                 self._num[name] = w * v
                 self._den[name] = w.clone()
-            site_weights[name] = w
-        self._site_share_inputs[site] = site_weights
+            site_mass[name] = float(w.sum())
+        self._site_mass[site] = site_mass
 
     @property
     def sites(self) -> list[str]:
-        return list(self._site_share_inputs)
+        return list(self._site_mass)
 
     def result(self) -> dict[str, torch.Tensor]:
         if not self._num:
@@ -125,12 +127,11 @@ class PrecisionWeightedMerge:
         return out
 
     def site_shares(self) -> dict[str, float]:
-        """Each site's mean share of the weight over all merged coefficients (sums to 1 over sites)."""
-        shares: dict[str, float] = {}
-        for site, weights in self._site_share_inputs.items():
-            parts = [(w / self._den[name]).flatten() for name, w in weights.items()]
-            shares[site] = float(torch.cat(parts).mean()) if parts else 0.0
-        return shares
+        """Each site's share of the weight: its fraction of the total weight on each shared tensor, averaged over the
+        tensors (sums to 1 over sites)."""
+        totals = {name: float(den.sum()) for name, den in self._den.items()}
+        return {site: sum(m / totals[name] for name, m in mass.items()) / len(mass) if mass else 0.0
+                for site, mass in self._site_mass.items()}
 
 
 def sample_weight(n_samples: int, exponent: float) -> float:

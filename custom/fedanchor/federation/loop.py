@@ -111,8 +111,8 @@ def run_in_process(config: FedAnchorConfig, progress: Callable[[str], None] | No
                                   modalities, split.feature_stats, model=model)
     state = server.initial_state()
     result = RunResult(config=config, initial_eval=server.evaluate(state) if evaluate_each_round else {})
-    say(f"{config.data.scenario}: {len(sites)} sites ({', '.join(f'{s}={t.modality}[{len(t.private)}]' for s, t in sites.items())}), "
-        f"{len(next(iter(split.anchors.values())))} anchors, {len(next(iter(split.test.values())))} test pairs")
+    say(f"{split.scenario}: {len(sites)} sites ({', '.join(f'{s}={t.modality}[{len(t.private)}]' for s, t in sites.items())}), "
+        f"{len(next(iter(split.anchors.values())))} anchors, {len(next(iter(split.test.values()), ()))} evaluation pairs")
     for r in range(config.rounds):
         started = time.perf_counter()
         server.start_round()
