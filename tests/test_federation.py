@@ -508,3 +508,48 @@ def test_a_bf16_autocast_round_trains_and_sends_float32():
     server.accept(update)
     with pytest.raises(ValueError, match="train.autocast='fp16' is unknown"):
         with_overrides(config, {"train.autocast": "fp16"})
+
+
+def test_an_anchor_check_factor_weighs_like_a_scaled_uncertainty_and_the_merge_stays_exact(setup):
+    """The anchor check's factor a_k enters the merge exactly as pi_k does: a round with a_k = 0.25 for one site equals
+    the round where that site reported a quarter of its uncertainty scalar."""
+    config, _, server, _, state, updates = setup
+    accel, gyro = (without_codebook(next(u for u in updates.values() if u.modality == m)) for m in ("accel", "gyro"))
+    sent = [accel, variant(accel, state, "accel-b", move=1.8), gyro]
+    server.anchor_factors = {"accel-b": 0.25}
+    with_factor = run_round(server, state, sent)
+    weights_with_factor = dict(server.report.site_weights)
+    server.anchor_factors = {}
+    scaled = [accel, dataclasses.replace(sent[1], uncertainty=0.25 * sent[1].uncertainty), gyro]
+    with_scaled_uncertainty = run_round(server, state, scaled)
+    for key in [k for k in state.tensors if is_core_or_magnitude(k)]:
+        torch.testing.assert_close(with_factor.tensors[key], with_scaled_uncertainty.tensors[key], rtol=0, atol=0)
+    assert weights_with_factor == pytest.approx(server.report.site_weights, rel=1e-12)
+    assert weights_with_factor["accel-b"] < weights_with_factor[accel.site]
+
+
+def test_the_anchor_check_scores_every_update_on_the_anchors_and_sets_the_next_rounds_factors():
+    """With precision.anchor_check on and three accel sites, the server scores each update on public anchors (one loss
+    per site in the round report, the same anchors and views for all), and the worst accel site gets a factor below
+    1 for the next round while the median one keeps 1; gyro, alone in its modality, keeps 1."""
+    config = tiny_config(data={"sites": {"a1": "accel", "a2": "accel", "a3": "accel", "g1": "gyro"}},
+                         precision={"anchor_check": True})
+    split = make_split(config)
+    modalities = {m: d.spec for m, d in split.anchors.items()}
+    server = FederatedServer(config, modalities, split.anchors, split.anchor_fingerprint, split.feature_stats)
+    state = server.initial_state()
+    server.start_round()
+    for site, data in split.private.items():
+        trainer = SiteTrainer(config, site, data, split.anchors[data.spec.name], split.anchor_fingerprint, modalities,
+                              split.feature_stats)
+        server.accept(trainer.train_round(server.state_for(site, state)))
+    losses = {s: server.report.site_metrics[s]["anchor_check/loss"] for s in split.private}
+    assert all(math.isfinite(v) and v > 0 for v in losses.values()) and len(set(losses.values())) == 4, losses
+    # scoring the updates left the server's model at the global state it serves (each check reloads it)
+    in_model = shared_tensors(server.model)
+    for key, value in server.state.shared_params().items():
+        torch.testing.assert_close(in_model[key], value.to(in_model[key].dtype))
+    server.finish_round()
+    accel = sorted(("a1", "a2", "a3"), key=losses.get)
+    factors = server.anchor_factors
+    assert factors[accel[1]] == 1.0 and factors[accel[2]] <= 1.0 and factors["g1"] == 1.0, (losses, factors)

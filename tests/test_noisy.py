@@ -30,11 +30,11 @@ def one_thread():
 
 
 def test_modes_name_corruptions_that_exist():
-    assert set(NOISY_MODES) == {"noise", "gain", "shuffle"}
+    assert set(NOISY_MODES) == {"noise", "gain", "shuffle", "blur", "garbage", "small"}
     assert all(m.corruption in CORRUPTIONS and m.severity > 0 for m in NOISY_MODES.values())
     assert resolve_modes({"gain": 0.5})["gain"].severity == 0.5
     with pytest.raises(ValueError, match="unknown noisy-site mode"):
-        resolve_modes(["blur"])
+        resolve_modes(["smudge"])
     with pytest.raises(ValueError, match="severity"):
         resolve_modes({"noise": 0.0})
 

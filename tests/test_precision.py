@@ -74,3 +74,28 @@ def test_a_site_with_noisy_data_gets_a_lower_weight_than_clean_sites(seed):
     result = run_in_process(config, progress=None, corruptions={"corrupt": ("noise", 3.0)})
     weights = result.rounds[-1].site_weights
     assert weights["corrupt"] < weights["clean-1"] and weights["corrupt"] < weights["clean-2"], weights
+
+
+# (case, losses, modality of each site, expected factors: "1" exactly one, "<0.5" well below)
+PEER_FACTOR_CASES = [
+    ("one site far worse than three peers", {"a": 4.70, "b": 4.57, "c": 4.56, "d": 4.63}, "pppp",
+     {"a": "<0.5", "b": "1", "c": "1", "d": "1"}),
+    ("all equal: the floor keeps the spread positive", {"a": 3.0, "b": 3.0, "c": 3.0}, "ppp", {"a": "1", "b": "1", "c": "1"}),
+    ("two sites cannot tell the odd one out", {"a": 9.0, "b": 1.0}, "pp", {"a": "1", "b": "1"}),
+    ("modalities are judged apart", {"a": 5.0, "b": 1.0, "c": 1.0, "d": 1.1, "e": 9.0, "f": 9.1}, "pppzzz",
+     {"a": "<0.5", "b": "1", "c": "1", "d": "1", "e": "1", "f": "1"}),
+    ("a better than usual site is not rewarded past 1", {"a": 1.0, "b": 4.0, "c": 4.02, "d": 4.0}, "pppp",
+     {"a": "1", "b": "1", "c": "1", "d": "1"}),
+]
+
+
+@pytest.mark.parametrize("case, losses, modalities, expected", PEER_FACTOR_CASES, ids=[c[0] for c in PEER_FACTOR_CASES])
+def test_anchor_check_factors_single_out_the_odd_site_of_a_modality(case, losses, modalities, expected):
+    from fedanchor.precision import peer_factors
+
+    factors = peer_factors(losses, dict(zip(losses, modalities)), min_peers=3)
+    for site, want in expected.items():
+        if want == "1":
+            assert factors[site] == 1.0, (site, factors)
+        else:
+            assert 0.0 < factors[site] < 0.5, (site, factors)

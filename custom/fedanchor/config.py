@@ -82,6 +82,14 @@ class PrecisionConfig:
     site_scalar: bool = True  # pi_k from the embedding spread under sampled cores
     site_scalar_samples: int = 4  # cores sampled around S_k with variance 1/Lambda for the epistemic spread
     site_scalar_anchors: int = 32  # anchors (and private items) the site scalar embeds
+    # The server's anchor check: it embeds two augmented views of public anchors of the site's modality with each
+    # site's update applied and scores their agreement (the sites' own two-view loss, on public data); a site far
+    # worse than the other sites of its modality (robust z-score) weighs less in the next round. Needs at least
+    # anchor_check_min_sites sites of the modality to tell the odd one out. Off by default: on small data its
+    # losses are noisy enough to take say from clean sites (docs/results/README.md, "Precision").
+    anchor_check: bool = False
+    anchor_check_items: int = 64  # anchors embedded (in two views) per update
+    anchor_check_min_sites: int = 3
     eps: float = 1e-12  # floor of a precision
 
 

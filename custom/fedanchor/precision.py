@@ -18,6 +18,8 @@ is exact in the shared GeoLoRA basis and is accumulated as sites arrive.
 """
 from __future__ import annotations
 
+import math
+import statistics
 from typing import Mapping
 
 import torch
@@ -138,3 +140,24 @@ def sample_weight(n_samples: int, exponent: float) -> float:
     if n_samples < 1:
         raise ValueError(f"a site reported n_samples={n_samples}; it must have trained on at least one sample")
     return float(n_samples) ** exponent
+
+
+def peer_factors(losses: Mapping[str, float], modality_of: Mapping[str, str], min_peers: int = 3,
+                 relative_floor: float = 0.01) -> dict[str, float]:
+    """The anchor check's factor of each site: exp(-max(0, z - 1)), z the robust z-score of the site's anchor
+    two-view loss among the sites of its modality ((loss - median) / (1.4826 MAD), the MAD floored at
+    ``relative_floor`` x |median|). A site within one robust spread of its peers keeps factor 1; one far worse
+    loses its say quickly. A modality with fewer than ``min_peers`` sites cannot tell the odd one out: factor 1."""
+    out = {site: 1.0 for site in losses}
+    groups: dict[str, list[str]] = {}
+    for site in losses:
+        groups.setdefault(modality_of[site], []).append(site)
+    for sites in groups.values():
+        if len(sites) < min_peers:
+            continue
+        values = [losses[s] for s in sites]
+        median = statistics.median(values)  # the mean of the middle two for an even count (torch's is the lower one)
+        spread = max(1.4826 * statistics.median(abs(v - median) for v in values), relative_floor * abs(median), 1e-12)
+        for site, value in zip(sites, values):
+            out[site] = math.exp(-max(0.0, (value - median) / spread - 1.0))
+    return out

@@ -4,6 +4,7 @@
     fedanchor bench --scenario digits --quick --out runs/bench-digits
     fedanchor bench --scenario digits --seeds 0 1 2 --noisy --out runs/bench-digits-full
     fedanchor bench --scenario digits --quick --anchors 25 50 100 200 400 --out runs/anchors-digits
+    fedanchor bench --scenario digits --precision --seeds 0 1 2 --out runs/precision-digits
 
 With several --seeds every split gets its own folder (seed-N/) and spread.md gives
 mean and standard deviation over splits. --noisy adds the noisy-site study
@@ -14,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import shlex
 import sys
 from pathlib import Path
@@ -45,11 +47,22 @@ def _study(out: Path, name: str, run: Callable[[], Any], markdown: Callable[[Any
         print(f"fedanchor bench: error: {err}", file=sys.stderr)
         return 2
     out.mkdir(parents=True, exist_ok=True)
-    (out / f"{name}.json").write_text(json.dumps(result, indent=2))
+    (out / f"{name}.json").write_text(json.dumps(_finite(result), indent=2))
     table = markdown(result)
     (out / f"{name}.md").write_text(table)
     print(table)
     return 0
+
+
+def _finite(value: Any) -> Any:
+    """NaN and Inf as null: strict JSON readers refuse them."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -62,6 +75,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0], metavar="SEED",
                         help="split, training and adapter seed; several give the split-to-split spread")
     parser.add_argument("--noisy", action="store_true", help="also run the noisy-site study on the first split")
+    parser.add_argument("--precision", action="store_true",
+                        help="only the precision study on every split: several sites per modality, each corruption under "
+                             "precision and uniform weighting, and the federation without the bad site (precision.json)")
     parser.add_argument("--scale", action="store_true",
                         help="only the scale figures: server peak memory for 0/2/4/8/16 sites, and FLARE's cost (scale.md)")
     parser.add_argument("--job", default="jobs/motion", help="with --scale: the job run in the simulator and in process")
@@ -118,6 +134,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             plot_anchor_budget(study, out / "anchors.png")
             return study
         return _study(out, "anchors", budget, anchors_markdown)
+    if args.precision:
+        from .precision_study import precision_markdown, precision_study, precision_summary, write_splits
+
+        def study() -> dict:
+            configs = [bench_config(args.scenario, args.quick, seed, args.trunk, _parse_set(args.set or [])) for seed in args.seeds]
+            studies = precision_study(configs, modes=args.noisy_mode)
+            write_splits(studies, out)
+            return precision_summary(studies)
+        return _study(out, "precision", study, lambda summary: precision_markdown(summary, command))
     if args.speed:
         from .speed import speed_markdown, step_speed
 

@@ -22,6 +22,7 @@ Two figures per mode, each with its target:
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import time
@@ -61,6 +62,11 @@ NOISY_MODES: dict[str, NoisyMode] = {
     "gain": NoisyMode("gain", 1.0, "x -> (1+s) x + s*std (a gain and offset shift); text/codes: acts as noise"),
     "shuffle": NoisyMode("shuffle", 1.0, "each item's positions permuted with probability min(1, s); text/codes: order "
                                          "and pairing scrambled"),
+    "blur": NoisyMode("blur", 2.0, "another acquisition: a box blur of radius s (images, signals, vectors); text: "
+                                   "reports truncated to a (1 - s) share, at least 10%"),
+    "garbage": NoisyMode("garbage", 1.0, "every item replaced by random values of the right shape (per-position mean "
+                                         "and std); text/codes: random words / code sets"),
+    "small": NoisyMode("small", 0.95, "a very small site: only the first (1 - s) share of its items (at least 2)"),
 }
 if not all(m.corruption in CORRUPTIONS for m in NOISY_MODES.values()):
     raise RuntimeError(f"a noisy mode names a corruption outside {sorted(CORRUPTIONS)}")
@@ -101,6 +107,10 @@ class NoisyStudy:
     runs: dict[str, dict[str, NoisyRun]]  # mode -> {PRECISION: run, UNIFORM: run}
     seconds: float = 0.0
     modes: dict[str, NoisyMode] = field(default_factory=dict)
+    # The federation without the noisy site (precision weighting), and the clean federation under uniform weighting:
+    # what uniform averaging loses to a bad site, and whether precision weighting costs a clean federation anything.
+    clean_only: NoisyRun | None = None
+    reference_uniform: NoisyRun | None = None
 
     @property
     def clean_peers(self) -> list[str]:
@@ -134,6 +144,12 @@ class NoisyStudy:
                 "precision_minus_uniform": {lvl: recall[PRECISION][lvl] - recall[UNIFORM][lvl] for lvl in recall[PRECISION]},
                 "recall_target_met": {lvl: bool(recall[PRECISION][lvl] >= recall[UNIFORM][lvl]) for lvl in recall[PRECISION]},
             }
+            if self.clean_only is not None:
+                clean = self.clean_only.recall
+                hurt = {lvl: clean[lvl] - recall[UNIFORM][lvl] for lvl in clean}
+                out[mode]["uniform_hurt"] = hurt
+                out[mode]["recovery"] = {lvl: (recall[PRECISION][lvl] - recall[UNIFORM][lvl]) / hurt[lvl] if hurt[lvl] > 0
+                                         else math.nan for lvl in hurt}
         return out
 
     def as_dict(self) -> dict[str, Any]:
@@ -144,6 +160,8 @@ class NoisyStudy:
             "modes": {k: v.__dict__ for k, v in self.modes.items()},
             "reference": {**self.reference.as_dict(), "weight_ratio": self.weight_ratio(self.reference)},
             "runs": {mode: {w: run.as_dict() for w, run in pair.items()} for mode, pair in self.runs.items()},
+            "clean_only": self.clean_only.as_dict() if self.clean_only else None,
+            "reference_uniform": self.reference_uniform.as_dict() if self.reference_uniform else None,
             "figures": self.figures(),
         }
 
@@ -293,13 +311,14 @@ def _record(result: RunResult, mode: str | None, severity: float, weighting: str
 
 def noisy_site_study(config: FedAnchorConfig, split: FederatedSplit | None = None, site: str | None = None,
                      modes: Sequence[str] | Mapping[str, float] | None = None,
-                     say: Callable[[str], None] = print) -> NoisyStudy:
+                     say: Callable[[str], None] = print, clean_only: bool = False) -> NoisyStudy:
     """Run the clean reference and, per mode, the corrupted split under precision and under uniform weighting.
 
     ``config.precision.method`` is the precision weighting (it must not be "uniform"); ``split`` defaults to
     ``make_split(config)`` and is shared by every run so only the corruption and the weighting differ; ``site``
     defaults to the first site of a modality with two or more sites; ``modes`` are names of NOISY_MODES (their
-    default severities) or {name: severity}.
+    default severities) or {name: severity}. ``clean_only`` adds the federation without the noisy site and the clean
+    federation under uniform weighting (the precision study's references).
     """
     if config.precision.method == UNIFORM:
         raise ValueError("config.precision.method is 'uniform', so there is no precision weighting to compare; "
@@ -314,12 +333,14 @@ def noisy_site_study(config: FedAnchorConfig, split: FederatedSplit | None = Non
     uniform_config = with_overrides(config, {"precision.method": UNIFORM})
     seed = config.train.seed
 
-    def one(cfg: FedAnchorConfig, mode: str | None, severity: float, weighting: str) -> NoisyRun:
+    def one(cfg: FedAnchorConfig, mode: str | None, severity: float, weighting: str,
+            run_split: FederatedSplit | None = None) -> NoisyRun:
         # Same torch seed for every run (as the bench does), so runs differ only by corruption and weighting.
         torch.manual_seed(seed)
         t0 = time.perf_counter()
         corruptions = {noisy: (chosen[mode].corruption, severity)} if mode is not None else None
-        result = run_in_process(cfg, progress=None, corruptions=corruptions, split=split)
+        result = run_in_process(cfg, progress=None, corruptions=corruptions, split=run_split or split,
+                                evaluate_each_round=False)
         run = _record(result, mode, severity, weighting, time.perf_counter() - t0)
         weights = " ".join(f"{s}:{w:.2f}" for s, w in (run.site_weights[-1] if run.site_weights else {}).items())
         say(f"   final weights {weights} | mean R@10 inst {_fmt(run.recall['instance'])} sem "
@@ -328,6 +349,14 @@ def noisy_site_study(config: FedAnchorConfig, split: FederatedSplit | None = Non
 
     say(f"== clean reference ({config.precision.method}); noisy site will be {noisy} ({sites[noisy]}) ==")
     reference = one(config, None, 0.0, PRECISION)
+    without, reference_uniform = None, None
+    if clean_only:
+        say(f"== clean, uniform weighting ==")
+        reference_uniform = one(uniform_config, None, 0.0, UNIFORM)
+        say(f"== clean only: the federation without {noisy} ==")
+        rest = dataclasses.replace(split, private={s: d for s, d in split.private.items() if s != noisy},
+                                   site_modality={s: m for s, m in split.site_modality.items() if s != noisy})
+        without = one(with_overrides(config, {"data.sites": rest.site_modality}), None, 0.0, PRECISION, rest)
     runs: dict[str, dict[str, NoisyRun]] = {}
     for mode, spec in chosen.items():
         runs[mode] = {}
@@ -335,7 +364,8 @@ def noisy_site_study(config: FedAnchorConfig, split: FederatedSplit | None = Non
             say(f"== {mode} (severity {spec.severity:g}) on {noisy}, {weighting} weighting ==")
             runs[mode][weighting] = one(cfg, mode, spec.severity, weighting)
     study = NoisyStudy(scenario=config.data.scenario, config=config, noisy_site=noisy, modality=sites[noisy], sites=sites,
-                       reference=reference, runs=runs, seconds=time.perf_counter() - started, modes=chosen)
+                       reference=reference, runs=runs, seconds=time.perf_counter() - started, modes=chosen,
+                       clean_only=without, reference_uniform=reference_uniform)
     for mode, fig in study.figures().items():
         say(f"{mode}: weight ratio {' -> '.join(_fmt(x) for x in fig['weight_ratio'])} "
             f"(target <= {RATIO_TARGET}: {'met' if fig['ratio_target_met'] else 'not met'}); mean R@10 precision/uniform "

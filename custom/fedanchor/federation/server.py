@@ -24,11 +24,14 @@ from ..data.scenario import ModalityData, ModalitySpec
 from ..evaluation import cross_modal_metrics
 from ..model.base_features import base_features
 from ..model.homogeneous import HomogeneousTransformer, build_model
-from ..precision import PrecisionWeightedMerge, sample_weight
+from ..alignment.losses import two_view_contrastive
+from ..data.augment import augment
+from ..model.homogeneous import take_items
+from ..precision import PrecisionWeightedMerge, peer_factors, sample_weight
 from ..adapters.refresh import augment_basis, refresh_phase, truncate
 from .messages import (CODEBOOK_PREFIX, CONSENSUS_KEY, READOUT_PREFIX, TARGET_PREFIX, WIRE_STATISTICS, GlobalState, SiteUpdate,
                        adapter_key, is_core_or_magnitude)
-from .site import resolve_device
+from .site import resolve_device, same_items
 from .state import core_params, load_shared, projector_params, shared_tensors
 
 log = logging.getLogger(__name__)
@@ -101,6 +104,9 @@ def to_scoring_space(embeddings: Mapping[str, torch.Tensor], anchors: Mapping[st
             for m, z in embeddings.items()}
 
 
+ANCHOR_FACTOR_FLOOR = 1e-6  # a site's weight never underflows to 0: the merge stays a weighted mean of positive weights
+
+
 def _unit_mean(precision: torch.Tensor) -> torch.Tensor:
     return precision / precision.mean().clamp_min(1e-300)
 
@@ -138,6 +144,10 @@ class FederatedServer:
         self._anchors_only: dict[str, float] | None = None  # anchors_only_eval(), made once
         self._codebook_parts: dict[str, dict[str, tuple[np.ndarray, np.ndarray]]] = {}  # modality -> site -> (centroids, counts)
         self.codebook_temperature: float | None = None  # the assignment temperature, once the codebook is built
+        # The anchor check (precision.anchor_check): each site's factor for the next round, from this round's losses.
+        self.anchor_factors: dict[str, float] = {}
+        self._anchor_losses: dict[str, float] = {}
+        self._site_modality: dict[str, str] = {}
 
     # -- where the server is ---------------------------------------------------
     def _open_round(self) -> tuple[GlobalState, RoundReport]:
@@ -201,6 +211,7 @@ class FederatedServer:
         self._modality_mass: dict[str, float] = {}
         self._projector_merges: dict[str, PrecisionWeightedMerge] = {}
         self._consensus = GramConsensus(self.config.alignment.modality_weights, ema=self.config.alignment.consensus_ema)
+        self._anchor_losses = {}
 
     def check(self, update: SiteUpdate) -> float:
         """Raise ContributionRejected with a reason, or return the update's change (``update_change``) if it may count."""
@@ -311,7 +322,8 @@ class FederatedServer:
         return math.sqrt(diff / max(total, 1e-300))
 
     def _merge_weights(self, update: SiteUpdate) -> tuple[float, float, dict[str, torch.Tensor]]:
-        """(n_k ** gamma, pi_k n_k ** gamma, the weight of every core and magnitude coefficient): what accept folds in.
+        """(n_k ** gamma, a_k pi_k n_k ** gamma, the weight of every core and magnitude coefficient): what accept folds
+        in; a_k is the site's anchor-check factor from the previous round (1 without one).
 
         Lambda's absolute scale follows the optimiser's step size, not the data, so it is not comparable across
         sites: it only distributes a site's weight over its coefficients. pi_k is comparable only between sites of
@@ -319,7 +331,7 @@ class FederatedServer:
         are then combined by their sample mass n_k ** gamma.
         """
         mass = sample_weight(update.n_samples, self.config.precision.sample_exponent)
-        scale = update.uncertainty * mass
+        scale = update.uncertainty * mass * self.anchor_factors.get(update.site, 1.0)
         weights = {k: scale * _unit_mean(update.precision[k].double()) for k in update.params if is_core_or_magnitude(k)}
         return mass, scale, weights
 
@@ -367,6 +379,12 @@ class FederatedServer:
         self._changes.append(change)
         self.report.site_uncertainty[update.site] = update.uncertainty
         self.report.site_metrics[update.site] = dict(update.metrics)
+        if self.anchor_check_enabled():
+            loss = self.anchor_check(update)
+            self._anchor_losses[update.site] = loss
+            self._site_modality[update.site] = update.modality
+            self.report.site_metrics[update.site].update({"anchor_check/loss": loss,
+                                                          "anchor_check/factor": self.anchor_factors.get(update.site, 1.0)})
         self.report.bytes_up[update.site] = update.nbytes()
         if update.basis_digest:
             self.site_bases[update.site] = update.basis_digest
@@ -383,6 +401,12 @@ class FederatedServer:
             reasons = "; ".join(f"{s}: {r}" for s, r in self.report.rejected.items()) or "no site reported"
             raise RoundFailed(f"round {self.state.round}: {accepted} valid contribution(s), at least {max(1, min_sites)} needed "
                               f"({reasons}); the global model is left unchanged")
+        if self._anchor_losses:
+            self.anchor_factors = {s: max(f, ANCHOR_FACTOR_FLOOR) for s, f in peer_factors(
+                self._anchor_losses, self._site_modality, self.config.precision.anchor_check_min_sites).items()}
+            log.info("round %d anchor check: two-view loss on the anchors %s -> next round's factors %s", self.report.round,
+                     {s: round(v, 3) for s, v in self._anchor_losses.items()},
+                     {s: round(f, 3) for s, f in self.anchor_factors.items()})
         tensors = dict(self.state.tensors)
         total_mass = sum(self._modality_mass.values())
         merged: dict[str, torch.Tensor] = {}
@@ -442,6 +466,27 @@ class FederatedServer:
                  sorted(set(ranks.values())),
                  f", at most {max(discarded.values()):.3f} of a core's norm discarded" if discarded else "")
         return out
+
+    # -- the anchor check --------------------------------------------------------
+    def anchor_check_enabled(self) -> bool:
+        return self.config.precision.anchor_check and self.config.precision.method != "uniform"
+
+    @torch.no_grad()
+    def anchor_check(self, update: SiteUpdate) -> float:
+        """The site's two-view loss on public anchors of its modality, with its update applied to the global model:
+        the same anchors and augmentations for every site of the round, so that the sites' losses compare."""
+        cfg = self.config
+        anchors, spec = self.anchors[update.modality], self.modalities[update.modality]
+        rng = np.random.default_rng([cfg.train.seed, self.state.round, 17])
+        index = rng.choice(len(anchors), size=min(cfg.precision.anchor_check_items, len(anchors)), replace=False)
+        items = take_items(anchors.items, index)
+        views = [augment(spec, items, rng, cfg.private.augment_strength) for _ in range(2)]
+        load_shared(self.model, {k: v for k, v in update.params.items() if k in self._shapes})
+        try:
+            z1, z2 = (self.model.embed_all(update.modality, v).float() for v in views)
+            return float(two_view_contrastive(z1, z2, cfg.private.temperature, same_items(items)))
+        finally:
+            load_shared(self.model, self.state.shared_params())
 
     # -- the private codebook --------------------------------------------------
     def codebook_enabled(self) -> bool:
