@@ -89,7 +89,7 @@ class PrecisionConfig:
     # losses are noisy enough to take say from clean sites (docs/results/README.md, "Precision").
     anchor_check: bool = False
     anchor_check_items: int = 64  # anchors embedded (in two views) per update
-    anchor_check_min_sites: int = 3
+    anchor_check_min_sites: int = 3  # sites of a modality the check needs to tell an odd one out (fewer: factor 1)
     eps: float = 1e-12  # floor of a precision
 
 
