@@ -40,7 +40,8 @@ def test_modes_name_corruptions_that_exist():
 
 
 def test_noisy_study_on_motion_writes_weights_for_every_site_and_round(tmp_path, one_thread):
-    config = bench_config("motion", quick=True, trunk="tiny", overrides={"data.sites": SITES, "train.local_steps": 4})
+    config = bench_config("motion", quick=True, trunk="tiny", overrides={"data.sites": SITES, "train.local_steps": 4,
+                                                                         "alignment.readout_repeats": 1})
     messages: list[str] = []
     started = time.perf_counter()
     study = noisy_site_study(config, modes=["noise"], say=messages.append)
@@ -104,3 +105,51 @@ def test_a_study_needs_precision_weighting_to_compare():
     config = bench_config("motion", quick=True, trunk="tiny", overrides={"data.sites": SITES, "precision.method": "uniform"})
     with pytest.raises(ValueError, match="no precision weighting to compare"):
         noisy_site_study(config, modes=["noise"], say=lambda _m: None)
+
+
+def _run(weighting: str, weights: dict[str, float], instance: float, semantic: float):
+    from fedanchor.bench.noisy import NoisyRun
+
+    metrics = {f"{d}/{k}": v for d in ("a->b", "b->a") for k, v in (("recall@10", instance), ("semantic_recall@10", semantic))}
+    return NoisyRun(mode=None, severity=1.0, weighting=weighting, method="iterate_variance" if weighting == "precision" else "uniform",
+                    site_weights=[weights], site_uncertainty=[{}], rejected=[{}], metrics=metrics, seconds=1.0)
+
+
+def _study(seed: int, precision: float, uniform: float, clean_only: float, bad_weight: float):
+    from fedanchor.bench.noisy import NoisyStudy
+    from fedanchor.config import with_overrides
+
+    sites = {"p1": "a", "p2": "a", "p3": "a", "z1": "b"}
+    config = with_overrides(bench_config("motion", quick=True, trunk="tiny"), {"data.seed": seed})
+    clean = {"p1": 0.25, "p2": 0.25, "p3": 0.25, "z1": 0.25}
+    bad = {"p1": bad_weight, "p2": 0.3, "p3": 0.3, "z1": 0.25}
+    return NoisyStudy(scenario="motion", config=config, noisy_site="p1", modality="a", sites=sites,
+                      reference=_run("precision", clean, 0.9 + seed / 100, 0.8), modes=dict(resolve_modes(["garbage"])),
+                      runs={"garbage": {"precision": _run("precision", bad, precision, 0.8),
+                                        "uniform": _run("uniform", clean, uniform, 0.8)}},
+                      clean_only=_run("precision", {"p2": 0.3, "p3": 0.3, "z1": 0.4}, clean_only, 0.8),
+                      reference_uniform=_run("uniform", clean, 0.9, 0.8))
+
+
+def test_precision_summary_reports_ratio_hurt_and_recovery_from_the_split_means():
+    from fedanchor.bench.precision_study import precision_summary
+
+    # uniform loses 0.2 and 0.1 against clean only; precision wins back 0.15 and 0.05: 0.2 / 0.3 recovered overall
+    summary = precision_summary([_study(0, 0.75, 0.6, 0.8, 0.03), _study(1, 0.75, 0.7, 0.8, 0.09)])
+    case, = summary["cases"]
+    assert case["corruption"] == "garbage" and case["bad_site"] == "p1" and case["splits"] == 2
+    assert case["weight_ratio"] == pytest.approx((0.1 + 0.3) / 2)  # bad / mean clean peer (0.3) per split, then mean
+    assert case["uniform_hurt_instance"] == pytest.approx(0.15) and case["uniform_hurt_semantic"] == pytest.approx(0.0)
+    assert case["recovery_instance"] == pytest.approx(0.1 / 0.15)
+    assert case["recovery_semantic"] != case["recovery_semantic"]  # nan: nothing was lost, so nothing to recover
+    assert case["targets_met"] == {"weight_ratio": True, "recovery": False, "uniform_hurt": False}
+    clean = summary["clean"]["instance"]
+    assert clean["difference"] == pytest.approx(0.005) and clean["split_sd"] == pytest.approx(0.00707, abs=1e-4)
+    assert clean["within_one_sd"] is True
+
+
+def test_precision_study_needs_a_study():
+    from fedanchor.bench.precision_study import precision_summary
+
+    with pytest.raises(ValueError, match="at least one split"):
+        precision_summary([])
