@@ -191,3 +191,26 @@ def test_the_demo_lines_compare_with_the_anchors_only_cca_and_flag_chance():
     assert lines[0] == "a->b instance R@10: fedanchor 0.500 vs anchors-only 0.400 (+0.100)"
     assert lines[1] == "a->b semantic R@10: fedanchor 0.300 vs anchors-only 0.350 (-0.050)"
     assert lines[-1].startswith("at or below chance: a->b semantic R@10")
+
+
+def test_bench_precision_writes_the_cases_in_the_documented_shape(tmp_path):
+    """`--precision`: per corruption the bad site's weight ratio, what uniform averaging lost against the federation
+    without it, what precision weighting recovered, and the clean check (one split: no split sd, so null in the
+    JSON); each split's noisy study. The averaging over splits is checked in test_noisy.py."""
+    code = bench_cli("--scenario", "motion", "--trunk", "tiny", "--quick", "--precision", "--seeds", "0",
+                     "--noisy-mode", "garbage", "--set", "train.local_steps=8", "--out", str(tmp_path))
+    assert code == 0
+    summary = json.loads((tmp_path / "precision.json").read_text())
+    case, = summary["cases"]
+    for key in ("scenario", "corruption", "weight_ratio", "recovery_instance", "recovery_semantic",
+                "uniform_hurt_instance", "uniform_hurt_semantic", "splits"):
+        assert key in case, key
+    assert case["scenario"] == "motion" and case["corruption"] == "garbage" and case["splits"] == 1
+    assert case["bad_site"] == "site-a1" and len(case["weight_ratio_per_split"]) == 1 and case["weight_ratio"] > 0
+    assert set(summary["clean"]) == {"instance", "semantic"} and summary["seeds"] == [0]
+    assert summary["clean"]["instance"]["split_sd"] is None and summary["clean"]["instance"]["within_one_sd"] is None
+    for seed in (0,):
+        noisy = json.loads((tmp_path / f"seed-{seed}" / "noisy.json").read_text())
+        assert set(noisy["clean_only"]["site_weights"][-1]) == {"site-a2", "site-a3", "site-g1"}  # without the bad site
+        assert noisy["reference_uniform"]["method"] == "uniform"
+    assert "| garbage (s=1) | site-a1 |" in (tmp_path / "precision.md").read_text()

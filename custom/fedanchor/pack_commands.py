@@ -51,7 +51,7 @@ def cmd_info(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     """A bundled scenario's split as a pack folder, and optionally its sites' private shards as site data folders."""
     from .bench.runner import bench_config
-    from .federation.loop import job_pack
+    from .federation.loop import job_pack, site_modality
 
     config = bench_config(args.scenario, quick=False, seed=args.seed,
                           overrides=_set_values(args.set))
@@ -65,14 +65,9 @@ def cmd_export(args: argparse.Namespace) -> int:
             folder.mkdir(parents=True, exist_ok=True)
             write_items(folder, data)
             print(f"wrote {folder} ({data.spec.name}, {len(data)} private items)")
-    print(f"sites of the scenario: {' '.join(f'--site {s}={m}' for s, m in pack.federated_split(config.data.sites or _default_sites(args.scenario)).site_modality.items())}")
+    print("the scenario's sites, for `fedanchor job new`: "
+          + " ".join(f"--site {s}={m}" for s, m in site_modality(config).items()))
     return 0
-
-
-def _default_sites(scenario: str) -> dict[str, str]:
-    from .federation.loop import DEFAULT_SITES
-
-    return DEFAULT_SITES[scenario]
 
 
 def cmd_job_new(args: argparse.Namespace) -> int:
