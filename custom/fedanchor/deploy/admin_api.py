@@ -7,7 +7,10 @@ and an org_admin may not.
 """
 from __future__ import annotations
 
+import contextlib
+import io
 import json
+import logging
 import shutil
 import tempfile
 import time
@@ -29,12 +32,27 @@ def kit_user(kit: str | Path) -> str:
     return json.loads(path.read_text())["admin"]["username"]
 
 
+@contextlib.contextmanager
+def quiet_flare():
+    """FLARE's own chatter off for a moment: its "Connecting to FLARE ..." line on stdout and the messaging errors
+    its cells log once the server they talk to is gone (expected during a shutdown). Errors still raise."""
+    flare_log = logging.getLogger("nvflare")
+    level = flare_log.level
+    flare_log.setLevel(logging.CRITICAL)
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            yield
+    finally:
+        flare_log.setLevel(level)
+
+
 def open_session(kit: str | Path, user: str | None = None, timeout: float = 30.0):
     """A secure FLARE API session as the kit's user (or ``user``, who must match the kit's certificate)."""
     from nvflare.fuel.flare_api.flare_api import new_secure_session
 
     kit = Path(kit).resolve()
-    return new_secure_session(user or kit_user(kit), str(kit), timeout=timeout)
+    with quiet_flare():
+        return new_secure_session(user or kit_user(kit), str(kit), timeout=timeout)
 
 
 def submit(session, job_dir: str | Path) -> str:

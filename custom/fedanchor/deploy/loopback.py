@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from . import processes
-from .admin_api import open_session
+from .admin_api import open_session, quiet_flare
 from .kits import Kits, install_local_files, provision, provision_dir, with_port
 
 Echo = Callable[[str], Any]
@@ -132,14 +132,15 @@ class LoopbackDeployment:
     def shutdown(self, timeout: float = 90.0) -> list[int]:
         """``shutdown all`` as the project admin; returns the ids of processes still alive after ``timeout``."""
         session = self.session("project_admin")
-        try:
-            session.shutdown("all", wait=True, timeout=min(timeout, 60.0))
-        finally:
+        with quiet_flare():  # the session's cell reports the server it talks to is gone: that is the point
             try:
-                session.close()
-            except Exception:  # the server is gone: closing the session has nobody to tell
-                pass
-        return processes.wait_gone(self.marker, timeout)
+                session.shutdown("all", wait=True, timeout=min(timeout, 60.0))
+            finally:
+                try:
+                    session.close()
+                except Exception:  # the server is gone: closing the session has nobody to tell
+                    pass
+            return processes.wait_gone(self.marker, timeout)
 
     def alive(self) -> list[int]:
         return processes.marked_processes(self.marker)
