@@ -15,7 +15,7 @@ import json
 from pathlib import Path
 from typing import Sequence
 
-from .config import config_from_dict
+from .config import config_from_dict, config_to_dict, with_overrides
 from .data.pack import MIN_ANCHORS, check_pack, load_pack, write_items, write_pack
 
 
@@ -82,17 +82,13 @@ def cmd_job_new(args: argparse.Namespace) -> int:
     if missing:
         raise ValueError(f"no site holds modality(ies) {missing}; add --site NAME={missing[0]} (every modality of the pack "
                          "needs at least one site)")
-    values: dict = {}
-    for key, value in list(_set_values(args.set).items()) + [
-            ("data.pack", str(pack.root)), ("data.pack_fingerprint", pack.fingerprint), ("data.sites", sites)]:
-        _nest(values, key, value)
-    if args.trunk:
-        _nest(values, "trunk.name", args.trunk)
-    config_from_dict(values)  # every key checked before anything is written
+    overrides = {**_set_values(args.set), "data.pack": str(pack.root), "data.pack_fingerprint": pack.fingerprint,
+                 "data.sites": sites, **({"trunk.name": args.trunk} if args.trunk else {})}
+    config = with_overrides(config_from_dict({}), overrides)  # every key checked before anything is written
     out = Path(args.out)
     if out.exists() and any(out.iterdir()) and not args.force:
         raise ValueError(f"{out} exists and is not empty; choose another --out or pass --force to overwrite it")
-    job = write_job(out, args.name or f"fedanchor-{pack.name}", values, num_rounds=args.rounds)
+    job = write_job(out, args.name or f"fedanchor-{pack.name}", config_to_dict(config), num_rounds=args.rounds)
     print(f"wrote {job}: pack {pack.name} ({pack.fingerprint[:16]}), sites {sites}, {args.rounds} rounds")
     print(f"try it: fedanchor simulate {job} --site-data <folder holding one data folder per site>")
     return 0
@@ -109,14 +105,6 @@ def _site_pair(text: str) -> tuple[str, str]:
     if not sep or not site.strip() or not modality.strip():
         raise ValueError(f"--site {text!r}: write NAME=MODALITY, e.g. --site hospital-a=ecg")
     return site.strip(), modality.strip()
-
-
-def _nest(values: dict, dotted: str, value) -> None:
-    *path, last = dotted.split(".")
-    node = values
-    for part in path:
-        node = node.setdefault(part, {})
-    node[last] = value
 
 
 def add_commands(sub: argparse._SubParsersAction) -> None:

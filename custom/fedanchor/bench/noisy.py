@@ -351,7 +351,7 @@ def noisy_site_study(config: FedAnchorConfig, split: FederatedSplit | None = Non
     reference = one(config, None, 0.0, PRECISION)
     without, reference_uniform = None, None
     if clean_only:
-        say(f"== clean, uniform weighting ==")
+        say("== clean, uniform weighting ==")
         reference_uniform = one(uniform_config, None, 0.0, UNIFORM)
         say(f"== clean only: the federation without {noisy} ==")
         rest = dataclasses.replace(split, private={s: d for s, d in split.private.items() if s != noisy},

@@ -49,7 +49,11 @@ MIN_ANCHORS = 12  # the readout's k-fold choice needs at least 2 folds of 3 anch
 
 
 class PackError(ValueError):
-    """A pack folder is not usable; the message lists each problem with its file and the fix."""
+    """A pack folder is not usable; the message lists each problem with its file and the fix (``problems``)."""
+
+    def __init__(self, message: str, problems: list[str] | None = None):
+        super().__init__(message)
+        self.problems = list(problems) if problems else [message]
 
 
 @dataclass
@@ -95,7 +99,7 @@ def check_pack(root: str | Path, min_anchors: int = MIN_ANCHORS) -> list[str]:
     try:
         _read(Path(root), min_anchors)
     except PackError as err:
-        return list(err.args[1]) if len(err.args) > 1 else [str(err)]
+        return err.problems
     return []
 
 

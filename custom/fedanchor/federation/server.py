@@ -17,16 +17,15 @@ import torch
 
 from ..alignment.codebook import TEMPERATURES, Codebook, CodebookProjection, assignment_scale, pool_centroids
 from ..alignment.gram import GramConsensus, centred_gram, consensus_agreement, from_upper_triangle, upper_triangle
+from ..alignment.losses import two_view_contrastive
 from ..alignment.readout import AnchorReadout
 from ..alignment.readout_choice import ReadoutChoice, choose_readout
 from ..config import FedAnchorConfig
+from ..data.augment import augment
 from ..data.scenario import ModalityData, ModalitySpec
 from ..evaluation import cross_modal_metrics
 from ..model.base_features import base_features
-from ..model.homogeneous import HomogeneousTransformer, build_model
-from ..alignment.losses import two_view_contrastive
-from ..data.augment import augment
-from ..model.homogeneous import take_items
+from ..model.homogeneous import HomogeneousTransformer, build_model, take_items
 from ..precision import PrecisionWeightedMerge, peer_factors, sample_weight
 from ..adapters.refresh import augment_basis, refresh_phase, truncate
 from .messages import (CODEBOOK_PREFIX, CONSENSUS_KEY, READOUT_PREFIX, TARGET_PREFIX, WIRE_STATISTICS, GlobalState, SiteUpdate,
@@ -212,6 +211,7 @@ class FederatedServer:
         self._projector_merges: dict[str, PrecisionWeightedMerge] = {}
         self._consensus = GramConsensus(self.config.alignment.modality_weights, ema=self.config.alignment.consensus_ema)
         self._anchor_losses = {}
+        self._anchor_views: dict[str, tuple] = {}  # modality -> (items, view 1, view 2): the same for every site
 
     def check(self, update: SiteUpdate) -> float:
         """Raise ContributionRejected with a reason, or return the update's change (``update_change``) if it may count."""
@@ -476,17 +476,24 @@ class FederatedServer:
         """The site's two-view loss on public anchors of its modality, with its update applied to the global model:
         the same anchors and augmentations for every site of the round, so that the sites' losses compare."""
         cfg = self.config
-        anchors, spec = self.anchors[update.modality], self.modalities[update.modality]
-        rng = np.random.default_rng([cfg.train.seed, self.state.round, 17])
-        index = rng.choice(len(anchors), size=min(cfg.precision.anchor_check_items, len(anchors)), replace=False)
-        items = take_items(anchors.items, index)
-        views = [augment(spec, items, rng, cfg.private.augment_strength) for _ in range(2)]
+        items, *views = self._anchor_check_views(update.modality)
         load_shared(self.model, {k: v for k, v in update.params.items() if k in self._shapes})
         try:
             z1, z2 = (self.model.embed_all(update.modality, v).float() for v in views)
             return float(two_view_contrastive(z1, z2, cfg.private.temperature, same_items(items)))
         finally:
             load_shared(self.model, self.state.shared_params())
+
+    def _anchor_check_views(self, modality: str) -> tuple:
+        """(anchors, view 1, view 2) the round's anchor check embeds for ``modality``: drawn once per round."""
+        if modality not in self._anchor_views:
+            cfg = self.config
+            anchors, spec = self.anchors[modality], self.modalities[modality]
+            rng = np.random.default_rng([cfg.train.seed, self.state.round, 17])
+            index = rng.choice(len(anchors), size=min(cfg.precision.anchor_check_items, len(anchors)), replace=False)
+            items = take_items(anchors.items, index)
+            self._anchor_views[modality] = (items, *(augment(spec, items, rng, cfg.private.augment_strength) for _ in range(2)))
+        return self._anchor_views[modality]
 
     # -- the private codebook --------------------------------------------------
     def codebook_enabled(self) -> bool:
