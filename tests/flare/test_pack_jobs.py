@@ -91,3 +91,20 @@ def test_the_worked_example_runs_in_the_flare_simulator_on_the_packs_validation_
     # far above chance (10 of 60): the pack's pairs are informative and the federation kept them so
     assert min(final["ecg->labs/recall@10"], final["labs->ecg/recall@10"]) > 0.5, final
     assert summary["config"]["data"]["pack_fingerprint"] == load_pack(example / "pack").fingerprint
+
+
+def test_a_sites_pack_path_does_not_turn_a_bundled_job_into_a_pack_job(example):
+    """`pack` in fedanchor_site.json says where this machine keeps a pack job's pack; on a job of a bundled scenario
+    the site trains on the bundled anchors as before."""
+    from nvflare.apis.event_type import EventType
+
+    from fedanchor.flare.executor import FedAnchorExecutor
+
+    config = jobs.read_job_config(ROOT / "jobs" / "motion")
+    site_ctx = fake_ctx(example / "site-1", "site-1")
+    (example / "site-1/local/fedanchor_site.json").write_text(json.dumps({"pack": str(example / "pack")}))
+    executor = FedAnchorExecutor(config=config)
+    executor.handle_event(EventType.START_RUN, site_ctx)
+    trainer = executor._site()
+    assert trainer.modality == "accel" and trainer.anchor_fingerprint != load_pack(example / "pack").fingerprint
+

@@ -158,7 +158,7 @@ class FedAnchorExecutor(Executor):
         shard, modality = resolve_shard(site, site_cfg, site_modality(cfg))
         if site_cfg.num_threads:
             torch.set_num_threads(site_cfg.num_threads)
-        if site_cfg.pack:
+        if site_cfg.pack and cfg.data.pack:  # where this machine keeps the job's pack; a bundled job has none to move
             cfg = self._cfg = with_overrides(cfg, {"data.pack": site_cfg.pack})
         if cfg.data.pack and site_cfg.data.source != "folder":
             raise SiteConfigError(f"the job runs on anchor pack {cfg.data.pack}, which holds no private data: set "
