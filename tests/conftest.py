@@ -1,7 +1,10 @@
 """Shared fixtures: a tiny random-init trunk so almost the whole suite runs on a CPU in seconds."""
 from __future__ import annotations
 
+import json
 import os
+import shutil
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -81,3 +84,46 @@ def assert_png_drawn(path, size_inches: tuple[float, float], dpi: int = 110) -> 
     assert abs(width - size_inches[0] * dpi) <= 1 and abs(height - size_inches[1] * dpi) <= 1, (width, height)
     ink = float((grey < 160).mean())
     assert 0.003 < ink < 0.5, f"{path}: {ink:.2%} of the pixels are ink"
+
+
+def fedanchor_configs(node):
+    """Every fedanchor config dict inside a job's JSON (the server's and the sites' copies)."""
+    if isinstance(node, dict):
+        if "rounds" in node and "train" in node and "data" in node:
+            yield node
+        for value in node.values():
+            yield from fedanchor_configs(value)
+    elif isinstance(node, list):
+        for value in node:
+            yield from fedanchor_configs(value)
+
+
+def changed_job(job: Path, out: Path, changes: dict) -> Path:
+    """A copy of the job folder ``job`` at ``out`` with dotted fedanchor settings changed in every copy of its config;
+    the key 'meta.scope' changes the job's privacy scope, 'custom code' adds a code file to every app."""
+    shutil.copytree(job, out)
+    meta_file = out / "meta.json"
+    meta = json.loads(meta_file.read_text())
+    for key, value in changes.items():
+        if key == "meta.scope":
+            meta["scope"] = value
+        elif key == "custom code":
+            for app in meta["deploy_map"]:
+                (out / app / "custom").mkdir(exist_ok=True)
+                (out / app / "custom" / "extra.py").write_text("print('hello')\n")
+    meta_file.write_text(json.dumps(meta))
+    for path in out.rglob("*.json"):
+        data = json.loads(path.read_text())
+        configs = list(fedanchor_configs(data))
+        for config in configs:
+            for key, value in changes.items():
+                if key in ("meta.scope", "custom code"):
+                    continue
+                *parents, leaf = key.split(".")
+                node = config
+                for part in parents:
+                    node = node[part]
+                node[leaf] = value
+        if configs:
+            path.write_text(json.dumps(data))
+    return out

@@ -15,6 +15,7 @@ import json
 from pathlib import Path
 from typing import Sequence
 
+from .approval_commands import add_commands as add_approval_commands
 from .config import config_from_dict, config_to_dict, with_overrides
 from .data.pack import MIN_ANCHORS, check_pack, load_pack, write_items, write_pack
 
@@ -125,8 +126,9 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--site-data", default=None, help="also write each site's private shard to <this>/<site>/")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="a config key of the split, e.g. data.n_anchors=100")
     p.set_defaults(func=cmd_export)
-    job = sub.add_parser("job", help="make a FLARE job for an anchor pack")
+    job = sub.add_parser("job", help="make a FLARE job for an anchor pack; approve jobs at a site")
     jv = job.add_subparsers(dest="verb", required=True)
+    add_approval_commands(jv)
     p = jv.add_parser("new", help="write a package-only FLARE job folder for a pack and its sites")
     p.add_argument("--pack", required=True, help="the pack folder")
     p.add_argument("--site", action="append", required=True, metavar="NAME=MODALITY", help="a site and its modality (repeat)")

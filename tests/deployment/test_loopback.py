@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from conftest import changed_job
 from fedanchor.deploy import admin_api
 from fedanchor.deploy.loopback import LoopbackDeployment, connected_sites
 from fedanchor.deploy.processes import MARKER
@@ -37,6 +38,7 @@ def deployment(tmp_path_factory):
     try:
         d.provision()
         d.start(timeout=180)
+        d.approve(JOB)  # each hospital's admin admits the job the tests submit (flare/approval.py)
         print(f"deployment up in {time.monotonic() - started:.0f}s")
         yield d
     finally:
@@ -61,6 +63,7 @@ def test_an_org_admin_cannot_submit(deployment):
 
 def test_a_site_refuses_a_job_that_carries_custom_code(deployment, tmp_path):
     byoc = jobs.export_byoc(JOB, tmp_path / "hospitals-motion-byoc")
+    deployment.approve(byoc)  # approval admits a job; it does not lift the sites' ban on custom code
     session = deployment.session("lead")  # the server lets a lead submit custom code; the hospitals do not
     try:
         meta = admin_api.watch(session, admin_api.submit(session, byoc), echo=print, timeout=120)
@@ -70,6 +73,24 @@ def test_a_site_refuses_a_job_that_carries_custom_code(deployment, tmp_path):
     detail = meta["job_deploy_detail"]
     for site in SITES:
         assert f"{site}: NVFLARE_ERROR: BYOC not permitted" in detail, detail
+
+
+def test_sites_refuse_a_job_they_did_not_approve_and_say_what_changed(deployment, tmp_path):
+    """The hospitals approved JOB as it is; the same job with more rounds and another learning rate is refused by
+    every site before anything runs, and the submitter reads why in the job's deploy detail."""
+    changed = changed_job(JOB, tmp_path / "changed", {"rounds": 5, "train.lr": 0.05})
+    session = deployment.session("lead")
+    try:
+        meta = admin_api.watch(session, admin_api.submit(session, changed), echo=print, timeout=120)
+    finally:
+        session.close()
+    assert meta["status"] == "FINISHED:FAILED_TO_RUN", meta
+    detail = str(meta["job_deploy_detail"])
+    for site in SITES:
+        assert f"{site}: NVFLARE_ERROR: {site} has not approved this job" in detail, detail
+    assert "rounds 2 -> 5" in detail and "train.lr 0.005 -> 0.05" in detail and "fedanchor job approve" in detail
+    for site in SITES:
+        assert "refused job" in deployment.log_of(deployment.kits.kit(site)), site
 
 
 def tls_probe(port: int, ca: Path, kit: Path) -> bytes | None:
@@ -129,6 +150,7 @@ def test_a_job_on_the_consortiums_own_pack_runs_on_the_hospitals_folders(deploym
     assert fedanchor_main(["job", "new", "--pack", str(tmp_path / "pack"), *[f"--site={s}={m}" for s, m in sites.items()],
                            "--out", str(tmp_path / "job"), "--rounds", "1", "--trunk", "tiny", "--set", "train.local_steps=8",
                            "--set", "train.batch_size=8", "--set", "alignment.readout_repeats=1"]) == 0
+    deployment.approve(tmp_path / "job")
     site_files = [deployment.kits.kit(site) / "local" / "fedanchor_site.json" for site in SITES]
     for path in site_files:
         path.write_text(json.dumps({"data": {"source": "folder", "path": str(tmp_path / "sites" / "{site}")}}))

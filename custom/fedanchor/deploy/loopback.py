@@ -118,6 +118,14 @@ class LoopbackDeployment:
             time.sleep(1.0)
 
     # -- use ---------------------------------------------------------------------------
+    def approve(self, job_dir: str | Path, sites: Sequence[str] | None = None, note: str = "") -> list:
+        """Each site's admin approves ``job_dir`` in its own kit (flare/approval.py); sites admit only approved jobs."""
+        from ..flare.approval import approve
+
+        kits = self._kits()
+        return [approve(job_dir, kits.kit(site), approved_by=f"it@{site}", note=note, site=site)
+                for site in (sites if sites is not None else kits.sites)]
+
     def session(self, role: str, timeout: float = 30.0):
         """A FLARE API session as the project's admin user with ``role`` (project_admin, lead, org_admin)."""
         user, kit = self._kits().admin(role)

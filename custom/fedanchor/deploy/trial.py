@@ -55,6 +55,9 @@ def run_trial(job: Path, workdir: Path, timeout: float = 900.0, echo=print) -> f
         step(f"preflight-check {kits.server}: {preflight(kits.kit(kits.server), d.env)}")
         d.start()
         step("federation up")
+        approvals = d.approve(job, note="make trial")
+        step(f"each hospital's admin approved {job} (digest {approvals[0].digest[:12]}) in its kit's "
+             f"local/approved_jobs.json")
         user, _ = kits.admin("lead")
         session = d.session("lead")
         try:
