@@ -80,7 +80,11 @@ def test_site_resources_admit_fedanchor_and_exactly_the_flare_classes_the_jobs_u
     assert ours["allow_log_streaming"] is False
     default = json.loads((provisioned.kit("hospital-a") / "local/resources.json.default").read_text())
     changed = {k for k in set(ours) | set(default) if ours.get(k) != default.get(k)}
-    assert changed == {"class_allow_list", "allow_log_streaming"}, "otherwise FLARE's client defaults, unchanged"
+    assert changed == {"class_allow_list", "allow_log_streaming", "components"}
+    # The one added component: the site deploys only the jobs its admin approved (flare/approval.py).
+    assert ours["components"][0] == {"id": "app_deployer", "path": "fedanchor.flare.approval.ApprovedJobsDeployer",
+                                     "args": {"approvals_file": "approved_jobs.json"}}
+    assert ours["components"][1:] == default["components"], "otherwise FLARE's client defaults, unchanged"
 
 
 def test_server_resources_keep_the_job_store_in_the_workspace(provisioned):
