@@ -5,6 +5,7 @@
     fedanchor bench --scenario digits --seeds 0 1 2 --noisy --out runs/bench-digits-full
     fedanchor bench --scenario digits --quick --anchors 25 50 100 200 400 --out runs/anchors-digits
     fedanchor bench --scenario digits --precision --seeds 0 1 2 --out runs/precision-digits
+    fedanchor bench --server-memory --rounds 60 --gc-rounds 0,1,10 --out runs/server-memory
 
 With several --seeds every split gets its own folder (seed-N/) and spread.md gives
 mean and standard deviation over splits. --noisy adds the noisy-site study
@@ -65,11 +66,27 @@ def _finite(value: Any) -> Any:
     return value
 
 
+def _server_memory(args: argparse.Namespace, out: Path, command: str) -> int:
+    """--server-memory: its own deployment and output files, so not _study's one json + md."""
+    from .server_memory import parse_gc_rounds, server_memory_study, write_study
+
+    try:
+        study = server_memory_study(args.rounds, parse_gc_rounds(args.gc_rounds))
+    except (ValueError, FileNotFoundError, RuntimeError, TimeoutError) as err:
+        print(f"fedanchor bench: error: {err}", file=sys.stderr)
+        return 2
+    paths = write_study(study, out, command)
+    print(paths["md"].read_text())
+    print(f"wrote {', '.join(str(p) for p in paths.values())} in {study['wall_s']:.0f} s")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = argparse.ArgumentParser(prog="fedanchor bench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--scenario", choices=("xray", "digits", "motion"), required=True)
+    parser.add_argument("--scenario", choices=("xray", "digits", "motion"),
+                        help="the data scenario (needed by every mode but --server-memory)")
     parser.add_argument("--out", required=True, help="folder for results.json, results.md and recall_at_10.png")
     parser.add_argument("--quick", action="store_true", help="few rounds and steps, smaller test and private sets")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0], metavar="SEED",
@@ -89,6 +106,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--anchors", type=int, nargs="+", metavar="N",
                         help="only the anchor budget: the anchors-only CCA and fedanchor at each anchor count, and "
                              "fedanchor's effective anchors (anchors.md, anchors.png)")
+    parser.add_argument("--server-memory", action="store_true",
+                        help="only the FLARE server's memory over a long job on the provisioned loopback federation, "
+                             "once per --gc-rounds setting (results.json, results.md, rss_vs_round.png)")
+    parser.add_argument("--rounds", type=int, default=60, help="with --server-memory: rounds of the job (at least 12)")
+    parser.add_argument("--gc-rounds", default="0,1,10",
+                        help="with --server-memory: ScatterAndGather memory_gc_rounds values, run one after another")
     parser.add_argument("--refresh-every", type=int, default=3, help="with --refresh: T, rounds between basis refreshes")
     parser.add_argument("--noisy-mode", action="append", choices=sorted(NOISY_MODES),
                         help="corruptions of the noisy-site study (repeatable; default all)")
@@ -105,6 +128,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     command = "fedanchor bench " + shlex.join(argv)
     out = Path(args.out)
+    if args.server_memory:
+        return _server_memory(args, out, command)
+    if args.scenario is None:
+        parser.error("--scenario is required (all modes but --server-memory)")
     if len(set(args.seeds)) != len(args.seeds):
         raise SystemExit(f"--seeds {args.seeds} repeats a seed; give each split once")
 
