@@ -31,7 +31,7 @@ test-fast: $(STAMP)
 compare: $(STAMP)
 	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(VENV)/bin/fedanchor compare --scenario xray --rounds $(ROUNDS) --out runs/compare-xray
 
-# The default job, jobs/xray, in the real FLARE simulator: a line per round, then the results table, results.json and rounds.png.
+# The default job, jobs/xray, as its FedAnchorRecipe in FLARE's SimEnv: a line per round, then the results table, results.json and rounds.png.
 demo: $(STAMP)
 	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(VENV)/bin/fedanchor simulate jobs/xray --out runs/demo-xray
 
@@ -41,7 +41,7 @@ TRIAL_JOB ?= jobs/xray
 trial: $(STAMP)
 	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(PY) -m fedanchor.deploy.trial $(TRIAL_JOB)
 
-# Rebuild jobs/*/ from fedanchor.flare.jobs.DEMO_JOBS (a test checks they agree).
+# Export jobs/*/ from the FedAnchorRecipe of each fedanchor.flare.jobs.DEMO_JOBS entry (a test checks they agree).
 jobs: $(STAMP)
 	$(PY) -m fedanchor.flare.jobs write-demo-jobs jobs
 

@@ -43,3 +43,24 @@ def test_the_configuration_reference_is_current():
     page = Path(__file__).resolve().parents[1] / "docs" / "CONFIG.md"
     assert page.read_text() == config_reference(), "docs/CONFIG.md is stale: run `make docs`"
     assert "| `privacy.noise_multiplier` |" in page.read_text() and "|  |" not in page.read_text()
+
+
+def test_simulate_refuses_a_job_folder_its_recipe_would_not_run_as_it_is(tmp_path, capsys):
+    """`fedanchor simulate` runs a folder through its FedAnchorRecipe: what the recipe cannot express is named, not
+    dropped (here a component added by hand)."""
+    from fedanchor.flare.recipe import FedAnchorRecipe
+
+    job = FedAnchorRecipe.from_demo("motion").export_folder(tmp_path / "job")
+    server_file = job / "app/config/config_fed_server.json"
+    server = json.loads(server_file.read_text())
+    server["components"].append({"id": "mine", "path": "fedanchor.flare.cross_site.CrossSiteTable", "args": {}})
+    server_file.write_text(json.dumps(server))
+    assert main(["simulate", str(job), "--out", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    assert "components/mine (only in the folder)" in err and "FedAnchorRecipe" in err
+    assert not (tmp_path / "run").exists()  # refused before anything ran
+
+
+def test_submit_names_a_kit_that_is_not_there(tmp_path, capsys):
+    assert main(["submit", "--kit", str(tmp_path / "no-kit"), "--job", "hospitals-motion"]) == 2
+    assert "no-kit is not an admin startup kit" in capsys.readouterr().err

@@ -4,6 +4,7 @@
     fedanchor compare --scenario xray --rounds 3 --out runs/compare-xray
     fedanchor simulate jobs/xray [--out runs/xray]      (the FLARE simulator; what `make demo` runs)
     fedanchor export-byoc jobs/xray OUT                  (a copy of a job with the package bundled under custom/)
+    fedanchor submit --kit ADMIN_KIT --job xray [--wait]  (a job's recipe to a deployment: FLARE's ProdEnv)
 
 ``run`` trains in process (every site and the server in one process, the same
 functions the FLARE components call). ``compare`` runs the full objective and the
@@ -122,6 +123,31 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_submit(args: argparse.Namespace) -> int:
+    """A demo job or job folder, as its FedAnchorRecipe, to a deployment through ProdEnv (an admin startup kit)."""
+    from nvflare.recipe.prod_env import ProdEnv
+
+    from .deploy.admin_api import COMPLETED, kit_user, read_result, show_metrics
+    from .flare.recipe import load_recipe
+
+    kit = Path(args.kit).resolve()
+    user = args.user or kit_user(kit)  # a folder that is not an admin kit is named before the recipe is built
+    recipe = load_recipe(args.job)
+    env = ProdEnv(startup_kit_location=str(kit), username=user, login_timeout=args.login_timeout)
+    run = recipe.run(env)
+    print(f"submitted {recipe.name} as job {run.get_job_id()}")
+    if not args.wait:
+        return 0
+    result = run.get_result(timeout=args.timeout)  # FLARE prints the job's meta as it changes
+    status = run.get_status()
+    if status != COMPLETED or not result:
+        raise RuntimeError(f"job {run.get_job_id()} ended {status} (result {result}); `list_jobs -d "
+                           f"{run.get_job_id()}` in the admin console shows why")
+    print(f"result in {result}")
+    show_metrics(read_result(result))
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "simulate":
@@ -160,6 +186,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     where.add_argument("--pack", help="the job's anchor pack folder")
     p.add_argument("--modality", required=True, help="the site's modality, e.g. report or findings")
     p.set_defaults(func=cmd_check_data)
+    p = sub.add_parser("submit", help="submit a job's recipe to a deployment (FLARE ProdEnv, an admin startup kit)")
+    p.add_argument("--kit", required=True, help="your admin startup kit (the folder holding startup/fed_admin.json)")
+    p.add_argument("--job", required=True, help="a demo job's name (xray, hospitals-motion, ...) or a job folder")
+    p.add_argument("--user", default=None, help="user name (default: the one the kit was provisioned for)")
+    p.add_argument("--wait", action="store_true", help="wait for the job, download its result, print its metrics")
+    p.add_argument("--timeout", type=float, default=0.0, help="with --wait: longest wait in seconds (0: no limit)")
+    p.add_argument("--login-timeout", type=float, default=30.0, help="seconds to connect to the server")
+    p.set_defaults(func=cmd_submit)
     add_pack_commands(sub)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")

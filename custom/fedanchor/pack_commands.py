@@ -5,8 +5,8 @@
     fedanchor pack export --scenario motion --out packs/motion --site-data site-data   # a bundled scenario as a pack
     fedanchor job new --pack my-pack --site hospital-a=ecg --site hospital-b=letter --out jobs/ecg-letters --rounds 5
 
-``job new`` writes a plain package-only FLARE job (no custom/ folder) that names the
-pack by path and fingerprint; a site holding another version of the pack refuses it.
+``job new`` exports a ``FedAnchorRecipe`` (flare/recipe.py): a plain package-only FLARE job (no custom/
+folder) that names the pack by path and fingerprint; a site holding another version of the pack refuses it.
 """
 from __future__ import annotations
 
@@ -72,7 +72,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_job_new(args: argparse.Namespace) -> int:
-    from .flare.jobs import write_job
+    from .flare.recipe import FedAnchorRecipe
 
     pack = load_pack(args.pack)
     sites = dict(_site_pair(s) for s in args.site)
@@ -89,7 +89,8 @@ def cmd_job_new(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if out.exists() and any(out.iterdir()) and not args.force:
         raise ValueError(f"{out} exists and is not empty; choose another --out or pass --force to overwrite it")
-    job = write_job(out, args.name or f"fedanchor-{pack.name}", config_to_dict(config), num_rounds=args.rounds)
+    recipe = FedAnchorRecipe(args.name or f"fedanchor-{pack.name}", config_to_dict(config), num_rounds=args.rounds)
+    job = recipe.export_folder(out)
     print(f"wrote {job}: pack {pack.name} ({pack.fingerprint[:16]}), sites {sites}, {args.rounds} rounds")
     print(f"try it: fedanchor simulate {job} --site-data <folder holding one data folder per site>")
     return 0

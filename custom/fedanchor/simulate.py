@@ -1,9 +1,14 @@
-"""Run a fedanchor job folder in the real FLARE simulator and show its results.
+"""Run a fedanchor job in the FLARE simulator through its recipe and show its results.
 
-This is what ``make demo`` calls. It starts ``nvflare simulator`` (a separate
-process, exactly what a user would type), echoes the server's one line per
-round, and when the job ends prints the per-round table and writes results.json
-and a PNG of recall, CKA and site weights over rounds into the output folder.
+This is what ``make demo`` calls. The job folder is loaded back into a ``FedAnchorRecipe`` (flare/recipe.py,
+which checks that the folder is one the recipe writes and says what differs if not), and the recipe runs with
+FLARE's ``SimEnv``, one client per site of the job. That run happens in a child process,
+``python -m fedanchor.flare.recipe simulate JOB --workspace-root OUT``: SimEnv starts the simulator with the
+output inherited, so only a child's piped stdout lets this process echo the server's one line per round as it
+comes, and the recipe machinery (whose import edits sys.argv, FLARE's logging) stays out of the caller's process.
+When the job ends this prints the per-round table and writes results.json and a PNG of recall, CKA and site
+weights over rounds into the output folder. The simulator's workspace is ``OUT/<job name>/`` (SimEnv's
+``<workspace_root>/<job name>``); its server run folder ``OUT/<job name>/server/simulate_job/``.
 """
 from __future__ import annotations
 
@@ -11,8 +16,10 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Sequence
@@ -24,16 +31,6 @@ SUMMARY_FILE = "fedanchor_summary.json"
 PROGRESS = re.compile(r"fedanchor (round \d+:.*)")
 
 
-def nvflare_command() -> list[str]:
-    candidate = Path(sys.executable).with_name("nvflare")
-    if candidate.exists():
-        return [str(candidate)]
-    found = shutil.which("nvflare")
-    if found:
-        return [found]
-    raise FileNotFoundError("the nvflare command is not installed in this environment: pip install 'nvflare==2.9.*'")
-
-
 def find_summary(workspace: Path) -> Path:
     found = sorted(workspace.rglob(SUMMARY_FILE), key=lambda p: p.stat().st_mtime)
     if not found:
@@ -41,24 +38,28 @@ def find_summary(workspace: Path) -> Path:
     return found[-1]
 
 
-def simulate(job: Path, out: Path, threads: int | None = None, echo=print, site_data: Path | None = None) -> dict:
-    """Run ``job`` in the simulator with one client per configured site; returns the summary dict. ``site_data``:
-    a folder holding one data folder per site (``<site_data>/<site>/``), which the simulated sites train on."""
-    job = job.resolve()
+def simulate(job: Path, out: Path, threads: int | None = None, echo=print, site_data: Path | None = None,
+             timeout: float | None = None) -> dict:
+    """Run the job folder ``job`` through its recipe in SimEnv with one client per configured site; returns the
+    summary dict. ``site_data``: a folder holding one data folder per site (``<site_data>/<site>/``), which the
+    simulated sites train on. ``timeout``: seconds after which the simulation (every process of it) is stopped and
+    an error raised; FLARE's simulator waits for ever for a simulated site whose process died."""
+    job, out = Path(job).resolve(), Path(out).resolve()
     if not (job / "meta.json").is_file():
         raise FileNotFoundError(f"{job} is not a FLARE job folder (no meta.json)")
-    from .flare.jobs import job_sites, prepare_simulator_workspace, read_job_config
+    from .flare.recipe import FedAnchorRecipe
 
-    sites = list(job_sites(read_job_config(job)))
-    workspace = out / "workspace"
+    recipe = FedAnchorRecipe.from_job_dir(job)  # refuses, saying why, a folder the recipe would not run as it is
+    sites = recipe.sites
+    workspace = out / recipe.name  # where SimEnv runs it: <workspace_root>/<job name>
     if workspace.exists():
         shutil.rmtree(workspace)
     out.mkdir(parents=True, exist_ok=True)
-    prepare_simulator_workspace(workspace)  # FLARE 2.9 builds only allow-listed classes, in the simulator too
     if site_data is not None:
         write_site_data_config(workspace, Path(site_data), sites)
-    command = nvflare_command() + ["simulator", "-w", str(workspace), "-n", str(len(sites)), "-c", ",".join(sites),
-                                   "-t", str(threads or len(sites)), str(job)]
+    threads = threads or len(sites)
+    command = [sys.executable, "-m", "fedanchor.flare.recipe", "simulate", str(job), "--workspace-root", str(out),
+               "--threads", str(threads)]
     echo(f"$ {' '.join(command)}")
     started = time.perf_counter()
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", PYTHONUNBUFFERED="1")
@@ -66,24 +67,39 @@ def simulate(job: Path, out: Path, threads: int | None = None, echo=print, site_
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // len(sites))))
     log_path = out / "simulator.log"
     round_at: list[float] = []  # seconds since launch at which each round's line appeared: the benchmark's round times
+    # A session of its own, so that a timeout or Ctrl-C stops the simulator's site processes too.
     with open(log_path, "w") as log, subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                                      env=env, cwd=str(out)) as proc:
-        for line in proc.stdout or ():  # always a pipe here (stdout=PIPE)
-            log.write(line)
-            match = PROGRESS.search(line)
-            if match:
-                round_at.append(time.perf_counter() - started)
-                echo(f"[{round_at[-1]:6.0f}s] {match.group(1)}")
-        code = proc.wait()
+                                                      env=env, cwd=str(out), start_new_session=True) as proc:
+        watchdog = threading.Timer(timeout, _stop_group, (proc,)) if timeout else None
+        try:
+            if watchdog:
+                watchdog.start()
+            for line in proc.stdout or ():  # always a pipe here (stdout=PIPE)
+                log.write(line)
+                match = PROGRESS.search(line)
+                if match:
+                    round_at.append(time.perf_counter() - started)
+                    echo(f"[{round_at[-1]:6.0f}s] {match.group(1)}")
+            code = proc.wait()
+        except BaseException:
+            _stop_group(proc)
+            raise
+        finally:
+            if watchdog:
+                watchdog.cancel()
     wall = time.perf_counter() - started
+    if watchdog is not None and wall >= timeout:
+        raise TimeoutError(f"the simulation did not end within {timeout:.0f}s and was stopped; its output is in "
+                           f"{log_path} (a simulated site whose process died leaves the server waiting)")
     if code != 0:
-        raise RuntimeError(f"the simulator exited with code {code} after {wall:.0f}s; its output is in {log_path}")
+        raise RuntimeError(f"the simulation exited with code {code} after {wall:.0f}s; its output is in {log_path}")
     summary = json.loads(find_summary(workspace).read_text())
     if summary.get("failures"):
         raise RuntimeError(f"the job reported failures: {summary['failures']}; see {log_path}")
     summary["wall_seconds"] = wall
     summary["round_at_seconds"] = round_at
     summary["sites"] = sites
+    summary["workspace"] = str(workspace)
     (out / "results.json").write_text(json.dumps(summary, indent=1, default=float))
     embedding_map = find_summary(workspace).with_name("embeddings.png")
     if embedding_map.is_file():
@@ -93,9 +109,16 @@ def simulate(job: Path, out: Path, threads: int | None = None, echo=print, site_
     return summary
 
 
+def _stop_group(proc: subprocess.Popen) -> None:
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:  # already gone
+        pass
+
+
 def write_site_data_config(workspace: Path, site_data: Path, sites: Sequence[str]) -> Path:
     """WS/local/fedanchor_site.json pointing each simulated site at ``<site_data>/<site>/`` (the simulator copies
-    WS/local into every site's local folder; flare/site_config.py fills in ``{site}``)."""
+    WS/local into every site's local folder; flare/site_config.py fills in ``{site}``). SimEnv keeps WS/local."""
     site_data = site_data.resolve()
     missing = [s for s in sites if not (site_data / s).is_dir()]
     if missing:
@@ -139,8 +162,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--site-data", type=Path, default=None,
                         help="a folder with one data folder per site (<this>/<site>/): the sites train on those "
                              "(needed by a job on an anchor pack)")
+    parser.add_argument("--timeout", type=float, default=None,
+                        help="stop the simulation after this many seconds (default: wait until it ends)")
     args = parser.parse_args(argv)
     out = (args.out or Path("runs") / args.job.name).resolve()
-    summary = simulate(args.job, out, args.threads, site_data=args.site_data)
+    summary = simulate(args.job, out, args.threads, site_data=args.site_data, timeout=args.timeout)
     show(summary, out)
     return 0

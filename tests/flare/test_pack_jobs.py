@@ -81,7 +81,7 @@ def test_the_worked_example_runs_in_the_flare_simulator_on_the_packs_validation_
     from fedanchor.simulate import simulate
 
     lines: list[str] = []
-    summary = simulate(example / "job", example / "run", site_data=example / "sites", echo=lines.append)
+    summary = simulate(example / "job", example / "run", site_data=example / "sites", echo=lines.append, timeout=900)
     assert [r["round"] for r in summary["rounds"]] == [0, 1]
     for record in summary["rounds"]:
         assert record["accepted"] == sorted(SITES), record  # every site contributed every round

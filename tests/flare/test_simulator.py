@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from pathlib import Path
 
 import numpy as np
@@ -164,10 +165,12 @@ def test_job_folders_are_plain_and_match_their_definition(name, tmp_path):
     config = jobs.read_job_config(job)  # server and client copies agree
     meta = json.loads((job / "meta.json").read_text())
     n_sites = len(jobs.job_sites(config))
-    assert meta["min_clients"] == n_sites
-    server = json.loads((job / "app/config/config_fed_server.json").read_text())
-    assert server["min_clients"] == n_sites and server["workflows"][0]["args"]["wait_time_after_min_received"] == 0
-    # jobs/<name> is what DEMO_JOBS describes (regenerate with jobs.write_demo_jobs("jobs"))
+    assert meta["min_clients"] == n_sites and meta["deploy_map"] == {"app": ["@ALL"]}
+    server_file, client_files = jobs.job_config_files(job)
+    assert server_file == job / "app/config/config_fed_server.json" and client_files == [job / "app/config/config_fed_client.json"]
+    sag = next(w for w in json.loads(server_file.read_text())["workflows"] if w["path"] == jobs.SAG)["args"]
+    assert sag["min_clients"] == n_sites and sag["wait_time_after_min_received"] == 0
+    # jobs/<name> is what DEMO_JOBS describes, exported from its recipe (regenerate with `make jobs`)
     fresh = jobs.write_demo_job(tmp_path, name)
     for rel in ("meta.json", "app/config/config_fed_server.json", "app/config/config_fed_client.json"):
         assert json.loads((fresh / rel).read_text()) == json.loads((job / rel).read_text()), rel
@@ -300,15 +303,48 @@ def shareable_to_state_checked(shareable):
 
 
 # -- slow: the real FLARE simulator ------------------------------------------------
+def run_recipe_simulation(job: Path, workspace_root: Path, clients: str | None = None):
+    """`python -m fedanchor.flare.recipe simulate`: the job folder loaded into its recipe and run with SimEnv."""
+    import subprocess
+    import sys
+
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    command = [sys.executable, "-m", "fedanchor.flare.recipe", "simulate", str(job), "--workspace-root", str(workspace_root)]
+    return subprocess.run(command + (["--clients", clients] if clients else []), env=env, cwd=workspace_root.parent,
+                          capture_output=True, text=True, timeout=600)
+
+
+def test_a_simulation_past_its_timeout_is_stopped_with_every_process_it_started(tmp_path):
+    """FLARE's simulator waits for ever for a simulated site whose process died: `simulate(timeout=...)` stops the
+    whole simulation (the recipe's child process and the simulator's site processes) and says so."""
+    from fedanchor.simulate import simulate
+
+    out = tmp_path / "stopped"
+    with pytest.raises(TimeoutError, match="did not end within 4s"):
+        simulate(JOBS / "motion", out, echo=lambda _line: None, timeout=4)
+    time.sleep(1)
+    left = [p for p in Path("/proc").glob("[0-9]*") if str(out) in _cmdline(p)]
+    assert not left, [(_cmdline(p)) for p in left]
+
+
+def _cmdline(proc: Path) -> str:
+    try:
+        return (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:  # it ended while we looked
+        return ""
+
+
 @pytest.mark.slow
 def test_motion_job_in_the_flare_simulator(tmp_path):
-    """`fedanchor simulate` (what `make demo` runs) drives the real `nvflare simulator` in a subprocess."""
+    """`fedanchor simulate` (what `make demo` runs): jobs/motion loaded into its FedAnchorRecipe, run with SimEnv in a
+    child process whose output it reads."""
     from fedanchor.simulate import simulate
 
     out = tmp_path / "run"
     lines: list[str] = []
-    summary = simulate(JOBS / "motion", out, echo=lines.append)
-    workspace = out / "workspace"
+    summary = simulate(JOBS / "motion", out, echo=lines.append, timeout=900)
+    workspace = out / "fedanchor-motion"  # SimEnv's <workspace_root>/<job name>
+    assert summary["workspace"] == str(workspace)
     assert "fedanchor." in json.loads((workspace / "local/resources.json").read_text())["class_allow_list"]
     run_dir = workspace / "server" / "simulate_job"
     assert (run_dir / "fedanchor_summary.json").is_file()
@@ -446,17 +482,12 @@ def test_a_site_trains_on_its_own_folder(tmp_path):
 def test_a_failing_site_drops_out_and_the_rounds_complete_without_it(tmp_path):
     """Three simulated sites, one of which is not in the job's site list and fails at set-up: with min_clients=2 the
     job still runs every round on the other two, and the failure is in the failing site's log, not a stopped job."""
-    import subprocess
-
-    from fedanchor.simulate import find_summary, nvflare_command
+    from fedanchor.simulate import find_summary
 
     config = jobs.read_job_config(JOBS / "motion")
     job = jobs.write_job(tmp_path / "job", "fedanchor-dropout", config, num_rounds=2, min_clients=2)
-    workspace = tmp_path / "ws"
-    jobs.prepare_simulator_workspace(workspace)
-    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    done = subprocess.run(nvflare_command() + ["simulator", "-w", str(workspace), "-c", "site-1,site-2,site-9", "-t", "3",
-                                               str(job)], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    done = run_recipe_simulation(job, tmp_path / "sim", clients="site-1,site-2,site-9")
+    workspace = tmp_path / "sim" / "fedanchor-dropout"
     summary = json.loads(find_summary(workspace).read_text())
     assert [r["round"] for r in summary["rounds"]] == [0, 1], done.stdout[-3000:]
     for record in summary["rounds"]:
@@ -469,28 +500,17 @@ def test_a_failing_site_drops_out_and_the_rounds_complete_without_it(tmp_path):
 def test_a_job_resubmitted_after_a_server_crash_resumes_and_matches_the_uninterrupted_run(tmp_path):
     """Checkpoints and site deltas kept outside the job's run folder: a job stopped after round 1 and submitted again
     continues from its last complete round, and ends where the uninterrupted two-round job ends."""
-    import subprocess
-
-    from fedanchor.simulate import nvflare_command
+    from fedanchor.flare.recipe import FedAnchorRecipe
 
     config = jobs.read_job_config(JOBS / "motion")
 
     def run(name: str, rounds: int, checkpoints: Path, states: Path) -> None:
-        job = jobs.write_job(tmp_path / name, f"fedanchor-{name}", config, num_rounds=rounds)
-        server_file, client_file = job / "app/config/config_fed_server.json", job / "app/config/config_fed_client.json"
-        server = json.loads(server_file.read_text())
-        next(c for c in server["components"] if c["id"] == "persistor")["args"]["checkpoint_dir"] = str(checkpoints)
-        server_file.write_text(json.dumps(server))
+        # what docs/FLARE.md tells a consortium to do, as recipe arguments: an absolute checkpoint_dir, a state_dir
         site_file = tmp_path / f"{states.name}.json"
         site_file.write_text(json.dumps({"state_dir": str(states)}))
-        client = json.loads(client_file.read_text())
-        client["executors"][0]["executor"]["args"]["site_config_file"] = str(site_file)
-        client_file.write_text(json.dumps(client))
-        workspace = tmp_path / f"ws-{name}"
-        jobs.prepare_simulator_workspace(workspace)
-        env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-        done = subprocess.run(nvflare_command() + ["simulator", "-w", str(workspace), "-c", "site-1,site-2", "-t", "2", str(job)],
-                              env=env, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+        recipe = FedAnchorRecipe(f"fedanchor-{name}", config, rounds, component_args={
+            "persistor": {"checkpoint_dir": str(checkpoints)}, "executor": {"site_config_file": str(site_file)}})
+        done = run_recipe_simulation(recipe.export_folder(tmp_path / name), tmp_path / f"sim-{name}")
         assert done.returncode == 0, done.stdout[-3000:]
 
     run("whole", 2, tmp_path / "ckpt-whole", tmp_path / "sites-whole")
@@ -544,9 +564,11 @@ def test_mlflow_params_are_the_flattened_config():
     (("tensorboard",), ["tensorboard"]),
     (("mlflow", "tensorboard"), ["mlflow", "tensorboard"]),
 ])
-def test_tracking_option_adds_its_receivers(tracking, ids):
-    cfg = jobs.full_config(jobs.DEMO_JOBS["motion"]["config"])
-    components = jobs.server_config(cfg, 2, 2, tracking=tracking)["components"]
+def test_tracking_option_adds_its_receivers(tracking, ids, tmp_path):
+    from fedanchor.flare.recipe import FedAnchorRecipe
+
+    job = FedAnchorRecipe("fedanchor-tracking", jobs.DEMO_JOBS["motion"]["config"], 2, tracking=tracking).export_folder(tmp_path / "job")
+    components = json.loads((job / "app/config/config_fed_server.json").read_text())["components"]
     receivers = [c["id"] for c in components if c["path"] in (jobs.TENSORBOARD, jobs.MLFLOW)]
     assert receivers == ids
     assert all(c["args"].get("tracking_uri") is None for c in components if c["id"] == "mlflow")  # no secret, no host
@@ -554,8 +576,10 @@ def test_tracking_option_adds_its_receivers(tracking, ids):
 
 @pytest.mark.parametrize("tracking", [("wandb",), ("mlflow", "mlflow"), ("TensorBoard",)])
 def test_tracking_option_refuses_what_it_does_not_know(tracking):
+    from fedanchor.flare.recipe import FedAnchorRecipe
+
     with pytest.raises(ValueError, match="may be named once"):
-        jobs.server_config(jobs.full_config(jobs.DEMO_JOBS["motion"]["config"]), 2, 2, tracking=tracking)
+        FedAnchorRecipe("fedanchor-tracking", jobs.DEMO_JOBS["motion"]["config"], 2, tracking=tracking)
 
 
 def test_mlflow_receiver_without_mlflow_says_what_to_install(monkeypatch):
@@ -582,7 +606,7 @@ def test_sixteen_hospitals_in_the_flare_simulator(tmp_path):
     """jobs/digits16: sixteen sites, eight per modality, every one counted in every round."""
     from fedanchor.simulate import simulate
 
-    summary = simulate(JOBS / "digits16", tmp_path / "run", echo=lambda _line: None)
+    summary = simulate(JOBS / "digits16", tmp_path / "run", echo=lambda _line: None, timeout=1200)
     sites = {f"hospital-{i:02d}" for i in range(1, 17)}
     assert [r["round"] for r in summary["rounds"]] == [0, 1]
     for record in summary["rounds"]:

@@ -1,27 +1,30 @@
-"""FLARE job folders for fedanchor: build them, read their settings, export a BYOC variant.
+"""FLARE job folders for fedanchor: the demo jobs, reading a folder's settings, a BYOC variant, the allow-list.
 
-A fedanchor job is a plain FLARE job folder with no ``custom/`` code::
+Jobs are written by one thing, ``FedAnchorRecipe`` (recipe.py), which exports a plain FLARE job folder with no
+``custom/`` code::
 
-    jobs/<scenario>/meta.json
+    jobs/<scenario>/meta.json                            # name, min_clients, deploy_map {"app": ["@ALL"]}, scope
     jobs/<scenario>/app/config/config_fed_server.json   # ScatterAndGather + our server components
     jobs/<scenario>/app/config/config_fed_client.json   # FedAnchorExecutor
 
-Its components are classes of the installed ``fedanchor`` package, which a
-hospital admits by listing ``fedanchor.`` in its class allow-list. For sites that
-accept custom code instead, ``export_byoc`` copies a job and bundles the package
-source under ``app/custom/``::
+``DEMO_JOBS`` describes jobs/*/ (``make jobs`` = ``python -m fedanchor.flare.jobs write-demo-jobs jobs``
+exports each as a recipe). Readers here find the apps through meta.json's deploy_map, so a folder with one app
+per site (app_server, app_<site>) reads too.
+
+Its components are classes of the installed ``fedanchor`` package, which a hospital admits by listing
+``fedanchor.`` in its class allow-list. For sites that accept custom code instead, ``export_byoc`` copies a job
+and bundles the package source under each app's ``custom/``::
 
     python -m fedanchor.flare.jobs export-byoc jobs/xray /tmp/xray-byoc
     fedanchor export-byoc jobs/xray /tmp/xray-byoc      # the same, from the fedanchor command
 
-FLARE 2.9 enforces a class allow-list for jobs without custom code, in the
-simulator too; ``prepare-simulator WS`` writes WS/local/resources.json with
-FLARE's default list plus ``fedanchor.`` before ``nvflare simulator -w WS``.
+FLARE 2.9 enforces a class allow-list for jobs without custom code, in the simulator too; the recipe writes
+WS/local/resources.json with FLARE's default list plus ``fedanchor.`` before SimEnv runs it
+(``prepare-simulator WS`` does the same for ``nvflare simulator -w WS`` by hand).
 """
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import shutil
 import sys
@@ -125,129 +128,27 @@ def job_sites(config: Mapping[str, Any]) -> dict[str, str]:
 TRACKERS = ("tensorboard", "mlflow")
 DEFAULT_TRACKING = ("tensorboard",)  # every job writes TensorBoard; MLflow when the job asks for it
 
-
-def tracking_components(tracking: Sequence[str]) -> list[dict[str, Any]]:
-    """The receivers of the aggregator's round metrics (tracking.py); none of them needs a secret in the job."""
-    unknown = [t for t in tracking if t not in TRACKERS]
-    if unknown or len(set(tracking)) != len(tracking):
-        raise ValueError(f"tracking={list(tracking)}: each of {list(TRACKERS)} may be named once "
-                         f"(unknown: {unknown or 'none'}); e.g. tracking=('tensorboard', 'mlflow')")
-    components = {
-        # Every round's metrics to <run dir>/tensorboard.
-        "tensorboard": {"id": "tensorboard", "path": TENSORBOARD, "args": {"tb_folder": "tensorboard"}},
-        # One MLflow run per job in <run dir>/mlflow.db; set tracking_uri to use a tracking server instead.
-        "mlflow": {"id": "mlflow", "path": MLFLOW, "args": {"tracking_uri": None, "experiment_name": "fedanchor"}},
-    }
-    return [components[t] for t in tracking]
-
-
-def server_config(config: Mapping[str, Any], num_rounds: int, min_clients: int, train_timeout: int = 0,
-                  cross_site_eval: bool = False, tracking: Sequence[str] = DEFAULT_TRACKING) -> dict[str, Any]:
-    out = _server_config(config, num_rounds, min_clients, train_timeout)
-    out["components"] += tracking_components(tracking)
-    if cross_site_eval:
-        # After training: every site scores the last and the best global model on its anchors (cross_site.py).
-        out["components"] += [
-            {"id": "model_locator", "path": MODEL_LOCATOR, "args": {"persistor_id": "persistor"}},
-            {"id": "cross_site_table", "path": CROSS_SITE_TABLE, "args": {}},
-        ]
-        out["workflows"].append({"id": "cross_site_eval", "path": CROSS_SITE_EVAL, "args": {"model_locator_id": "model_locator"}})
-    return out
-
-
-def _server_config(config: Mapping[str, Any], num_rounds: int, min_clients: int, train_timeout: int) -> dict[str, Any]:
-    return {
-        "format_version": 2,
-        "num_rounds": num_rounds,
-        "min_clients": min_clients,
-        # A site that asks for a task before the next round's is scheduled waits this long to ask again (FLARE's
-        # default 2 s is most of a short round). Hundreds of sites polling this often load the server: raise it there.
-        "server": {"task_request_interval": 0.5},
-        # U and V stay out of a site's train task while it holds them (basis_cache.py)
-        "task_data_filters": [{"tasks": ["train"], "filters": [{"path": BASIS_CACHE, "args": {"server_id": "fedanchor_server"}}]}],
-        "task_result_filters": [],
-        "components": [
-            {"id": "fedanchor_server", "path": SERVER_COMPONENT, "args": {"config": copy.deepcopy(dict(config))}},
-            {"id": "persistor", "path": PERSISTOR, "args": {"server_id": "fedanchor_server", "checkpoint_dir": "checkpoints"}},
-            {"id": "shareable_generator", "path": SHAREABLE_GENERATOR, "args": {}},
-            {"id": "aggregator", "path": AGGREGATOR, "args": {"server_id": "fedanchor_server", "min_sites": 1}},
-        ],
-        "workflows": [
-            {
-                "id": "scatter_and_gather",
-                "path": SAG,
-                "args": {
-                    "min_clients": "{min_clients}",
-                    "num_rounds": "{num_rounds}",
-                    "start_round": 0,
-                    "wait_time_after_min_received": 0,
-                    "aggregator_id": "aggregator",
-                    "persistor_id": "persistor",
-                    "shareable_generator_id": "shareable_generator",
-                    "train_task_name": "train",
-                    "train_timeout": train_timeout,
-                    # A site that fails (bad data, crash) must not end the job: its error reply is dropped and the
-                    # round goes on with the others; the aggregator fails the round only below min_sites valid ones.
-                    "ignore_result_error": True,
-                    # FLARE's cost per round (bench --scale): notice the last result within 0.1 s instead of 0.5 s,
-                    # and skip the per-round gc.collect + malloc_trim (0.4 s with torch loaded), which the server
-                    # does not need: it folds updates into fixed-size sums, so its memory does not grow with rounds.
-                    "task_check_period": 0.1,
-                    "memory_gc_rounds": 0,
-                },
-            }
-        ],
-    }
-
-
-def client_config(config: Mapping[str, Any]) -> dict[str, Any]:
-    return {
-        "format_version": 2,
-        "executors": [
-            {
-                "tasks": ["train", "validate", "submit_model"],
-                "executor": {"id": "executor", "path": EXECUTOR,
-                             "args": {"config": copy.deepcopy(dict(config)), "site_config_file": "fedanchor_site.json"}},
-            }
-        ],
-        "task_result_filters": [],
-        "task_data_filters": [],
-        "components": [],
-    }
-
-
 # The privacy scope every fedanchor job asks for. A site with a local/privacy.json must define it (else it refuses
 # the job); provision/site/privacy.json does, and puts fedanchor's release filter on every task result in it.
 PRIVACY_SCOPE = "fedanchor"
 
 
-def job_meta(name: str, min_clients: int) -> dict[str, Any]:
-    return {"name": name, "resource_spec": {}, "deploy_map": {"app": ["@ALL"]}, "min_clients": min_clients,
-            "mandatory_clients": [], "scope": PRIVACY_SCOPE}
-
-
 def write_job(job_dir: str | Path, name: str, config: Mapping[str, Any] | None = None, num_rounds: int = 3,
               min_clients: int | None = None, cross_site_eval: bool = False,
               tracking: Sequence[str] = DEFAULT_TRACKING) -> Path:
-    """Write a FLARE job folder for ``config``; min_clients defaults to the number of sites (see FLARE-NOTES)."""
-    cfg = full_config(config, num_rounds)
-    n_sites = len(job_sites(cfg))
-    min_clients = n_sites if min_clients is None else min_clients
-    job_dir = Path(job_dir)
-    (job_dir / "app" / "config").mkdir(parents=True, exist_ok=True)
-    _write_json(job_dir / "meta.json", job_meta(name, min_clients))
-    _write_json(job_dir / "app" / "config" / "config_fed_server.json", server_config(cfg, num_rounds, min_clients,
-                                                                                         cross_site_eval=cross_site_eval,
-                                                                                         tracking=tracking))
-    _write_json(job_dir / "app" / "config" / "config_fed_client.json", client_config(cfg))
-    return job_dir
+    """``FedAnchorRecipe(name, config, num_rounds, ...).export_folder(job_dir)``: the job folder for ``config``;
+    min_clients defaults to the number of sites (see FLARE-NOTES)."""
+    from .recipe import FedAnchorRecipe
+
+    return FedAnchorRecipe(name, config, num_rounds, min_clients=min_clients, cross_site_eval=cross_site_eval,
+                           tracking=tracking).export_folder(job_dir)
 
 
 def write_demo_job(root: str | Path, name: str) -> Path:
-    """(Re)write <root>/<name>/ as DEMO_JOBS[name] describes it."""
-    spec = DEMO_JOBS[name]
-    return write_job(Path(root) / name, f"fedanchor-{name}", spec["config"], spec["num_rounds"],
-                     cross_site_eval=spec.get("cross_site_eval", False), tracking=spec.get("tracking", DEFAULT_TRACKING))
+    """(Re)write <root>/<name>/ as DEMO_JOBS[name] describes it, exported from its recipe."""
+    from .recipe import FedAnchorRecipe
+
+    return FedAnchorRecipe.from_demo(name).export_folder(Path(root) / name)
 
 
 def write_demo_jobs(root: str | Path) -> list[Path]:
@@ -255,15 +156,46 @@ def write_demo_jobs(root: str | Path) -> list[Path]:
     return [write_demo_job(root, name) for name in DEMO_JOBS]
 
 
-def read_job_config(job_dir: str | Path, app: str = "app") -> dict[str, Any]:
+def read_meta(job_dir: str | Path) -> dict[str, Any]:
+    meta_file = Path(job_dir) / "meta.json"
+    if not meta_file.is_file():
+        raise FileNotFoundError(f"{job_dir} is not a FLARE job folder (no meta.json)")
+    return json.loads(meta_file.read_text())
+
+
+def job_config_files(job_dir: str | Path) -> tuple[Path, list[Path]]:
+    """(the server's config_fed_server.json, every client app's config_fed_client.json) of a job folder, found
+    through meta.json's deploy_map (one app for @ALL, or app_server and an app per site)."""
+    job_dir = Path(job_dir)
+    deploy_map = read_meta(job_dir).get("deploy_map") or {}
+    servers, clients = [], []
+    for app in deploy_map:
+        config_dir = job_dir / app / "config"
+        if not config_dir.is_dir():
+            raise FileNotFoundError(f"{job_dir}/meta.json deploys app {app!r}, but {config_dir} does not exist")
+        servers += [p for p in [config_dir / "config_fed_server.json"] if p.is_file()]
+        clients += [p for p in [config_dir / "config_fed_client.json"] if p.is_file()]
+    if len(servers) != 1 or not clients:
+        raise FileNotFoundError(f"{job_dir}: expected one app with config_fed_server.json and at least one with "
+                                f"config_fed_client.json among the apps of meta.json's deploy_map {deploy_map}, found "
+                                f"{len(servers)} and {len(clients)}")
+    return servers[0], clients
+
+
+def read_job_config(job_dir: str | Path) -> dict[str, Any]:
     """The job's fedanchor settings; fails if the server's and the sites' copies differ."""
-    config_dir = Path(job_dir) / app / "config"
-    server = json.loads((config_dir / "config_fed_server.json").read_text())
-    client = json.loads((config_dir / "config_fed_client.json").read_text())
-    server_cfg = next(c["args"]["config"] for c in server["components"] if c["path"] == SERVER_COMPONENT)
-    client_cfg = next(e["executor"]["args"]["config"] for e in client["executors"] if e["executor"]["path"] == EXECUTOR)
-    if server_cfg != client_cfg:
-        raise ValueError(f"{job_dir}: the fedanchor config in config_fed_server.json and config_fed_client.json differ")
+    server_file, client_files = job_config_files(job_dir)
+    server = json.loads(server_file.read_text())
+    server_cfg = next((c["args"]["config"] for c in server.get("components", []) if c.get("path") == SERVER_COMPONENT), None)
+    if server_cfg is None:
+        raise ValueError(f"{server_file}: no {SERVER_COMPONENT} with a config; not a fedanchor job")
+    for client_file in client_files:
+        client = json.loads(client_file.read_text())
+        client_cfg = next((e["executor"]["args"].get("config") for e in client.get("executors", [])
+                           if e.get("executor", {}).get("path") == EXECUTOR), None)
+        if server_cfg != client_cfg:
+            raise ValueError(f"{job_dir}: the fedanchor config in {server_file.relative_to(Path(job_dir))} and "
+                             f"{client_file.relative_to(Path(job_dir))} differ")
     return server_cfg
 
 
@@ -290,7 +222,7 @@ def export_byoc(job_dir: str | Path, out_dir: str | Path, force: bool = False) -
     meta["name"] = f"{meta.get('name', job_dir.name)}-byoc"
     _write_json(out_dir / "meta.json", meta)
     source = package_source_dir()
-    for app in meta.get("deploy_map", {"app": []}):
+    for app in meta.get("deploy_map") or {}:
         if not (out_dir / app).is_dir():
             raise FileNotFoundError(f"{job_dir}: deploy_map names app {app!r} but there is no such folder")
         target = out_dir / app / "custom" / PACKAGE
@@ -320,9 +252,10 @@ def allow_fedanchor(resources_file: str | Path) -> Path:
 
 
 def prepare_simulator_workspace(workspace: str | Path) -> Path:
-    """Make ``nvflare simulator -w WORKSPACE`` accept fedanchor jobs: WORKSPACE/local/resources.json admits fedanchor.
+    """Make the simulator accept fedanchor jobs in WORKSPACE: WORKSPACE/local/resources.json admits fedanchor.
 
     The simulator keeps WORKSPACE/local/ between runs and copies it into every site's and the server's local/.
+    ``FedAnchorRecipe.process_env`` calls it on a SimEnv's workspace; by hand, before ``nvflare simulator -w WS``.
     """
     return allow_fedanchor(Path(workspace) / "local" / "resources.json")
 
