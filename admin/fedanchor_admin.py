@@ -6,10 +6,16 @@ your certificate and key). The FLARE API connects with mutual TLS as the kit's u
 authorization rules apply to that user's role (a lead may submit; an org_admin may not).
 
     python admin/fedanchor_admin.py --kit KIT run jobs/xray            # submit, watch, download, print metrics
-    python admin/fedanchor_admin.py --kit KIT submit jobs/xray          # prints the job id
+    python admin/fedanchor_admin.py --kit KIT submit jobs/xray          # prints the job id and the run key
+    python admin/fedanchor_admin.py --kit KIT resume jobs/xray --from JOB_ID   # after a crash: continue that run
     python admin/fedanchor_admin.py --kit KIT watch JOB_ID              # a line per status or round change
     python admin/fedanchor_admin.py --kit KIT download JOB_ID [--to DIR]
     python admin/fedanchor_admin.py metrics RESULT_FOLDER               # a downloaded result; no connection needed
+
+Every submitted job gets a run key (--run-key, default: the folder's name and the time): the server and the
+sites keep the run's checkpoints and state under it. If the server or a site died while the job ran, restart it
+and `resume` the same job folder with the crashed job's id (--from) or its run key (--run-key): the new job
+continues from the last checkpoint and ends as the uninterrupted run would (docs/it/crash-recovery.md).
 
 Needs the fedanchor package (and nvflare) installed in the interpreter that runs it. The same operations from
 the interactive console (startup/fl_admin.sh) are in admin/CONSOLE.md.
@@ -34,9 +40,14 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--user", default=None, help="user name (default: the one the kit was provisioned for)")
     parser.add_argument("--timeout", type=float, default=0.0, help="stop watching after this many seconds (0: never)")
     sub = parser.add_subparsers(dest="command", required=True)
-    for name, help_text in (("run", "submit, watch, download and print metrics"), ("submit", "submit a job folder")):
+    for name, help_text in (("run", "submit, watch, download and print metrics"), ("submit", "submit a job folder"),
+                            ("resume", "continue a crashed run from its last checkpoint, then as run")):
         p = sub.add_parser(name, help=help_text)
-        p.add_argument("job", type=Path, help="a FLARE job folder, e.g. jobs/xray")
+        p.add_argument("job", type=Path, help="a FLARE job folder, e.g. jobs/xray (for resume: the one that ran)")
+        p.add_argument("--run-key", default=None, help="the run's identity (run/submit default: the folder's name and "
+                                                       "the time; resume: the crashed run's key)")
+        if name == "resume":
+            p.add_argument("--from", dest="from_job", default=None, help="the crashed job's id: its run key is used")
     sub.add_parser("watch", help="follow a job until it ends").add_argument("job_id")
     p = sub.add_parser("download", help="download a finished job's result")
     p.add_argument("job_id")
@@ -45,6 +56,8 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.command != "metrics" and args.kit is None:
         parser.error(f"{args.command} connects to the server: give your admin kit with --kit")
+    if args.command == "resume" and bool(args.run_key) == bool(args.from_job):
+        parser.error("resume continues one run: name it with --from JOB_ID (the crashed job) or --run-key KEY, not both")
     return args
 
 
@@ -56,13 +69,30 @@ def main(argv: Sequence[str] | None = None) -> int:
     session = admin_api.open_session(args.kit, args.user)
     try:
         if args.command in ("run", "submit"):
-            job_id = admin_api.submit(session, args.job)
-            print(f"submitted {args.job} as job {job_id}")
+            run_key = args.run_key or admin_api.new_run_key(args.job)
+            job_id = admin_api.submit(session, args.job, run_key=run_key, resume=False)
+            print(f"submitted {args.job} as job {job_id} (run key {run_key})")
             if args.command == "submit":
                 return 0
+        elif args.command == "resume":
+            run_key = args.run_key or admin_api.run_key_of(session, args.from_job)
+            job_id = admin_api.submit(session, args.job, run_key=run_key, resume=True)
+            print(f"submitted {args.job} as job {job_id} (resuming run key {run_key})")
+            progress = admin_api.resumed_from(session, job_id)
+            status = session.get_job_meta(job_id).get("status") if progress is None else None
+            if status == admin_api.COMPLETED:
+                print(f"run {run_key} had no round left: the job completed at once")
+            elif progress is None:
+                print(f"job {job_id} ended {status} before its first round: the server refused to continue "
+                      f"run {run_key} (its log.txt says why) or the job failed to start", file=sys.stderr)
+                return 1
+            else:
+                done, total = progress
+                print(f"continuing from round {done}: {done} of {total} rounds were done before the crash" if done < total
+                      else f"all {total} rounds of run {run_key} were done before the crash: nothing left to run")
         else:
             job_id = args.job_id
-        if args.command in ("run", "watch"):
+        if args.command in ("run", "watch", "resume"):
             meta = admin_api.watch(session, job_id, timeout=args.timeout)
             if meta.get("status") != admin_api.COMPLETED:
                 print(f"job {job_id} ended {meta.get('status')}: {meta.get('job_deploy_detail', '')}", file=sys.stderr)
@@ -73,7 +103,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"result in {folder}")
     finally:
         session.close()
-    if args.command == "run":
+    if args.command in ("run", "resume"):
         print("")
         admin_api.show_metrics(admin_api.read_result(folder))
     return 0
@@ -82,7 +112,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 if __name__ == "__main__":
     try:
         sys.exit(main())
-    except (FileNotFoundError, TimeoutError) as err:
+    except (FileNotFoundError, TimeoutError, ValueError) as err:
         sys.exit(f"fedanchor_admin: {err}")
     except Exception as err:  # the FLARE API's own errors (AuthorizationError, NoConnection, ...) say what went wrong
         sys.exit(f"fedanchor_admin: {type(err).__name__}: {err}")

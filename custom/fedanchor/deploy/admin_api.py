@@ -4,6 +4,11 @@ Every call takes an admin startup kit (what ``nvflare provision`` wrote for a us
 the user's certificate and key, the root CA). The user name is read from the kit; the server checks the
 certificate (mutual TLS) and applies its authorization rules to the user's role, so a lead may submit
 and an org_admin may not.
+
+A job submitted with a run key (``submit(..., run_key=...)``, written into the submitted copy's meta.json)
+keeps its checkpoints and each site's state under that key in the server's and the sites' workspaces; if the server or a site dies, the same
+job submitted again with ``resume=True`` and the same key continues from the last checkpoint and ends
+where the uninterrupted run would have (docs/it/crash-recovery.md).
 """
 from __future__ import annotations
 
@@ -14,6 +19,7 @@ import logging
 import shutil
 import tempfile
 import time
+from datetime import datetime, timezone
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping
@@ -21,6 +27,7 @@ from typing import Any, Callable, Iterator, Mapping
 TERMINAL_PREFIX = "FINISHED"  # FINISHED:COMPLETED, FINISHED:ABORTED, FINISHED:EXECUTION_EXCEPTION, ...
 COMPLETED = "FINISHED:COMPLETED"
 SUMMARY_FILE = "fedanchor_summary.json"
+RUN_KEY_META = "fedanchor_run_key"  # in meta.json: which run a job belongs to (FLARE keeps it in the job's meta)
 Echo = Callable[[str], Any]
 
 
@@ -55,19 +62,79 @@ def open_session(kit: str | Path, user: str | None = None, timeout: float = 30.0
         return new_secure_session(user or kit_user(kit), str(kit), timeout=timeout)
 
 
-def submit(session, job_dir: str | Path) -> str:
+def submit(session, job_dir: str | Path, run_key: str | None = None, resume: bool | None = None) -> str:
     """Submit a job folder; returns the job id. A role without the right raises the API's AuthorizationError.
 
     FLARE signs the folder it submits in place (.__nvfl_sig.json and .__nvfl_submitter.crt in every folder), so a
-    copy is submitted: the job folder in the checkout stays as it is.
+    copy is submitted: the job folder in the checkout stays as it is. With ``run_key`` the copy carries the run's
+    identity (see ``set_run``); ``resume`` True continues that run, False starts it (both refuse the wrong case).
     """
     job_dir = Path(job_dir).resolve()
     if not (job_dir / "meta.json").is_file():
         raise FileNotFoundError(f"{job_dir} is not a FLARE job folder (no meta.json)")
+    if resume is not None and not run_key:
+        raise ValueError("resume needs the run key of the run to continue (--run-key, or --from the crashed job's id)")
     with tempfile.TemporaryDirectory(prefix="fedanchor-submit-") as staging:
         copy = Path(staging) / job_dir.name  # the folder's name is the job's folder name on the server
         shutil.copytree(job_dir, copy, ignore=shutil.ignore_patterns("__pycache__", "*.pyc", ".__nvfl_*"))
+        if run_key:
+            set_run(copy, run_key, resume)
         return session.submit_job(str(copy))
+
+
+def new_run_key(job_dir: str | Path) -> str:
+    """A run key for a new run of a job: the job folder's name and the time, e.g. hospitals-motion-20250601-142530."""
+    return f"{Path(job_dir).resolve().name}-{datetime.now(timezone.utc):%Y%m%d-%H%M%S}"
+
+
+def _json(path: Path) -> dict[str, Any]:
+    return json.loads(path.read_text())
+
+
+def set_run(job_dir: str | Path, run_key: str, resume: bool | None) -> None:
+    """Write a run's identity into a job folder's meta.json (in place: give it a copy): the run key, and resume
+    (True: continue the run, False: start it). The app is left as it is, so a site's approval of the job still
+    holds; the server's FedAnchorPersistor reads both, and the sites get the run key with every global state."""
+    from ..flare.persistor import RESUME_META, check_run_key  # the persistor checks them too; the admin hears it first
+
+    check_run_key(run_key)
+    job_dir = Path(job_dir)
+    meta = _json(job_dir / "meta.json")
+    meta[RUN_KEY_META] = run_key
+    meta.pop(RESUME_META, None)
+    if resume is not None:
+        meta[RESUME_META] = bool(resume)
+    (job_dir / "meta.json").write_text(json.dumps(meta, indent=2))
+
+
+def run_key_of(session, job_id: str) -> str:
+    """The run key a submitted job carries (its meta.json, as the server keeps it), for resuming its run."""
+    meta = session.get_job_meta(job_id)
+    key = meta.get(RUN_KEY_META) if isinstance(meta, Mapping) else None
+    if not key:
+        raise ValueError(f"job {job_id} ({meta.get('name', '?') if isinstance(meta, Mapping) else '?'}) was submitted "
+                         "without a run key, so its checkpoints went to its own run folder and cannot be continued by "
+                         "another job; submit with fedanchor_admin.py run/submit (which give every job a run key)")
+    return str(key)
+
+
+def resumed_from(session, job_id: str, timeout: float = 180.0, poll: float = 2.0) -> tuple[int, int] | None:
+    """(rounds done, rounds in all) of a resumed job, read from its workflow once it runs; None when the job ended
+    first (it was refused: its status and the server's log say why) or did not answer within ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        status = str(session.get_job_meta(job_id).get("status", ""))
+        if status.startswith(TERMINAL_PREFIX):
+            return None
+        if status == "RUNNING":
+            try:
+                progress = _round_progress(session.show_stats(job_id, "server"))
+            except Exception:  # the job process still starts: ask again
+                progress = None
+            if progress is not None:
+                return progress
+        time.sleep(poll)
+    return None
 
 
 def _round_progress(stats: Any) -> tuple[int, int] | None:

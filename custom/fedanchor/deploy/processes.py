@@ -134,3 +134,39 @@ def stop(participants: list[Participant], marker: str, grace: float = 10.0) -> l
         except subprocess.TimeoutExpired:
             pass
     return sorted(signalled)
+
+
+def participant_processes(participant: Participant, marker: str) -> list[int]:
+    """Ids of the live processes of one participant: its own and the job processes it launched (marked, and naming
+    or running in its kit folder; FLARE starts them with the workspace on their command line)."""
+    kit = str(Path(participant.kit).resolve())
+    found = []
+    for pid in marked_processes(marker):
+        try:
+            args = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0")
+            cwd = os.readlink(f"/proc/{pid}/cwd")
+        except OSError:  # gone meanwhile
+            continue
+        inside = [path for path in (*args, cwd) if path == kit or path.startswith(kit + os.sep)]
+        if pid == participant.process.pid or inside:
+            found.append(pid)
+    return sorted(found)
+
+
+def crash(participant: Participant, marker: str, timeout: float = 10.0) -> list[int]:
+    """SIGKILL one participant and its job processes at once, as a power cut or an OOM kill would: no clean-up runs.
+    Returns the ids killed."""
+    killed = participant_processes(participant, marker)
+    for pid in killed:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    try:
+        participant.process.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        pass
+    deadline = time.monotonic() + timeout
+    while set(killed) & set(marked_processes(marker)) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return killed

@@ -526,7 +526,8 @@ class FederatedServer:
         projections = self.state.codebook_projections()  # sent from round 0 on, unchanged
         anchors = self.base_of("anchors")
         projected = {m: projections[m](anchors[m]) for m in self._codebook_parts}
-        centres = {m: pool_centroids(list(parts.values()), cfg.codebook_size, seed=self.config.adapter.seed)
+        # In the sites' order, not their updates' arrival order: a run then builds the same codebook every time.
+        centres = {m: pool_centroids([parts[site] for site in sorted(parts)], cfg.codebook_size, seed=self.config.adapter.seed)
                    for m, parts in self._codebook_parts.items()}
 
         def codebooks(temperature: float) -> dict[str, Codebook]:

@@ -4,7 +4,13 @@ It reads the job's shared settings (its ``config`` argument) and the site's own
 file (``local/fedanchor_site.json``, see ``site_config.py``), builds the
 SiteTrainer once per run, keeps delta_site (the site's own log-gains, which
 never leave it) in a safetensors file in the site's workspace and reloads it
-when the site restarts.
+when the site restarts. When the run has a run key (its identity, which the admin
+sets in the job's meta.json on submitting; the server also sends it with every
+global state) that file lives in ``fedanchor-runs/<run key>/<site>/`` of the
+site's workspace (or under the site's state_dir), where the job submitted again
+after a crash finds it. The delta of the round before is kept too: a restarted
+server may ask again for the round a site had already trained, and the site then
+trains it again from the delta it started that round with.
 
 - ``train``: GlobalState from the task's DXO -> ``train_round`` -> SiteUpdate as a DXO (COLLECTION).
 - ``validate``: the received global state on the site's own view of the public anchors: retrieval
@@ -15,6 +21,7 @@ when the site restarts.
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 from typing import Any, Mapping
@@ -36,7 +43,7 @@ from ..federation.loop import make_split, site_modality
 from ..federation.messages import GlobalState, SiteUpdate
 from ..federation.server import centre_on_anchors, to_scoring_space
 from ..federation.site import SiteTrainer
-from .persistor import CheckpointError, load_tensors, save_tensors
+from .persistor import RUN_KEY_META, CheckpointError, check_run_key, load_tensors, save_tensors
 from .shareable import dxo_to_state, update_to_dxo
 from ..data.folder import load_folder
 from .site_config import (DEFAULT_SITE_CONFIG_FILE, SiteConfig, SiteConfigError, effective_device, load_site_config,
@@ -44,6 +51,7 @@ from .site_config import (DEFAULT_SITE_CONFIG_FILE, SiteConfig, SiteConfigError,
 
 DELTA_FORMAT = "fedanchor-delta-site"
 BASES_FORMAT = "fedanchor-bases"  # the public global bases a site holds, kept beside delta_site
+RUNS_DIR = "fedanchor-runs"  # in the site's workspace: one folder per run key (the server's has the same name)
 # Keys a site may set differently from the server without changing what the federation computes.
 SITE_LOCAL_KEYS = {("train", "device")}
 
@@ -120,8 +128,10 @@ class FedAnchorExecutor(Executor):
         self._setup_error: str | None = None
         self._delta_path: Path | None = None
         self._bases_path: Path | None = None
+        self._run_key: str | None = None  # the run whose state the site holds ("" for a job without a run key)
         self._saved_bases: str | None = None
-        self._last_round: int | None = None
+        self._last_round: int | None = None  # the round of the delta_site the trainer holds (None: as initialised)
+        self._initial_delta: dict[str, torch.Tensor] | None = None  # delta_site as initialised: a run's round 0 starts here
         self._released: SiteUpdate | None = None  # the last update train sent: all that submit_model may send again
 
     # -- set-up ------------------------------------------------------------
@@ -130,10 +140,10 @@ class FedAnchorExecutor(Executor):
             self._ensure_setup(fl_ctx)
 
     def _ensure_setup(self, fl_ctx: FLContext) -> bool:
+        if self._setup_error is not None:  # first: a set-up that failed half-way may have made a trainer
+            return False
         if self._trainer is not None:
             return True
-        if self._setup_error is not None:
-            return False
         try:
             self._setup(fl_ctx)
             return True
@@ -169,24 +179,41 @@ class FedAnchorExecutor(Executor):
         private = load_folder(site_cfg.data.path, modalities[modality]) if site_cfg.data.source == "folder" else split.private[shard]
         self._trainer = trainer = SiteTrainer(cfg, site, private, split.anchors[modality], split.anchor_fingerprint,
                                               modalities, split.feature_stats, device=effective_device(cfg, site_cfg))
-        # A state_dir outlives the job (a resubmitted job finds its delta_site there); one sub-folder per site, so
-        # that sites sharing a file system or a simulator workspace never read each other's.
-        state_dir = Path(site_cfg.state_dir) / site if site_cfg.state_dir else \
-            Path(fl_ctx.get_engine().get_workspace().get_run_dir(fl_ctx.get_job_id())) / "fedanchor"
-        self._delta_path = state_dir / f"delta_site-{split.anchor_fingerprint[:12]}.safetensors"
-        self._bases_path = state_dir / f"bases-{split.anchor_fingerprint[:12]}.safetensors"
-        resumed = self._load_delta(site)
-        self._load_bases(fl_ctx)
+        self._initial_delta = trainer.local_state()
         source = f"folder {site_cfg.data.path}" if site_cfg.data.source == "folder" else f"shard {shard}"
         self.log_info(fl_ctx, f"fedanchor site {site}: {source} ({modality}, {len(private)} private samples), "
                               f"{len(split.anchors[modality])} anchors, trunk {cfg.trunk.name}, device {trainer.device}, "
-                              f"site config {path if path.is_file() else 'absent (defaults)'}, delta_site "
-                              f"{'resumed from round ' + str(resumed) if resumed is not None else 'new'} at {self._delta_path} "
+                              f"site config {path if path.is_file() else 'absent (defaults)'} "
                               f"[{time.perf_counter() - started:.1f}s]")
+        self._bind_run(job_run_key(fl_ctx), fl_ctx)
+
+    def _bind_run(self, run_key: str, fl_ctx: FLContext) -> None:
+        """Find the site's state of the job's run: delta_site and the bases it holds."""
+        trainer, site = self._trainer, fl_ctx.get_identity_name()
+        state_dir = self._state_dir(fl_ctx, self._site_config, site, run_key)
+        self._delta_path = state_dir / f"delta_site-{trainer.anchor_fingerprint[:12]}.safetensors"
+        self._bases_path = state_dir / f"bases-{trainer.anchor_fingerprint[:12]}.safetensors"
+        resumed = self._load_delta(site)
+        self._load_bases(fl_ctx)
+        self._run_key = run_key
+        self.log_info(fl_ctx, f"fedanchor site {site}{', run ' + run_key if run_key else ''}: delta_site "
+                              f"{'resumed from round ' + str(resumed) if resumed is not None else 'new'} at {self._delta_path}")
+
+    @staticmethod
+    def _state_dir(fl_ctx: FLContext, site_cfg: SiteConfig, site: str, run_key: str) -> Path:
+        """Where delta_site and the bases live. A state_dir or a run key outlives the job (a resubmitted job finds the
+        site's state there); one sub-folder per site, so that sites sharing a file system or a simulator workspace
+        never read each other's, and one per run key, so that one run never continues from another's."""
+        workspace = fl_ctx.get_engine().get_workspace()
+        if site_cfg.state_dir:
+            return Path(site_cfg.state_dir) / site / run_key if run_key else Path(site_cfg.state_dir) / site
+        if run_key:
+            return Path(workspace.get_root_dir()) / RUNS_DIR / run_key / site
+        return Path(workspace.get_run_dir(fl_ctx.get_job_id())) / "fedanchor"
 
     def _site(self) -> SiteTrainer:
         """The site's trainer, made at START_RUN; a task before a finished set-up raises (python -O keeps it)."""
-        if self._trainer is None or self._delta_path is None or self._bases_path is None:
+        if self._trainer is None:
             raise RuntimeError("the fedanchor site is not set up: START_RUN did not complete (see the error above)")
         return self._trainer
 
@@ -202,14 +229,54 @@ class FedAnchorExecutor(Executor):
             raise SiteConfigError(f"{self._delta_path} belongs to site {meta.get('site')!r}, not {site!r}; "
                                   "give each site its own state_dir")
         self._trainer.load_local_state(tensors)
+        self._trainer._dp_rounds = int(meta.get("dp_rounds", 0))  # the privacy accountant counts on after a restart
         self._last_round = meta.get("round")
         return self._last_round
 
+    def _previous_path(self) -> Path:
+        return self._delta_path.with_name(self._delta_path.name.replace(".safetensors", ".previous.safetensors"))
+
+    def _delta_before(self, round_: int, fl_ctx: FLContext) -> None:
+        """Give the trainer the delta_site this site started round ``round_`` with. Normally that is the one it holds
+        (from its last round, or as initialised); a restarted server may ask again for a round the site already
+        trained: then the delta kept from the round before, or for the run's round 0 the initial one."""
+        if self._last_round is None or self._last_round < round_:
+            return
+        previous = self._previous_path()
+        try:
+            tensors, meta = load_tensors(previous, kind=DELTA_FORMAT) if round_ > 0 and previous.exists() else ({}, {})
+        except CheckpointError as err:
+            self.log_warning(fl_ctx, f"kept delta_site of the round before not used ({err})")
+            tensors, meta = {}, {}
+        if tensors:
+            if meta.get("round") is not None and meta["round"] < round_:
+                self._trainer.load_local_state(tensors)
+                self._trainer._dp_rounds = int(meta.get("dp_rounds", 0))
+                self._last_round = meta["round"]
+                self.log_info(fl_ctx, f"round {round_} again (a restarted server): training it from the delta_site of "
+                                      f"round {self._last_round}, as the first time")
+                return
+        if round_ > 0:
+            self.log_warning(fl_ctx, f"round {round_}: this site holds delta_site of round {self._last_round} and none "
+                                     "from before it; training from the initial delta_site (the run will not reproduce "
+                                     "an uninterrupted one)")
+        self._trainer.load_local_state(self._initial_delta)
+        self._trainer._dp_rounds = 0
+        self._last_round = None
+
     def _save_delta(self, round_: int) -> None:
         trainer = self._site()
+        if self._delta_path.exists():  # keep the delta of the round before: the round may be asked for again
+            try:
+                kept = load_tensors(self._delta_path, kind=DELTA_FORMAT)[1].get("round")
+            except CheckpointError:
+                kept = None
+            if kept is not None and kept < round_:
+                os.replace(self._delta_path, self._previous_path())
         save_tensors(self._delta_path, trainer.local_state(),
                      {"site": trainer.site, "modality": trainer.modality, "round": round_,
-                      "anchor_fingerprint": trainer.anchor_fingerprint}, kind=DELTA_FORMAT, mode=0o600)
+                      "anchor_fingerprint": trainer.anchor_fingerprint, "run_key": self._run_key,
+                      "dp_rounds": trainer._dp_rounds}, kind=DELTA_FORMAT, mode=0o600)
         self._save_bases()
 
     def _save_bases(self) -> None:
@@ -249,6 +316,7 @@ class FedAnchorExecutor(Executor):
         except (ValueError, TypeError, KeyError) as err:  # not a fedanchor global state, or another job's
             self.log_error(fl_ctx, f"task {task_name}: {err}")
             return make_reply(ReturnCode.BAD_TASK_DATA)
+
         if task_name == self.validate_task:
             metrics = anchor_validation(self._trainer, state)
             self.log_info(fl_ctx, f"validate round {state.round}: " + " ".join(f"{k}={v:.3f}" for k, v in metrics.items()
@@ -258,6 +326,10 @@ class FedAnchorExecutor(Executor):
 
     def _read_state(self, shareable: Shareable) -> GlobalState:
         state = dxo_to_state(from_shareable(shareable))
+        their_run = str(state.meta.get("run_key") or "")
+        if their_run != self._run_key:  # the same meta.json reached the server and this site: another job's state
+            raise ValueError(f"the global state belongs to {'run ' + repr(their_run) if their_run else 'no run key'}, "
+                             f"this job to {'run ' + repr(self._run_key) if self._run_key else 'no run key'}")
         server_config = state.meta.get("job_config")
         if self.check_job_config and server_config is not None:
             differences = config_differences(config_to_dict(self._cfg), server_config)
@@ -272,19 +344,26 @@ class FedAnchorExecutor(Executor):
             if abort_signal.triggered:
                 raise TaskAborted(f"aborted at step {step}/{total}")
 
-        before = trainer.local_state()  # delta_site as it was: an interrupted round must not leave it half-trained
+        # delta_site as it was: an interrupted round must not leave it half-trained, nor changed for a repeated round
+        held = (trainer.local_state(), self._last_round, trainer._dp_rounds)
+
+        def restore() -> None:
+            trainer.load_local_state(held[0])
+            self._last_round, trainer._dp_rounds = held[1], held[2]
+
+        self._delta_before(state.round, fl_ctx)
         try:
             update = trainer.train_round(state, progress=progress)
         except TaskAborted as err:
-            trainer.load_local_state(before)
+            restore()
             self.log_warning(fl_ctx, f"round {state.round}: {err}")
             return make_reply(ReturnCode.TASK_ABORTED)
         except ValueError as err:  # e.g. another anchor set than the server's
-            trainer.load_local_state(before)
+            restore()
             self.log_error(fl_ctx, f"round {state.round}: {err}")
             return make_reply(ReturnCode.BAD_TASK_DATA)
         except FloatingPointError as err:
-            trainer.load_local_state(before)
+            restore()
             self.log_error(fl_ctx, f"round {state.round}: {err}")
             return make_reply(ReturnCode.EXECUTION_EXCEPTION)
         self._save_delta(state.round)
@@ -307,6 +386,17 @@ class FedAnchorExecutor(Executor):
         self.log_info(fl_ctx, f"submit_model: the {len(tensors)} shared tensors released in round {released.round} "
                               "(delta_site stays here)")
         return DXO(data_kind=DataKind.WEIGHTS, data=tensors, meta=meta).to_shareable()
+
+
+def job_run_key(fl_ctx: FLContext) -> str:
+    """The run key the admin gave the job (``fedanchor_run_key`` in its meta.json, which FLARE puts in the site's run
+    folder); "" for a job without one."""
+    meta_file = Path(fl_ctx.get_engine().get_workspace().get_job_meta_path(fl_ctx.get_job_id()))
+    try:
+        meta = json.loads(meta_file.read_text()) if meta_file.is_file() else {}
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{meta_file} is not valid JSON ({err})") from err
+    return check_run_key(str(meta.get(RUN_KEY_META) or ""))
 
 
 def round_summary(update: SiteUpdate) -> str:

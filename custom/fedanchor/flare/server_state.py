@@ -47,6 +47,7 @@ class FedAnchorServerComponent(FLComponent):
         self.initial_eval: dict[str, float] = {}
         self.anchors_only_eval: dict[str, float] = {}
         self.evaluated_on = ""  # which pairs the reported recall comes from (set with the server)
+        self.run_key = ""  # the run's identity when it has one (set by the persistor): sent with every global state
 
     @property
     def fedanchor_config(self) -> FedAnchorConfig:
@@ -79,14 +80,38 @@ class FedAnchorServerComponent(FLComponent):
         return self.initial_eval
 
     def state_meta(self, metrics: Mapping[str, float] | None = None) -> dict[str, Any]:
-        """What the server adds to a global state's meta: its job config, and the evaluation when there is one."""
+        """What the server adds to a global state's meta: its job config, its run key when the run has one, and the
+        evaluation when there is one."""
         meta: dict[str, Any] = {"job_config": config_to_dict(self._config)}
+        if self.run_key:
+            meta["run_key"] = self.run_key
+        if self._server is not None:
+            meta["server_memory"] = self.server_memory()
         if metrics:
             meta["eval"] = {k: float(v) for k, v in metrics.items()}
             score = selection_metric(metrics)
             if score is not None:
                 meta["selection_metric"] = score
         return meta
+
+    def server_memory(self) -> dict[str, Any]:
+        """What the server remembers between rounds beside the global state: the codebook's assignment temperature
+        (reported in every evaluation), the anchor check's factors and the outlier check's reference (both weigh or
+        refuse the next round's updates). Kept in each checkpoint's meta, so a resumed run goes on as the
+        uninterrupted one would."""
+        server = self.server()
+        return {"codebook_temperature": server.codebook_temperature,
+                "anchor_factors": {site: float(f) for site, f in server.anchor_factors.items()},
+                "outlier_reference": [float(c) for c in getattr(server, "_changes", [])]}
+
+    def restore_server_memory(self, meta: Mapping[str, Any]) -> None:
+        """Put back what ``server_memory`` kept (a checkpoint of an older version keeps none: nothing to restore)."""
+        memory = meta.get("server_memory") or {}
+        server = self.server()
+        if memory.get("codebook_temperature") is not None:
+            server.codebook_temperature = float(memory["codebook_temperature"])
+        server.anchor_factors = {site: float(f) for site, f in (memory.get("anchor_factors") or {}).items()}
+        server._previous_changes = [float(c) for c in memory.get("outlier_reference") or []]
 
     def to_learnable(self, state: GlobalState, metrics: Mapping[str, float] | None = None) -> ModelLearnable:
         return state_to_learnable(state, self.state_meta(metrics))
