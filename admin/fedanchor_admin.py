@@ -79,13 +79,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             job_id = admin_api.submit(session, args.job, run_key=run_key, resume=True)
             print(f"submitted {args.job} as job {job_id} (resuming run key {run_key})")
             progress = admin_api.resumed_from(session, job_id)
-            status = session.get_job_meta(job_id).get("status") if progress is None else None
+            status = str(session.get_job_meta(job_id).get("status", "")) if progress is None else ""
             if status == admin_api.COMPLETED:
                 print(f"run {run_key} had no round left: the job completed at once")
-            elif progress is None:
+            elif status.startswith(admin_api.TERMINAL_PREFIX):
                 print(f"job {job_id} ended {status} before its first round: the server refused to continue "
                       f"run {run_key} (its log.txt says why) or the job failed to start", file=sys.stderr)
                 return 1
+            elif progress is None:  # slow to start (sites re-registering, a large trunk loading): keep watching
+                print(f"job {job_id} is {status or 'not running yet'}; the round it continues from shows once it runs")
             else:
                 done, total = progress
                 print(f"continuing from round {done}: {done} of {total} rounds were done before the crash" if done < total

@@ -155,14 +155,18 @@ def test_a_job_resubmitted_under_its_run_key_continues_at_its_last_round(tmp_pat
     assert not (tmp_path / "job-1" / "checkpoints").exists()  # not in the job's run folder: a new job id loses that
     del component, persistor, workflow  # the crash
 
+    assert load_state(run / "checkpoints" / "round-0002.safetensors").meta["server_memory"]["anchor_factors"] == {"site-1": 0.5}
     component, persistor, workflow, ctx = server_job(tmp_path, "job-2", meta={"fedanchor_run_key": "run-a",
                                                                               "fedanchor_resume": True})
-    start(persistor, ctx)
+    sent = start(persistor, ctx)
+    dxo = from_shareable(sent)
+    assert "server_memory" not in repr(dxo.meta) and "server_memory" not in dxo.data  # no site learns the others' factors
     assert_identical(component.server(ctx).state, saved)
     resumed = component.server(ctx)
     assert resumed.codebook_temperature == 0.3 and resumed.anchor_factors == {"site-1": 0.5}
     assert workflow.get_persist_state(ctx)["current_round"] == 2  # ScatterAndGather runs rounds 2 and 3 only
     assert component.state_meta()["run_key"] == "run-a"  # the sites learn the run from every global state
+    assert "server_memory" not in component.state_meta()
     summary = json.loads((tmp_path / "job-2" / RUN_SUMMARY).read_text())
     assert [r["round"] for r in summary["rounds"]] == [0, 1] and summary["resumed"] == [{"job_id": "job-2", "from_round": 2}]
     assert [j["from_round"] for j in json.loads((run / "run.json").read_text())["jobs"]] == [0, 2]
@@ -221,11 +225,14 @@ def test_run_keys_that_are_no_folder_name_are_refused_before_anything_is_submitt
     assert admin_api.new_run_key(job).startswith("job-")
 
 
-def test_a_restarted_site_asked_again_for_a_round_it_trained_sends_the_same_update(tmp_path):
+@pytest.mark.parametrize("dp", [False, True], ids=["plain", "differential privacy"])
+def test_a_restarted_site_asked_again_for_a_round_it_trained_sends_the_same_update(tmp_path, dp):
     """The server crashed after sending round 1 and a site had trained it: the resumed job asks for round 1 again, and
-    the site, restarted in a new job process, trains it from the delta_site it started round 1 with the first time."""
-    config = config_to_dict(tiny_config())
-    component, persistor, _, server_ctx = server_job(tmp_path / "server", "job-1", meta={"fedanchor_run_key": "run-a"})
+    the site, restarted in a new job process, trains it from the delta_site it started round 1 with the first time.
+    Under differential privacy the noise is fresh, so the retrained round is a third release: the accountant says so."""
+    config = config_to_dict(tiny_config(privacy={"dp": dp}))
+    component, persistor, _, server_ctx = server_job(tmp_path / "server", "job-1", config=tiny_config(privacy={"dp": dp}),
+                                                     meta={"fedanchor_run_key": "run-a"})
     task0 = start(persistor, server_ctx)
 
     def site(job_id: str):
@@ -254,6 +261,9 @@ def test_a_restarted_site_asked_again_for_a_round_it_trained_sends_the_same_upda
     executor, ctx = site("job-2")  # a new job id: the state comes from the run's folder
     again = dxo_to_update(from_shareable(executor.execute("train", task1, ctx, Signal())))
     assert again.round == first.round == 1
+    if dp:
+        assert (first.metrics["dp/rounds"], again.metrics["dp/rounds"]) == (2.0, 3.0)
+        return
     for key, value in first.params.items():
         assert torch.equal(again.params[key], value), key
 

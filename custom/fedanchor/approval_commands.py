@@ -3,6 +3,7 @@
     fedanchor job approve jobs/xray --kit /opt/flare/hospital-a --by it@hospital-a [--note "trial 3"]
     fedanchor job approvals --kit /opt/flare/hospital-a          # what this site runs, with digests
     fedanchor job revoke 1a2b3c4d --kit /opt/flare/hospital-a     # by digest prefix
+    fedanchor job digest jobs/xray --site hospital-a              # the digest alone, nothing written (to compare)
 
 Each command works on the kit's local/approved_jobs.json; the site reads it at every deployment.
 """
@@ -36,6 +37,15 @@ def cmd_list(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_digest(args: argparse.Namespace) -> int:
+    from .flare.approval import job_digest
+
+    name, digest, settings = job_digest(args.job, args.site)
+    print(f"{digest}  {name} (the app it deploys to {args.site})")
+    print("  " + ", ".join(f"{k}={settings[k]}" for k in SHOWN_SETTINGS if k in settings))
+    return 0
+
+
 def cmd_revoke(args: argparse.Namespace) -> int:
     from .flare.approval import revoke
 
@@ -56,6 +66,10 @@ def add_commands(job_verbs: argparse._SubParsersAction) -> None:
     p = job_verbs.add_parser("approvals", help="list the jobs this site has approved")
     p.add_argument("--kit", required=True, help="this site's startup kit")
     p.set_defaults(func=cmd_list)
+    p = job_verbs.add_parser("digest", help="print a job's digest for a site, writing nothing (compare it with a site's)")
+    p.add_argument("job", help="the job folder (holds meta.json)")
+    p.add_argument("--site", required=True, help="the site whose app to digest, e.g. hospital-a")
+    p.set_defaults(func=cmd_digest)
     p = job_verbs.add_parser("revoke", help="withdraw an approval by digest prefix")
     p.add_argument("digest", help="the first 8 or more characters of the digest (fedanchor job approvals shows them)")
     p.add_argument("--kit", required=True, help="this site's startup kit")

@@ -255,6 +255,24 @@ def _build(cls: type, values: Mapping[str, Any], path: str) -> Any:
     return cls(**kwargs)
 
 
+def config_differences(first: Mapping[str, Any], second: Mapping[str, Any], labels: tuple[str, str],
+                       exclude: frozenset[tuple[str, ...]] = frozenset()) -> list[str]:
+    """``section.key: <label> value, <label> value`` for every setting in which two nested config dicts differ;
+    keys in ``exclude`` ((section,) or (section, key)) are left out."""
+    import json
+
+    a, b = json.loads(json.dumps(first, default=list)), json.loads(json.dumps(second, default=list))
+    out = []
+    for section in sorted(set(a) | set(b)):
+        va, vb = a.get(section), b.get(section)
+        if isinstance(va, dict) and isinstance(vb, dict):
+            out += [f"{section}.{key}: {labels[0]} {va.get(key)!r}, {labels[1]} {vb.get(key)!r}"
+                    for key in sorted(set(va) | set(vb)) if (section, key) not in exclude and va.get(key) != vb.get(key)]
+        elif (section,) not in exclude and va != vb:
+            out.append(f"{section}: {labels[0]} {va!r}, {labels[1]} {vb!r}")
+    return out
+
+
 def with_overrides(config: FedAnchorConfig, overrides: Mapping[str, Any]) -> FedAnchorConfig:
     """Apply dotted overrides such as {"alignment.lambda_cka": 0.0}."""
     nested = config_to_dict(config)

@@ -21,9 +21,11 @@ import subprocess
 import sys
 import threading
 import time
+import uuid
 from pathlib import Path
 from typing import Sequence
 
+from .deploy.processes import MARKER, marked_processes
 from .plots import plot_rounds
 from .report import comparison_lines, print_recall_table, round_table
 
@@ -67,28 +69,36 @@ def simulate(job: Path, out: Path, threads: int | None = None, echo=print, site_
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // len(sites))))
     log_path = out / "simulator.log"
     round_at: list[float] = []  # seconds since launch at which each round's line appeared: the benchmark's round times
-    # A session of its own, so that a timeout or Ctrl-C stops the simulator's site processes too.
+    # The simulator starts its own process group (setsid): a group signal cannot reach it. Every process of this
+    # simulation carries a marker in its environment instead, and stopping it signals exactly those.
+    env[MARKER] = marker = uuid.uuid4().hex
+    timed_out = threading.Event()
+
+    def stop() -> None:
+        timed_out.set()
+        _stop_marked(marker)
+
     with open(log_path, "w") as log, subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                                      env=env, cwd=str(out), start_new_session=True) as proc:
-        watchdog = threading.Timer(timeout, _stop_group, (proc,)) if timeout else None
+                                                      env=env, cwd=str(out)) as proc:
+        watchdog = threading.Timer(timeout, stop) if timeout else None
         try:
             if watchdog:
                 watchdog.start()
-            for line in proc.stdout or ():  # always a pipe here (stdout=PIPE)
+            for line in proc.stdout or ():  # always a pipe here (stdout=PIPE); it closes once every writer is gone
                 log.write(line)
                 match = PROGRESS.search(line)
                 if match:
                     round_at.append(time.perf_counter() - started)
                     echo(f"[{round_at[-1]:6.0f}s] {match.group(1)}")
             code = proc.wait()
-        except BaseException:
-            _stop_group(proc)
+        except BaseException:  # Ctrl-C included: leave no simulator behind
+            _stop_marked(marker)
             raise
         finally:
             if watchdog:
                 watchdog.cancel()
     wall = time.perf_counter() - started
-    if watchdog is not None and wall >= timeout:
+    if timed_out.is_set():
         raise TimeoutError(f"the simulation did not end within {timeout:.0f}s and was stopped; its output is in "
                            f"{log_path} (a simulated site whose process died leaves the server waiting)")
     if code != 0:
@@ -109,11 +119,18 @@ def simulate(job: Path, out: Path, threads: int | None = None, echo=print, site_
     return summary
 
 
-def _stop_group(proc: subprocess.Popen) -> None:
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except ProcessLookupError:  # already gone
-        pass
+def _stop_marked(marker: str, attempts: int = 10) -> None:
+    """SIGKILL every process carrying ``marker``, again until none is left (one may have been starting a child)."""
+    for _ in range(attempts):
+        alive = marked_processes(marker)
+        if not alive:
+            return
+        for pid in alive:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:  # ended meanwhile
+                pass
+        time.sleep(0.2)
 
 
 def write_site_data_config(workspace: Path, site_data: Path, sites: Sequence[str]) -> Path:

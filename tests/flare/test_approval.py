@@ -12,7 +12,7 @@ import pytest
 from conftest import changed_job
 from fedanchor.cli import main as fedanchor_main
 from fedanchor.flare.approval import (APPROVALS_FILE, ApprovalError, ApprovedJobsDeployer, app_digest, approve,
-                                      check_app_data, read_approvals, revoke, site_app)
+                                      check_app_data, kit_site_name, read_approvals, revoke, site_app)
 
 ROOT = Path(__file__).resolve().parents[2]
 JOB = ROOT / "jobs" / "hospitals-motion"
@@ -114,6 +114,11 @@ def test_the_digest_covers_every_app_file_but_not_flares_signing_files(tmp_path)
     assert app_digest(app, "fedanchor") == before
     (app / "config" / "notes.txt").write_text("x")
     assert app_digest(app, "fedanchor") != before
+    for sneaked in ("custom/evil.pyc", "custom/__pycache__/mymod.cpython-311.pyc", "custom/.__nvfl_other"):
+        before = app_digest(app, "fedanchor")
+        (app / sneaked).parent.mkdir(parents=True, exist_ok=True)
+        (app / sneaked).write_bytes(b"code")
+        assert app_digest(app, "fedanchor") != before, sneaked  # compiled code runs: it counts
     assert app_digest(site_app(JOB, SITE)[0], "other") != before
 
 
@@ -129,6 +134,33 @@ def test_a_site_the_job_does_not_deploy_to_and_a_folder_without_meta_are_named(t
         approve(tmp_path, kit, approved_by="it@hospital-a")
     with pytest.raises(ApprovalError, match="not a startup kit"):
         approve(JOB, tmp_path, approved_by="it@hospital-a")
+
+
+@pytest.mark.parametrize("data, said", [(b"not a zip", "File is not a zip file"), (b"", "File is not a zip file")])
+def test_an_app_that_cannot_be_read_is_refused_with_a_reason_not_an_exception(kit, data, said):
+    approve(JOB, kit, approved_by="it@hospital-a")
+    reason = check_app_data(data, {"scope": "fedanchor"}, SITE, kit / "local" / APPROVALS_FILE)
+    assert reason.startswith(f"{SITE} cannot read the job's app") and said in reason
+
+
+def test_an_app_with_a_file_outside_its_folder_is_refused_before_unpacking(kit, tmp_path):
+    approve(JOB, kit, approved_by="it@hospital-a")
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as archive:
+        archive.writestr("../outside.txt", "x")
+    reason = check_app_data(buffer.getvalue(), {"scope": "fedanchor"}, SITE, kit / "local" / APPROVALS_FILE)
+    assert "outside its folder" in reason and not (tmp_path / "outside.txt").exists()
+
+
+def test_a_nested_sites_kit_is_named_by_its_own_name(tmp_path):
+    kit = tmp_path / "kit"
+    (kit / "startup").mkdir(parents=True)
+    (kit / "startup" / "fed_client.json").write_text(json.dumps({"client": {"fqsn": "region-1.hospital-a"}}))
+    assert kit_site_name(kit) == "hospital-a"
+    job = tmp_path / "job"
+    shutil.copytree(JOB, job)
+    (job / "meta.json").write_text(json.dumps({**json.loads((JOB / "meta.json").read_text()), "deploy_map": {"app": ["@all"]}}))
+    assert site_app(job, "hospital-a")[0] == job / "app"  # FLARE reads @ALL in any case
 
 
 def test_the_deployer_refuses_before_anything_is_written(kit, tmp_path):
@@ -153,6 +185,8 @@ def test_the_commands_approve_list_and_revoke(kit, capsys):
     listed = capsys.readouterr().out
     assert "fedanchor-hospitals-motion" in listed and "(ticket 7)" in listed
     digest = listed.split()[0]
+    assert fedanchor_main(["job", "digest", str(JOB), "--site", SITE]) == 0  # the coordinator's copy: the same digest
+    assert capsys.readouterr().out.split()[0].startswith(digest)
     assert fedanchor_main(["job", "revoke", digest, "--kit", str(kit)]) == 0
     assert "revoked" in capsys.readouterr().out
     assert fedanchor_main(["job", "approve", str(JOB), "--kit", str(kit / "nowhere"), "--by", "x"]) == 2

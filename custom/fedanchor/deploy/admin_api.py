@@ -16,6 +16,7 @@ import contextlib
 import io
 import json
 import logging
+import secrets
 import shutil
 import tempfile
 import time
@@ -27,7 +28,6 @@ from typing import Any, Callable, Iterator, Mapping
 TERMINAL_PREFIX = "FINISHED"  # FINISHED:COMPLETED, FINISHED:ABORTED, FINISHED:EXECUTION_EXCEPTION, ...
 COMPLETED = "FINISHED:COMPLETED"
 SUMMARY_FILE = "fedanchor_summary.json"
-RUN_KEY_META = "fedanchor_run_key"  # in meta.json: which run a job belongs to (FLARE keeps it in the job's meta)
 Echo = Callable[[str], Any]
 
 
@@ -83,8 +83,9 @@ def submit(session, job_dir: str | Path, run_key: str | None = None, resume: boo
 
 
 def new_run_key(job_dir: str | Path) -> str:
-    """A run key for a new run of a job: the job folder's name and the time, e.g. hospitals-motion-20250601-142530."""
-    return f"{Path(job_dir).resolve().name}-{datetime.now(timezone.utc):%Y%m%d-%H%M%S}"
+    """A run key for a new run of a job: the job folder's name, the time and 4 random hex digits (two submissions in
+    one second must not share a run), e.g. hospitals-motion-20250601-142530-9f3c."""
+    return f"{Path(job_dir).resolve().name}-{datetime.now(timezone.utc):%Y%m%d-%H%M%S}-{secrets.token_hex(2)}"
 
 
 def _json(path: Path) -> dict[str, Any]:
@@ -95,7 +96,7 @@ def set_run(job_dir: str | Path, run_key: str, resume: bool | None) -> None:
     """Write a run's identity into a job folder's meta.json (in place: give it a copy): the run key, and resume
     (True: continue the run, False: start it). The app is left as it is, so a site's approval of the job still
     holds; the server's FedAnchorPersistor reads both, and the sites get the run key with every global state."""
-    from ..flare.persistor import RESUME_META, check_run_key  # the persistor checks them too; the admin hears it first
+    from ..flare.persistor import RESUME_META, RUN_KEY_META, check_run_key  # the persistor checks them too; the admin hears it first
 
     check_run_key(run_key)
     job_dir = Path(job_dir)
@@ -109,6 +110,8 @@ def set_run(job_dir: str | Path, run_key: str, resume: bool | None) -> None:
 
 def run_key_of(session, job_id: str) -> str:
     """The run key a submitted job carries (its meta.json, as the server keeps it), for resuming its run."""
+    from ..flare.persistor import RUN_KEY_META
+
     meta = session.get_job_meta(job_id)
     key = meta.get(RUN_KEY_META) if isinstance(meta, Mapping) else None
     if not key:

@@ -29,8 +29,9 @@ from typing import Any, Iterator, Mapping
 APPROVALS_FILE = "approved_jobs.json"
 FORMAT = "fedanchor-approvals/1"
 EXECUTOR_SUFFIX = "FedAnchorExecutor"
-FLARE_PREFIX = ".__nvfl_"  # FLARE signs a submitted app (signature, submitter certificate): not part of what was approved
-SKIPPED_PARTS = {"__pycache__"}
+# FLARE signs a submitted app (a signature and the submitter's certificate in each folder): not part of what was
+# approved. Every other file counts, compiled Python included: a .pyc runs as surely as its source.
+FLARE_SIGNING_FILES = {".__nvfl_sig.json", ".__nvfl_submitter.crt"}
 APPROVE_HINT = "a site admin approves a job with: fedanchor job approve JOB_FOLDER --kit SITE_KIT"
 MAX_DIFFERENCES = 8
 log = logging.getLogger(__name__)
@@ -54,8 +55,7 @@ class Approval:
 def _app_files(app_dir: Path) -> Iterator[tuple[str, Path]]:
     for path in sorted(app_dir.rglob("*")):
         rel = path.relative_to(app_dir)
-        if path.is_file() and not path.name.startswith(FLARE_PREFIX) and not SKIPPED_PARTS & set(rel.parts) \
-                and path.suffix != ".pyc":
+        if path.is_file() and path.name not in FLARE_SIGNING_FILES:
             yield rel.as_posix(), path
 
 
@@ -126,7 +126,7 @@ def site_app(job_dir: str | Path, site: str) -> tuple[Path, dict[str, Any]]:
     for app, targets in deploy_map.items():
         names = [t if isinstance(t, str) else t.get("sites", []) for t in targets]
         flat = [n for group in names for n in ([group] if isinstance(group, str) else group)]
-        if site in flat or "@ALL" in flat:
+        if site in flat or "@all" in (n.casefold() for n in flat):
             if not (job_dir / app).is_dir():
                 raise ApprovalError(f"{job_dir}/meta.json deploys app {app!r} to {site}, but {job_dir / app} does not exist")
             return job_dir / app, meta
@@ -172,20 +172,24 @@ def kit_site_name(kit: str | Path) -> str:
     config = Path(kit) / "startup" / "fed_client.json"
     if config.is_file():
         name = json.loads(config.read_text()).get("client", {}).get("fqsn")
-        if name:
-            return str(name)
+        if name:  # a nested site's fqsn is parent.child; FLARE's deploy_map names the child
+            return str(name).split(".")[-1]
     return Path(kit).resolve().name
+
+
+def job_digest(job_dir: str | Path, site: str) -> tuple[str, str, dict[str, Any]]:
+    """The job's name, the digest of the app it deploys to ``site`` and that app's settings: what an approval holds."""
+    app_dir, meta = site_app(job_dir, site)
+    scope = str(meta.get("scope", ""))
+    return str(meta.get("name", Path(job_dir).name)), app_digest(app_dir, scope), app_settings(app_dir, scope)
 
 
 def approve(job_dir: str | Path, kit: str | Path, approved_by: str, note: str = "", site: str | None = None) -> Approval:
     """Add ``job_dir`` (its app for this kit's site) to the kit's approvals; an already approved digest is kept once."""
-    site = site or kit_site_name(kit)
-    app_dir, meta = site_app(job_dir, site)
-    scope = str(meta.get("scope", ""))
-    approval = Approval(job=str(meta.get("name", Path(job_dir).name)), digest=app_digest(app_dir, scope),
-                        approved_at=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-                        approved_by=approved_by, settings=app_settings(app_dir, scope), note=note)
     path = approvals_file(kit)
+    name, digest, settings = job_digest(job_dir, site or kit_site_name(kit))
+    approval = Approval(job=name, digest=digest, settings=settings, approved_by=approved_by, note=note,
+                        approved_at=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
     kept = [a for a in read_approvals(path) if a.digest != approval.digest]
     write_approvals(path, kept + [approval])
     return approval
@@ -241,12 +245,31 @@ def check_app_data(app_data: bytes, job_meta: Mapping[str, Any], site: str, appr
     except ApprovalError as err:
         return f"{site} cannot read its job approvals: {err}"
     scope = str(job_meta.get("scope", ""))
-    with tempfile.TemporaryDirectory() as staging:
-        with zipfile.ZipFile(io.BytesIO(app_data)) as archive:
-            archive.extractall(staging)
-        digest = app_digest(staging, scope)
-        settings = app_settings(staging, scope)
+    try:
+        with tempfile.TemporaryDirectory() as staging:
+            with zipfile.ZipFile(io.BytesIO(app_data)) as archive:
+                _check_entries(archive)
+                archive.extractall(staging)
+            digest = app_digest(staging, scope)
+            settings = app_settings(staging, scope)
+    except (zipfile.BadZipFile, ApprovalError, OSError, ValueError) as err:
+        return f"{site} cannot read the job's app to check it against its approvals ({err}); the job folder is broken"
     return refusal(site, digest, settings, str(job_meta.get("name", "")), approvals)
+
+
+MAX_APP_BYTES = 2 << 30  # a fedanchor app is configuration, kilobytes; anything near this is not a job to unpack
+
+
+def _check_entries(archive: zipfile.ZipFile) -> None:
+    """Refuse, before unpacking, entries that would land outside the staging folder and absurd sizes."""
+    total = 0
+    for entry in archive.infolist():
+        parts = Path(entry.filename).parts
+        if entry.filename.startswith("/") or ".." in parts:
+            raise ApprovalError(f"the app holds a file outside its folder: {entry.filename!r}")
+        total += entry.file_size
+    if total > MAX_APP_BYTES:
+        raise ApprovalError(f"the app unpacks to {total / 2**30:.1f} GiB, more than {MAX_APP_BYTES / 2**30:.0f} GiB")
 
 
 def _deployer_base():

@@ -21,7 +21,6 @@ trains it again from the delta it started that round with.
 from __future__ import annotations
 
 import json
-import os
 import time
 from pathlib import Path
 from typing import Any, Mapping
@@ -37,13 +36,13 @@ from nvflare.apis.shareable import Shareable, make_reply
 from nvflare.apis.signal import Signal
 
 from ..alignment.gram import centred_gram, consensus_agreement, from_upper_triangle
-from ..config import FedAnchorConfig, config_from_dict, config_to_dict, with_overrides
+from ..config import FedAnchorConfig, config_differences, config_from_dict, config_to_dict, with_overrides
 from ..evaluation import retrieval
 from ..federation.loop import make_split, site_modality
 from ..federation.messages import GlobalState, SiteUpdate
 from ..federation.server import centre_on_anchors, to_scoring_space
 from ..federation.site import SiteTrainer
-from .persistor import RUN_KEY_META, CheckpointError, check_run_key, load_tensors, save_tensors
+from .persistor import RUN_KEY_META, RUNS_DIR, CheckpointError, atomic_write_bytes, check_run_key, load_tensors, save_tensors
 from .shareable import dxo_to_state, update_to_dxo
 from ..data.folder import load_folder
 from .site_config import (DEFAULT_SITE_CONFIG_FILE, SiteConfig, SiteConfigError, effective_device, load_site_config,
@@ -51,28 +50,12 @@ from .site_config import (DEFAULT_SITE_CONFIG_FILE, SiteConfig, SiteConfigError,
 
 DELTA_FORMAT = "fedanchor-delta-site"
 BASES_FORMAT = "fedanchor-bases"  # the public global bases a site holds, kept beside delta_site
-RUNS_DIR = "fedanchor-runs"  # in the site's workspace: one folder per run key (the server's has the same name)
 # Keys a site may set differently from the server without changing what the federation computes.
-SITE_LOCAL_KEYS = {("train", "device")}
+SITE_LOCAL_KEYS = frozenset({("train", "device")})
 
 
 class TaskAborted(Exception):
     pass
-
-
-def config_differences(mine: Mapping[str, Any], theirs: Mapping[str, Any]) -> list[str]:
-    """Dotted keys whose values differ between two nested config dicts (site-local keys excluded)."""
-    a, b = json.loads(json.dumps(mine, default=list)), json.loads(json.dumps(theirs, default=list))
-    out = []
-    for section in sorted(set(a) | set(b)):
-        va, vb = a.get(section), b.get(section)
-        if isinstance(va, dict) and isinstance(vb, dict):
-            for key in sorted(set(va) | set(vb)):
-                if (section, key) not in SITE_LOCAL_KEYS and va.get(key) != vb.get(key):
-                    out.append(f"{section}.{key}: site {va.get(key)!r}, server {vb.get(key)!r}")
-        elif va != vb:
-            out.append(f"{section}: site {va!r}, server {vb!r}")
-    return out
 
 
 def anchor_validation(trainer: SiteTrainer, state: GlobalState) -> dict[str, float]:
@@ -250,8 +233,9 @@ class FedAnchorExecutor(Executor):
             tensors, meta = {}, {}
         if tensors:
             if meta.get("round") is not None and meta["round"] < round_:
+                # _dp_rounds stays: the first training of this round may have released its update already, and the
+                # noise is fresh each time, so the retrained round is one more release for the accountant.
                 self._trainer.load_local_state(tensors)
-                self._trainer._dp_rounds = int(meta.get("dp_rounds", 0))
                 self._last_round = meta["round"]
                 self.log_info(fl_ctx, f"round {round_} again (a restarted server): training it from the delta_site of "
                                       f"round {self._last_round}, as the first time")
@@ -261,7 +245,6 @@ class FedAnchorExecutor(Executor):
                                      "from before it; training from the initial delta_site (the run will not reproduce "
                                      "an uninterrupted one)")
         self._trainer.load_local_state(self._initial_delta)
-        self._trainer._dp_rounds = 0
         self._last_round = None
 
     def _save_delta(self, round_: int) -> None:
@@ -271,8 +254,8 @@ class FedAnchorExecutor(Executor):
                 kept = load_tensors(self._delta_path, kind=DELTA_FORMAT)[1].get("round")
             except CheckpointError:
                 kept = None
-            if kept is not None and kept < round_:
-                os.replace(self._delta_path, self._previous_path())
+            if kept is not None and kept < round_:  # copied, not moved: a crash here must not leave no delta_site
+                atomic_write_bytes(self._previous_path(), self._delta_path.read_bytes(), mode=0o600)
         save_tensors(self._delta_path, trainer.local_state(),
                      {"site": trainer.site, "modality": trainer.modality, "round": round_,
                       "anchor_fingerprint": trainer.anchor_fingerprint, "run_key": self._run_key,
@@ -332,7 +315,7 @@ class FedAnchorExecutor(Executor):
                              f"this job to {'run ' + repr(self._run_key) if self._run_key else 'no run key'}")
         server_config = state.meta.get("job_config")
         if self.check_job_config and server_config is not None:
-            differences = config_differences(config_to_dict(self._cfg), server_config)
+            differences = config_differences(config_to_dict(self._cfg), server_config, ("site", "server"), SITE_LOCAL_KEYS)
             if differences:
                 raise ValueError("this site's job config differs from the server's: " + "; ".join(differences[:6]))
         return state

@@ -43,6 +43,7 @@ from nvflare.apis.fl_context import FLContext
 from nvflare.app_common.abstract.model import ModelLearnable
 from nvflare.app_common.abstract.model_persistor import ModelPersistor
 
+from ..config import config_differences
 from ..federation.messages import GlobalState
 from .server_state import get_server_component
 from .shareable import learnable_to_state
@@ -60,7 +61,7 @@ RUN_KEY_META, RESUME_META = "fedanchor_run_key", "fedanchor_resume"  # the run's
 RUN_SUMMARY = "fedanchor_summary.json"  # the aggregator's summary, kept with the run so a resumed job carries it on
 # Settings that may differ between the job that wrote a checkpoint and the one that continues it: the number of
 # rounds (a run may be extended) and where a site trains; everything else changes what a round computes.
-RESUMABLE_DIFFERENCES = {("rounds",), ("train", "device")}
+RESUMABLE_DIFFERENCES = frozenset({("rounds",), ("train", "device")})
 
 
 class CheckpointError(ValueError):
@@ -79,20 +80,6 @@ def check_run_key(run_key: str) -> str:
     return run_key
 
 
-def run_differences(checkpoint: Mapping[str, Any], job: Mapping[str, Any]) -> list[str]:
-    """Dotted settings in which a checkpoint's job config and this job's differ (those a run may change excluded)."""
-    a, b = json.loads(json.dumps(checkpoint, default=list)), json.loads(json.dumps(job, default=list))
-    out = []
-    for section in sorted(set(a) | set(b)):
-        va, vb = a.get(section), b.get(section)
-        if isinstance(va, dict) and isinstance(vb, dict):
-            out += [f"{section}.{key}: checkpoint {va.get(key)!r}, job {vb.get(key)!r}" for key in sorted(set(va) | set(vb))
-                    if (section, key) not in RESUMABLE_DIFFERENCES and va.get(key) != vb.get(key)]
-        elif (section,) not in RESUMABLE_DIFFERENCES and va != vb:
-            out.append(f"{section}: checkpoint {va!r}, job {vb!r}")
-    return out
-
-
 def check_resumable(state: GlobalState, job_config: Mapping[str, Any], anchor_fingerprint: str, where: str) -> None:
     """Refuse to continue from ``state`` unless it was made by a job of the same settings on the same anchor set."""
     if state.anchor_fingerprint != anchor_fingerprint:
@@ -101,7 +88,7 @@ def check_resumable(state: GlobalState, job_config: Mapping[str, Any], anchor_fi
             f"anchor set {anchor_fingerprint[:12]}: it is another run. Submit this job under a new run key (or with "
             "resume=false on a run key of its own)")
     theirs = state.meta.get("job_config")
-    differences = run_differences(theirs, job_config) if isinstance(theirs, Mapping) else ["(the checkpoint records no job config)"]
+    differences = config_differences(theirs, job_config, ("checkpoint", "job"), RESUMABLE_DIFFERENCES) if isinstance(theirs, Mapping) else ["(the checkpoint records no job config)"]
     if differences:
         raise RunIdentityError(
             f"{where} holds round {state.round} of a run with other settings ({'; '.join(differences[:6])}): continuing it "
@@ -259,6 +246,7 @@ class FedAnchorPersistor(ModelPersistor):
         self.runs_dir = runs_dir
         self._best: float | None = None
         self._run: tuple[str, bool | None] | None = None  # (run key, resume) of this job, read once
+        self._owns_run = False  # set once load_model accepted this job on its run: only then is the run its result
 
     def run_settings(self, fl_ctx: FLContext) -> tuple[str, bool | None]:
         """(run key, resume) of this job: the job's meta.json (what the admin set on submitting), else the arguments."""
@@ -333,6 +321,7 @@ class FedAnchorPersistor(ModelPersistor):
                 raise self._refuse(fl_ctx, err)
             server.resume(state)
             component.restore_server_memory(state.meta)
+            state.meta.pop("server_memory", None)  # the resumed state goes to the sites: the server's memory stays here
             self.log_info(fl_ctx, f"resumed the global state of round {state.round} from {folder}")
             best_file = folder / BEST_FILE
             if best_file.exists():
@@ -350,6 +339,7 @@ class FedAnchorPersistor(ModelPersistor):
                                   f"anchor set {state.anchor_fingerprint[:12]}")
         if run_key:
             self._record_job(fl_ctx, state.round)
+            self._owns_run = True
         return component.to_learnable(state)
 
     def _refuse(self, fl_ctx: FLContext, err: RunIdentityError) -> RunIdentityError:
@@ -402,7 +392,7 @@ class FedAnchorPersistor(ModelPersistor):
 
     def handle_event(self, event_type: str, fl_ctx: FLContext) -> None:
         super().handle_event(event_type, fl_ctx)
-        if event_type == EventType.END_RUN and self._run is not None and self._run[0]:
+        if event_type == EventType.END_RUN and self._owns_run:  # a refused job's result holds no other run's model
             self._mirror_into_job(fl_ctx)
 
     def _mirror_into_job(self, fl_ctx: FLContext) -> None:
@@ -420,6 +410,8 @@ class FedAnchorPersistor(ModelPersistor):
 
     def save_model(self, model: ModelLearnable, fl_ctx: FLContext) -> None:
         state = learnable_to_state(model)
+        # What the server remembers between rounds goes into the checkpoint, never into the state the sites receive.
+        state.meta["server_memory"] = get_server_component(fl_ctx, self.server_id).server_memory()
         folder = self.checkpoint_folder(fl_ctx)
         if self.run_settings(fl_ctx)[0]:  # the summary first: a crash before the checkpoint leaves one round too many, which resume cuts
             summary = self._job_run_dir(fl_ctx) / RUN_SUMMARY

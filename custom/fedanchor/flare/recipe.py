@@ -196,8 +196,8 @@ class FedAnchorRecipe(Recipe):
             # FLARE's cost per round (bench --scale): notice the last result within 0.1 s instead of 0.5 s. A
             # gc.collect + malloc_trim (0.25-0.4 s with torch loaded) every 10th round, not every round: each round
             # leaves 1.5-2 MiB that only a collection frees; without any the server's job process grew 0.5-0.8
-            # MiB a round over 80-100 rounds, with one every 10 it stays flat (bench --server-memory,
-            # docs/results/cpu-server-memory).
+            # MiB a round over 80-100 rounds; with one every 10 its peaks stay within 590-611 MiB (bench
+            # --server-memory, docs/results/cpu-server-memory).
             "task_check_period": 0.1,
             "memory_gc_rounds": 10,
         })

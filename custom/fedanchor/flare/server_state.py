@@ -80,13 +80,12 @@ class FedAnchorServerComponent(FLComponent):
         return self.initial_eval
 
     def state_meta(self, metrics: Mapping[str, float] | None = None) -> dict[str, Any]:
-        """What the server adds to a global state's meta: its job config, its run key when the run has one, and the
-        evaluation when there is one."""
+        """What the server adds to a global state's meta, which every site receives: its job config, its run key when
+        the run has one, and the evaluation when there is one. (Not ``server_memory``: it names every site and its
+        factor, which is the server's business; the persistor adds it to the checkpoint only.)"""
         meta: dict[str, Any] = {"job_config": config_to_dict(self._config)}
         if self.run_key:
             meta["run_key"] = self.run_key
-        if self._server is not None:
-            meta["server_memory"] = self.server_memory()
         if metrics:
             meta["eval"] = {k: float(v) for k, v in metrics.items()}
             score = selection_metric(metrics)
