@@ -16,7 +16,6 @@ import json
 import os
 import re
 import shutil
-import signal
 import subprocess
 import sys
 import threading
@@ -25,7 +24,8 @@ import uuid
 from pathlib import Path
 from typing import Sequence
 
-from .deploy.processes import MARKER, marked_processes
+from .deploy.processes import MARKER
+from .deploy.processes import stop as stop_processes
 from .plots import plot_rounds
 from .report import comparison_lines, print_recall_table, round_table
 
@@ -76,7 +76,7 @@ def simulate(job: Path, out: Path, threads: int | None = None, echo=print, site_
 
     def stop() -> None:
         timed_out.set()
-        _stop_marked(marker)
+        stop_processes([], marker, grace=0.0)  # SIGTERM, then at once SIGKILL, to exactly this simulation's processes
 
     with open(log_path, "w") as log, subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                                       env=env, cwd=str(out)) as proc:
@@ -92,7 +92,7 @@ def simulate(job: Path, out: Path, threads: int | None = None, echo=print, site_
                     echo(f"[{round_at[-1]:6.0f}s] {match.group(1)}")
             code = proc.wait()
         except BaseException:  # Ctrl-C included: leave no simulator behind
-            _stop_marked(marker)
+            stop_processes([], marker, grace=0.0)
             raise
         finally:
             if watchdog:
@@ -117,20 +117,6 @@ def simulate(job: Path, out: Path, threads: int | None = None, echo=print, site_
     plot_rounds(summary["rounds"], out / "rounds.png", title=f"{job.name}: {len(sites)} sites in the FLARE simulator",
                 initial_eval=summary.get("initial_eval"))
     return summary
-
-
-def _stop_marked(marker: str, attempts: int = 10) -> None:
-    """SIGKILL every process carrying ``marker``, again until none is left (one may have been starting a child)."""
-    for _ in range(attempts):
-        alive = marked_processes(marker)
-        if not alive:
-            return
-        for pid in alive:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:  # ended meanwhile
-                pass
-        time.sleep(0.2)
 
 
 def write_site_data_config(workspace: Path, site_data: Path, sites: Sequence[str]) -> Path:
