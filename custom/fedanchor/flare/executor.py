@@ -20,7 +20,6 @@ trains it again from the delta it started that round with.
 """
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 from typing import Any, Mapping
@@ -42,7 +41,8 @@ from ..federation.loop import make_split, site_modality
 from ..federation.messages import GlobalState, SiteUpdate
 from ..federation.server import centre_on_anchors, to_scoring_space
 from ..federation.site import SiteTrainer
-from .persistor import RUN_KEY_META, RUNS_DIR, CheckpointError, atomic_write_bytes, check_run_key, load_tensors, save_tensors
+from .persistor import (RUN_KEY_META, RUNS_DIR, CheckpointError, atomic_write_bytes, check_run_key, load_tensors,
+                        read_job_meta, save_tensors)
 from .shareable import dxo_to_state, update_to_dxo
 from ..data.folder import load_folder
 from .site_config import (DEFAULT_SITE_CONFIG_FILE, SiteConfig, SiteConfigError, effective_device, load_site_config,
@@ -374,12 +374,7 @@ class FedAnchorExecutor(Executor):
 def job_run_key(fl_ctx: FLContext) -> str:
     """The run key the admin gave the job (``fedanchor_run_key`` in its meta.json, which FLARE puts in the site's run
     folder); "" for a job without one."""
-    meta_file = Path(fl_ctx.get_engine().get_workspace().get_job_meta_path(fl_ctx.get_job_id()))
-    try:
-        meta = json.loads(meta_file.read_text()) if meta_file.is_file() else {}
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{meta_file} is not valid JSON ({err})") from err
-    return check_run_key(str(meta.get(RUN_KEY_META) or ""))
+    return check_run_key(str(read_job_meta(fl_ctx).get(RUN_KEY_META) or ""))
 
 
 def round_summary(update: SiteUpdate) -> str:

@@ -80,6 +80,16 @@ def check_run_key(run_key: str) -> str:
     return run_key
 
 
+def read_job_meta(fl_ctx: FLContext) -> dict[str, Any]:
+    """The job's meta.json as FLARE keeps it in this participant's run folder, where the admin's run key is ({} when
+    there is none)."""
+    meta_file = Path(fl_ctx.get_engine().get_workspace().get_job_meta_path(fl_ctx.get_job_id()))
+    try:
+        return json.loads(meta_file.read_text()) if meta_file.is_file() else {}
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{meta_file} is not valid JSON ({err})") from err
+
+
 def check_resumable(state: GlobalState, job_config: Mapping[str, Any], anchor_fingerprint: str, where: str) -> None:
     """Refuse to continue from ``state`` unless it was made by a job of the same settings on the same anchor set."""
     if state.anchor_fingerprint != anchor_fingerprint:
@@ -252,8 +262,7 @@ class FedAnchorPersistor(ModelPersistor):
         """(run key, resume) of this job: the job's meta.json (what the admin set on submitting), else the arguments."""
         if self._run is None:
             key, resume = self.run_key, self.resume
-            meta_file = Path(fl_ctx.get_engine().get_workspace().get_job_meta_path(fl_ctx.get_job_id()))
-            meta = json.loads(meta_file.read_text()) if meta_file.is_file() else {}
+            meta = read_job_meta(fl_ctx)
             meta_key = meta.get(RUN_KEY_META) or ""
             if meta_key:
                 if key and key != meta_key:
