@@ -6,6 +6,17 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 
+def save_figure(fig: Any, path: Path) -> Path:
+    """Lay out, write as a 110-dpi PNG (making the folder) and close a matplotlib figure; every picture goes this way."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def _directions(evals: Sequence[Mapping[str, float]]) -> list[str]:
     return sorted({k.split("/")[0] for e in evals for k in e if "->" in k.split("/")[0]})
 
@@ -48,11 +59,7 @@ def plot_rounds(rounds: Sequence[Mapping[str, Any]], path: Path, title: str = "f
         ax.grid(alpha=0.3)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     fig.suptitle(title)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def plot_embedding_map(embeddings: Mapping[str, Any], path: Path, title: str = "held-out embeddings",
@@ -90,8 +97,4 @@ def plot_embedding_map(embeddings: Mapping[str, Any], path: Path, title: str = "
     ax.title.set_fontsize(9)
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)

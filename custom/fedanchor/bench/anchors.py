@@ -14,6 +14,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from ..config import FedAnchorConfig, with_overrides
+from ..plots import save_figure
 from .runner import HEADLINE_K, mean_recall, run_bench
 
 RIVAL = "anchors-only CCA"
@@ -93,6 +94,4 @@ def plot_anchor_budget(study: Mapping[str, Any], path) -> None:
     ax.minorticks_off()  # log-scale minor labels (2x10^1, ...) collide with the anchor counts
     ax.set_xticks(counts, [str(c) for c in counts])
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)

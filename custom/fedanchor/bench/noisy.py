@@ -37,6 +37,7 @@ import torch
 from ..config import FedAnchorConfig, config_to_dict, with_overrides
 from ..data.corrupt import CORRUPTIONS
 from ..data.scenario import FederatedSplit
+from ..plots import save_figure
 from ..federation.loop import RunResult, make_split, run_in_process
 from .runner import json_default, mean_recall
 
@@ -236,11 +237,7 @@ class NoisyStudy:
             ax.legend(fontsize=7)
         fig.suptitle(f"noisy-site study, {self.scenario}: site weights under precision weighting "
                      f"({self.reference.method}), noisy site {self.noisy_site}", fontsize=10)
-        fig.tight_layout()
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        return path
+        return save_figure(fig, path)
 
 
 def _fmt(x: float) -> str:

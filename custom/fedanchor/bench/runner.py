@@ -15,6 +15,7 @@ import torch
 from ..alignment.codebook import TEMPERATURES
 from ..config import FedAnchorConfig, config_from_dict, config_to_dict, with_overrides
 from ..federation.loop import make_split, run_in_process
+from ..plots import save_figure
 from . import fed_rivals, rivals
 
 # Per scenario: the bench's split sizes (public anchors, held-out pairs); motion has only 80 samples.
@@ -356,10 +357,7 @@ def plot_bench(bench: BenchResult, path: Path) -> Path:
     ax.set_xticks(x, names, rotation=35, ha="right", fontsize=7)
     ax.set(ylim=(0, 1), ylabel="recall", title=f"fedanchor bench: {bench.scenario}")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def write_bench(bench: BenchResult, out: Path, command: str = "") -> dict[str, Path]:

@@ -25,6 +25,8 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
+from ..plots import save_figure
+
 Echo = Callable[[str], Any]
 
 DEMO_JOB = "hospitals-motion"  # tiny trunk, motion recordings dealt to the provisioned hospital-a/-b/-c
@@ -235,11 +237,7 @@ def plot(results: Sequence[Mapping[str, Any]], path: Path, title: str) -> Path:
     ax.grid(alpha=0.3)
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def parse_gc_rounds(text: str) -> list[int]:
