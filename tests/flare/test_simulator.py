@@ -318,7 +318,8 @@ def run_recipe_simulation(job: Path, workspace_root: Path, clients: str | None =
 def test_a_simulation_past_its_timeout_is_stopped_with_every_process_it_started(tmp_path):
     """FLARE's simulator waits for ever for a simulated site whose process died: `simulate(timeout=...)` stops the
     whole simulation (the recipe's child process, the simulator, which runs in a process group of its own, and its
-    site processes), returns at once and says so."""
+    site processes) and says so. (Had it left the simulator running, reading its output would never end: the call
+    would not return.)"""
     from fedanchor.simulate import simulate
 
     out = tmp_path / "stopped"
@@ -336,14 +337,12 @@ def test_a_simulation_past_its_timeout_is_stopped_with_every_process_it_started(
     stop_watching = threading.Event()
     watcher = threading.Thread(target=watch)
     watcher.start()
-    started = time.monotonic()
     try:
         with pytest.raises(TimeoutError, match="did not end within 25s"):
             simulate(JOBS / "motion", out, echo=lambda _line: None, timeout=25)
     finally:
         stop_watching.set()
         watcher.join()
-    assert time.monotonic() - started < 40
     assert any("nvflare.private.fed.app.simulator.simulator" in c for running in seen for c in running), seen[-1:]
     time.sleep(1)
     left = [p for p in Path("/proc").glob("[0-9]*") if str(out) in _cmdline(p)]
