@@ -165,7 +165,7 @@ def test_several_seeds_write_the_scenario_summary_with_each_split_s_sign(tmp_pat
 def test_effective_anchors_read_the_rival_s_curve(rival, ours, expected):
     from fedanchor.bench.anchors import effective_anchors
 
-    points = [{"anchors": n, "anchors-only CCA/instance": r, "fedanchor/instance": o}
+    points = [{"anchors": n, "best anchors-only/instance": r, "fedanchor/instance": o}
               for n, r, o in zip((25, 50, 100), rival, ours)]
     assert effective_anchors(points, "instance") == expected
 
@@ -176,6 +176,10 @@ def test_anchor_budget_runs_both_methods_at_every_count(tmp_path):
     assert code == 0
     study = json.loads((tmp_path / "anchors.json").read_text())
     assert [p["anchors"] for p in study["points"]] == [8, 16]
+    for p in study["points"]:  # the curve effective anchors read is the better rival at each count and level
+        for level in ("instance", "semantic"):
+            assert p[f"best anchors-only/{level}"] == max(p[f"anchors-only CCA/{level}"],
+                                                           p[f"anchors-only CCA + anchor codebook/{level}"])
     assert set(study["effective_anchors"]) == {"instance", "semantic"}
     assert "| 16 |" in (tmp_path / "anchors.md").read_text()
     assert main(["bench", "--scenario", "motion", "--trunk", "tiny", "--anchors", "16", "--out", str(tmp_path)]) == 2

@@ -1,8 +1,11 @@
-"""The anchor budget: recall against the number of public anchor pairs, for the anchors-only CCA and for fedanchor.
+"""The anchor budget: recall against the number of public anchor pairs, for the anchors-only rivals and for fedanchor.
 
-fedanchor's value is stated as effective anchors: how many anchor pairs the
-anchors-only CCA needs (interpolated on its curve, in log anchors) to reach
-fedanchor's recall at the job's own anchor count. Both methods run on the same
+fedanchor's value is stated as effective anchors: how many anchor pairs the best
+anchors-only rival needs (interpolated on its curve, in log anchors) to reach
+fedanchor's recall at the job's own anchor count. The best rival at each count is
+the better of the anchors-only CCA and the same with the anchor codebook on the
+held-out pairs themselves: a choice no consortium could make, so the curve flatters
+the rival, never fedanchor. Both methods run on the same
 split at each count; the split is redrawn per count (its held-out pairs follow the
 anchors in the seeded permutation), so each point pairs the two methods on one
 split and the curve's steps carry split noise as well.
@@ -17,7 +20,8 @@ from ..config import FedAnchorConfig, with_overrides
 from ..plots import save_figure
 from .runner import HEADLINE_K, mean_recall, run_bench
 
-RIVAL = "anchors-only CCA"
+RIVALS = ("anchors-only CCA", "anchors-only CCA + anchor codebook")
+RIVAL = "best anchors-only"  # per count and level, the better of RIVALS
 OURS = "fedanchor"
 LEVELS = ("instance", "semantic")
 
@@ -32,9 +36,11 @@ def anchor_budget(config: FedAnchorConfig, counts: Sequence[int], say=print) -> 
     points = []
     for n in counts:
         say(f"== {n} anchors ==")
-        bench = run_bench(with_overrides(config, {"data.n_anchors": n}), [RIVAL, OURS], say=say)
-        points.append({"anchors": n, **{f"{m}/{level}": mean_recall(bench.methods[m].metrics, level, headline[level])
-                                        for m in (RIVAL, OURS) for level in LEVELS}})
+        bench = run_bench(with_overrides(config, {"data.n_anchors": n}), [*RIVALS, OURS], say=say)
+        point = {f"{m}/{level}": mean_recall(bench.methods[m].metrics, level, headline[level])
+                 for m in (*RIVALS, OURS) for level in LEVELS}
+        point.update({f"{RIVAL}/{level}": max(point[f"{m}/{level}"] for m in RIVALS) for level in LEVELS})
+        points.append({"anchors": n, **point})
     return {"scenario": config.data.scenario, "seed": config.data.seed, "k": dict(headline), "points": points,
             "effective_anchors": {level: effective_anchors(points, level) for level in LEVELS}}
 
@@ -64,7 +70,7 @@ def anchors_markdown(study: Mapping[str, Any]) -> str:
     lines = [f"# Anchor budget: {study['scenario']} (split seed {study['seed']})", "",
              f"Mean of both directions; instance R@{k['instance']}, semantic R@{k['semantic']}. Effective anchors: the "
              f"anchor count at which {RIVAL} reaches fedanchor's recall.", "",
-             "| anchors | anchors-only inst | fedanchor inst | effective (inst) | anchors-only sem | fedanchor sem | effective (sem) |",
+             "| anchors | best anchors-only inst | fedanchor inst | effective (inst) | best anchors-only sem | fedanchor sem | effective (sem) |",
              "|---|---|---|---|---|---|---|"]
     eff = study["effective_anchors"]
 

@@ -14,7 +14,6 @@ import torch
 from torch.nn import functional as F
 
 from ..alignment.losses import paired_info_nce
-from ..alignment.codebook import Codebook, CodebookProjection, assignment_scale, kmeans
 from ..alignment.readout_choice import choose_readout, concatenated
 from ..config import FedAnchorConfig
 from ..data import load_scenario
@@ -146,16 +145,6 @@ def cca_rival(anchor_f: Mapping[str, np.ndarray], test_f: Mapping[str, np.ndarra
     tests = concatenated(blocks(test_f))
     embeddings = {m: readout.apply(m, torch.from_numpy(x)).float() for m, x in tests.items()}
     return cross_modal_metrics(embeddings, _labels(split)), {**choice.as_dict(), "chosen_by": f"{choice.folds}-fold CV on the pairs it was fitted on"}
-
-
-def anchor_codebook(anchor_f: np.ndarray, centroids: int, temperature: float, with_position: bool,
-                    seed: int = 0) -> Codebook:
-    """A nonlinear anchors-only feature: the private codebook's block (alignment/codebook.py), with k-means
-    centroids of the anchors instead of the sites' private centroids."""
-    projection = CodebookProjection.fit(anchor_f)
-    points = projection(anchor_f)
-    centres, _ = kmeans(points, centroids, seed)
-    return Codebook(projection, centres, assignment_scale(points, centres, temperature), with_position)
 
 
 def asif_rival(anchor_f: Mapping[str, np.ndarray], test_f: Mapping[str, np.ndarray], split: FederatedSplit,

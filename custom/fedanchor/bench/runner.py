@@ -1,7 +1,6 @@
 """Run every method of the bench on one split with the same seeds and write results.json, results.md and a PNG."""
 from __future__ import annotations
 
-import itertools
 import json
 import time
 from dataclasses import dataclass, field
@@ -12,7 +11,8 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 import torch
 
-from ..alignment.codebook import TEMPERATURES
+from ..alignment.codebook import Codebook, CodebookProjection, choose_anchor_codebooks
+from ..alignment.readout_choice import choose_readout
 from ..config import FedAnchorConfig, config_from_dict, config_to_dict, with_overrides
 from ..federation.loop import make_split, run_in_process
 from ..plots import save_figure
@@ -48,6 +48,7 @@ FEDERATED: dict[str, dict[str, Any]] = {
     "fedanchor - CCA readout": {"alignment.readout": "none"},
     "fedanchor - base block": {"alignment.readout_blocks": ("model",)},
     "fedanchor - private codebook": {"alignment.readout_blocks": ("base", "model")},
+    "fedanchor - anchor centres": {"alignment.codebook_anchor_centres": False},
 }
 NO_DELTA = "fedanchor - delta_site"
 # Rivals that share something else than fedanchor does (bench/fed_rivals.py).
@@ -179,21 +180,16 @@ def run_bench(config: FedAnchorConfig, methods: Sequence[str] | None = None,
 
 def codebook_rival(anchor_f: Mapping[str, np.ndarray], test_f: Mapping[str, np.ndarray], split, config: FedAnchorConfig):
     """The nonlinear anchors-only rival: base features plus a codebook block built from k-means centroids of the
-    anchors; the number of centroids and the block's form (the private codebook's, or assignments alone at a
-    softer temperature), like everything else, chosen by cross-validation on the anchors."""
-    n = len(next(iter(anchor_f.values())))
-    best = None
-    # The private codebook's block at each temperature fedanchor's server chooses from, and assignments alone.
-    forms = [(t, True) for t in TEMPERATURES] + [(0.2, False)]
-    for centroids, (temperature, with_position) in itertools.product(sorted({max(2, n // 10), max(2, n // 5)}), forms):
-        codebooks = {m: rivals.anchor_codebook(x, centroids, temperature, with_position, seed=config.adapter.seed)
-                     for m, x in anchor_f.items()}
-        metrics, notes = rivals.cca_rival(anchor_f, test_f, split, extra_blocks=codebooks,
-                                          folds=config.alignment.readout_folds, seed=config.adapter.seed,
-                                          repeats=config.alignment.readout_repeats)
-        if best is None or notes["cv_mrr"] > best[1]["cv_mrr"]:
-            best = (metrics, {**notes, "centroids": centroids, "temperature": temperature, "with_position": with_position})
-    return best
+    anchors; the number of centroids and the block's form chosen by cross-validation on the anchors, by the same
+    choice (``choose_anchor_codebooks``) that puts the anchors' centres beside the private ones in fedanchor's readout."""
+    cv = {"folds": config.alignment.readout_folds, "seed": config.adapter.seed, "repeats": config.alignment.readout_repeats}
+
+    def score(books: Mapping[str, Codebook]) -> float:
+        return choose_readout({m: {"base": x, "codebook": books[m](x)} for m, x in anchor_f.items()}, **cv)[1].cv_mrr
+    projections = {m: CodebookProjection.fit(x, config.alignment.codebook_components) for m, x in anchor_f.items()}
+    books, chosen = choose_anchor_codebooks(projections, anchor_f, score, config.adapter.seed)
+    metrics, notes = rivals.cca_rival(anchor_f, test_f, split, extra_blocks=books, **cv)
+    return metrics, {**notes, **chosen}
 
 
 # -- summaries --------------------------------------------------------------------
