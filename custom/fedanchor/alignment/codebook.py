@@ -43,6 +43,8 @@ TEMPERATURES = (0.1, 0.2, 0.3, 0.5)  # what anchor cross-validation chooses from
 MIN_CLUSTER = 5  # private items a centroid must average before it may leave a site
 ANCHOR_FORMS = tuple((t, True) for t in TEMPERATURES) + ((0.2, False),)  # (temperature, with position) of anchor codebooks
 ANCHOR_WEIGHTS = (0.0, 0.5, 1.0, 2.0)  # of the anchors' centres beside the private ones, relative to the private part
+# Below this many anchors an anchor codebook has a handful of centres (N/10) and its choice costs more than it can add.
+ANCHOR_CODEBOOK_MIN_ANCHORS = 50
 
 
 @dataclass

@@ -15,8 +15,8 @@ from typing import Mapping
 import numpy as np
 import torch
 
-from ..alignment.codebook import (TEMPERATURES, Codebook, CodebookProjection, choose_anchor_codebooks, choose_codebooks,
-                                  pool_centroids)
+from ..alignment.codebook import (ANCHOR_CODEBOOK_MIN_ANCHORS, TEMPERATURES, Codebook, CodebookProjection,
+                                  choose_anchor_codebooks, choose_codebooks, pool_centroids)
 from ..alignment.gram import GramConsensus, centred_gram, consensus_agreement, from_upper_triangle, upper_triangle
 from ..alignment.losses import two_view_contrastive
 from ..alignment.readout import AnchorReadout
@@ -535,11 +535,12 @@ class FederatedServer:
         # not), by the readout's own anchor cross-validation.
         def score(books: Mapping[str, Codebook]) -> float:
             return fit_readout(self.config, dict.fromkeys(anchors), anchors, ("base", "codebook"), books)[1].cv_mrr
+        with_anchor_centres = cfg.codebook_anchor_centres and len(next(iter(anchors.values()))) >= ANCHOR_CODEBOOK_MIN_ANCHORS
         log.info("round %d: choosing the codebook by anchor cross-validation (%s)", self.report.round,
                  "the anchors' own centres, then the private temperature and their weight beside it"
-                 if cfg.codebook_anchor_centres else "the private temperature")
+                 if with_anchor_centres else "the private temperature")
         anchor_books, anchor_choice = None, {}
-        if cfg.codebook_anchor_centres:
+        if with_anchor_centres:
             anchor_books, anchor_choice = choose_anchor_codebooks(projections, anchors, score, self.config.adapter.seed)
         temperatures = TEMPERATURES if cfg.codebook_temperature <= 0 else (cfg.codebook_temperature,)
         books, chosen = choose_codebooks(centres, projections, anchors, score, anchor_books, temperatures)
