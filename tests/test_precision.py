@@ -63,17 +63,42 @@ def test_coefficients_no_site_informs_fail_instead_of_becoming_zero():
 
 # Only additive noise is asserted: a gain shift is what delta_site exists to absorb (the site is particular,
 # not unreliable), and scrambled pixels are down-weighted on some seeds only (docs/DECISIONS.md, "Precision").
+# The site scalar is an option (off by default); this pins what it does when a job turns it on.
 @pytest.mark.slow
 @pytest.mark.parametrize("seed", [0, 1])
 def test_a_site_with_noisy_data_gets_a_lower_weight_than_clean_sites(seed):
     config = tiny_config(
         data={"scenario": "digits", "n_anchors": 32, "n_test": 50, "max_private_per_site": 64, "seed": seed,
               "sites": {"clean-1": "pixels", "clean-2": "pixels", "corrupt": "pixels", "vector": "zernike"}},
-        train={"local_steps": 12, "batch_size": 16, "seed": seed}, precision={"window": 8}, rounds=1,
+        train={"local_steps": 12, "batch_size": 16, "seed": seed},
+        precision={"window": 8, "site_scalar": True, "anchor_check": False}, rounds=1,
     )
     result = run_in_process(config, progress=None, corruptions={"corrupt": ("noise", 3.0)})
     weights = result.rounds[-1].site_weights
     assert weights["corrupt"] < weights["clean-1"] and weights["corrupt"] < weights["clean-2"], weights
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("seed", [1])  # one split keeps the suite short; the study's figures are the bench's
+def test_with_the_default_weighting_the_anchor_check_finds_a_garbage_site_and_takes_its_say(seed):
+    """Defaults (anchor check on, no site scalar): a pixel site whose items are random values of the right shape has
+    the worst anchor-check loss of the pixel sites in every round after the first, and once its factor applies (a
+    round late) it weighs less than either clean pixel site; it never weighs more. (That the factor enters the merge
+    exactly is test_federation's.)"""
+    config = tiny_config(
+        data={"scenario": "digits", "n_anchors": 32, "n_test": 50, "max_private_per_site": 64, "seed": seed,
+              "sites": {"clean-1": "pixels", "clean-2": "pixels", "garbage": "pixels", "vector": "zernike"}},
+        train={"local_steps": 12, "batch_size": 16, "seed": seed}, precision={"window": 8}, rounds=3,
+    )
+    assert config.precision.anchor_check and not config.precision.site_scalar
+    result = run_in_process(config, progress=None, corruptions={"garbage": ("garbage", 1.0)})
+    for record in result.rounds[1:]:
+        losses = {s: record.site_metrics[s]["anchor_check/loss"] for s in ("clean-1", "clean-2", "garbage")}
+        assert max(losses, key=losses.get) == "garbage", (record.round, losses)
+        weights, factor = record.site_weights, record.site_metrics["garbage"]["anchor_check/factor"]
+        assert sum(weights.values()) == pytest.approx(1.0)
+        clean = min(weights["clean-1"], weights["clean-2"])
+        assert weights["garbage"] < clean if factor < 1 else weights["garbage"] == pytest.approx(clean), (record.round, weights)
 
 
 # (case, losses, modality of each site, expected factors: "1" exactly one, "<0.5" well below)

@@ -61,7 +61,7 @@ class AlignmentConfig:
     codebook_components: int = 40  # principal components of the anchors' base features the centres live in
     codebook_temperature: float = 0.0  # of the soft assignment, relative to the anchors' median squared distance; 0: chosen by anchor cross-validation
     codebook_min_cluster: int = 5  # private items a centroid must average before it may leave a site
-    codebook_anchor_centres: bool = True  # read the anchors' own k-means centres beside the private ones (weight by anchor cross-validation)
+    codebook_anchor_centres: bool = True  # read the anchors' own k-means centres beside the private ones (weight by anchor cross-validation; from 50 anchors)
 
 
 @dataclass
@@ -80,15 +80,18 @@ class PrecisionConfig:
     method: str = "iterate_variance"  # "iterate_variance", "fisher" or "uniform"
     window: int = 8  # last local steps whose iterates (or gradients) estimate the precision
     sample_exponent: float = 0.5  # gamma in n_k ** gamma
-    site_scalar: bool = True  # pi_k from the embedding spread under sampled cores
+    # pi_k from the embedding spread under sampled cores. Off by default: at full scale (motion, MiniLM, 5 x 20 steps,
+    # 3 splits) it swung 2-5x between rounds for the same site and cost a clean federation recall (docs/results/README.md).
+    site_scalar: bool = False
     site_scalar_samples: int = 4  # cores sampled around S_k with variance 1/Lambda for the epistemic spread
     site_scalar_anchors: int = 32  # anchors (and private items) the site scalar embeds
     # The server's anchor check: it embeds two augmented views of public anchors of the site's modality with each
     # site's update applied and scores their agreement (the sites' own two-view loss, on public data); a site far
     # worse than the other sites of its modality (robust z-score) weighs less in the next round. Needs at least
-    # anchor_check_min_sites sites of the modality to tell the odd one out. Off by default: on small data its
-    # losses are noisy enough to take say from clean sites (docs/results/README.md, "Precision").
-    anchor_check: bool = False
+    # anchor_check_min_sites sites of the modality to tell the odd one out. On by default: at full scale it took a
+    # garbage site's say away and recovered what uniform averaging lost (docs/results/README.md, "Precision"); on
+    # small data its losses are noisy enough to take say from a clean site for a round.
+    anchor_check: bool = True
     anchor_check_items: int = 64  # anchors embedded (in two views) per update
     anchor_check_min_sites: int = 3  # sites of a modality the check needs to tell an odd one out (fewer: factor 1)
     eps: float = 1e-12  # floor of a precision
