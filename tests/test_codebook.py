@@ -3,8 +3,7 @@ import numpy as np
 import pytest
 import torch
 
-from fedanchor.alignment.codebook import (ANCHOR_WEIGHTS, TEMPERATURES, Codebook, CodebookProjection, anchor_codebook,
-                                          assignment_scale, choose_anchor_codebooks, choose_codebooks, kmeans,
+from fedanchor.alignment.codebook import (Codebook, CodebookProjection, assignment_scale, choose_anchor_codebooks, kmeans,
                                           pool_centroids, site_centroids, soft_assignments)
 from fedanchor.alignment.readout_choice import choose_readout, concatenated
 
@@ -118,23 +117,6 @@ def test_private_centroids_give_the_readout_what_the_anchors_alone_cannot():
     assert with_book > plain + 0.02
 
 
-@pytest.mark.parametrize("weight", [0.5, 1.0, 2.0])
-def test_the_anchor_part_sits_beside_the_private_one_at_its_weight(weight):
-    rng = np.random.default_rng(4)
-    anchors = rng.normal(size=(40, 3))
-    projection = CodebookProjection.fit(anchors, components=3)
-    private = Codebook(projection, rng.normal(size=(12, 3)), scale=1.0)
-    anchor_part = anchor_codebook(projection, anchors, centroids=4, temperature=0.3, with_position=False)
-    both = private.with_anchor_part(anchor_part, weight, anchors)
-    out = both(anchors)
-    own, other = out[:, :15], out[:, 15:]
-    assert out.shape == (40, 12 + 3 + 4)  # private assignments and position, then the anchors' assignments alone
-    assert own == pytest.approx(private(anchors))
-    variance = lambda x: ((x - x.mean(0)) ** 2).sum(1).mean()
-    assert variance(other) / variance(own) == pytest.approx(weight ** 2)
-    assert private.with_anchor_part(anchor_part, 0.0, anchors)(anchors).shape == (40, 15)  # weight 0: left out
-
-
 def preferring(index: int):
     """A score that ranks the ``index``-th candidate it is asked about best, and records every candidate."""
     seen = []
@@ -145,7 +127,7 @@ def preferring(index: int):
     return score, seen
 
 
-def test_the_anchor_codebook_and_the_private_codebook_are_chosen_by_the_score():
+def test_the_anchor_codebook_is_chosen_by_the_score():
     rng = np.random.default_rng(5)
     anchor_base = {"a": rng.normal(size=(50, 4)), "b": rng.normal(size=(50, 3))}
     projections = {m: CodebookProjection.fit(x, components=3) for m, x in anchor_base.items()}
@@ -154,32 +136,16 @@ def test_the_anchor_codebook_and_the_private_codebook_are_chosen_by_the_score():
     assert len(seen) == 10 and (chosen["centroids"], chosen["temperature"], chosen["with_position"]) == (10, 0.3, 1.0)
     assert anchor_books is seen[7] and len(anchor_books["b"].centres) == 10
 
-    private = {m: rng.normal(size=(20, 3)) for m in anchor_base}
-    score, seen = preferring(6)  # temperatures x anchor weights: the second temperature at the third weight
-    books, chosen = choose_codebooks(private, projections, anchor_base, score, anchor_books)
-    assert len(seen) == len(TEMPERATURES) * len(ANCHOR_WEIGHTS)
-    assert (chosen["temperature"], chosen["anchor_weight"]) == (TEMPERATURES[1], ANCHOR_WEIGHTS[2])
-    assert all(b.anchor_part is not None and b.anchor_factor > 0 for b in books.values())
 
-    score, seen = preferring(0)  # one temperature and no anchor part: nothing to choose, nothing scored
-    books, chosen = choose_codebooks(private, projections, anchor_base, score, None, temperatures=(0.2,))
-    assert not seen and np.isnan(chosen["cv_mrr"]) and (chosen["temperature"], chosen["anchor_weight"]) == (0.2, 0.0)
-    assert all(b.anchor_part is None for b in books.values())
-
-
-@pytest.mark.parametrize("with_anchor_part", [False, True])
-def test_a_codebook_travels_in_the_global_state_and_reads_back_the_same_block(with_anchor_part):
-    from fedanchor.federation.messages import CODEBOOK_PREFIX, GlobalState, anchor_part_tensors
+def test_a_codebook_travels_in_the_global_state_and_reads_back_the_same_block():
+    from fedanchor.federation.messages import CODEBOOK_PREFIX, GlobalState
     rng = np.random.default_rng(6)
     anchors = rng.normal(size=(30, 4))
     projection = CodebookProjection.fit(anchors, components=3)
     book = Codebook(projection, rng.normal(size=(8, 3)), scale=0.7)
-    if with_anchor_part:
-        book = book.with_anchor_part(anchor_codebook(projection, anchors, 3, 0.2, False), 2.0, anchors)
     tensors = {f"{CODEBOOK_PREFIX}x/mean": torch.from_numpy(projection.mean).float(),
                f"{CODEBOOK_PREFIX}x/linear": torch.from_numpy(projection.linear).float(),
                f"{CODEBOOK_PREFIX}x/centres": torch.from_numpy(book.centres).float(),
-               f"{CODEBOOK_PREFIX}x/scale": torch.tensor([book.scale]), **anchor_part_tensors("x", book)}
+               f"{CODEBOOK_PREFIX}x/scale": torch.tensor([book.scale])}
     back = GlobalState(1, "fingerprint", tensors).codebooks()["x"]
-    assert (back.anchor_part is not None) == with_anchor_part
     assert back(anchors) == pytest.approx(book(anchors), abs=1e-4)

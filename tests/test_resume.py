@@ -148,8 +148,7 @@ def test_a_job_resubmitted_under_its_run_key_continues_at_its_last_round(tmp_pat
                                                                               "fedanchor_resume": False})
     start(persistor, ctx)
     server = component.server(ctx)
-    server.codebook_temperature, server.codebook_anchor_weight = 0.3, 0.5  # what the rounds leave in its memory
-    server.anchor_factors = {"site-1": 0.5}
+    server.codebook_temperature, server.anchor_factors = 0.3, {"site-1": 0.5}  # what the rounds leave in its memory
     saved = play(component, persistor, ctx, 2)
     run = tmp_path / RUNS_DIR / "run-a"
     assert (run / "checkpoints" / "round-0002.safetensors").is_file()
@@ -164,8 +163,7 @@ def test_a_job_resubmitted_under_its_run_key_continues_at_its_last_round(tmp_pat
     assert "server_memory" not in repr(dxo.meta) and "server_memory" not in dxo.data  # no site learns the others' factors
     assert_identical(component.server(ctx).state, saved)
     resumed = component.server(ctx)
-    assert resumed.codebook_temperature == 0.3 and resumed.codebook_anchor_weight == 0.5
-    assert resumed.anchor_factors == {"site-1": 0.5}
+    assert resumed.codebook_temperature == 0.3 and resumed.anchor_factors == {"site-1": 0.5}
     assert workflow.get_persist_state(ctx)["current_round"] == 2  # ScatterAndGather runs rounds 2 and 3 only
     assert component.state_meta()["run_key"] == "run-a"  # the sites learn the run from every global state
     assert "server_memory" not in component.state_meta()

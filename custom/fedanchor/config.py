@@ -61,7 +61,6 @@ class AlignmentConfig:
     codebook_components: int = 40  # principal components of the anchors' base features the centres live in
     codebook_temperature: float = 0.0  # of the soft assignment, relative to the anchors' median squared distance; 0: chosen by anchor cross-validation
     codebook_min_cluster: int = 5  # private items a centroid must average before it may leave a site
-    codebook_anchor_centres: bool = True  # read the anchors' own k-means centres beside the private ones (weight by anchor cross-validation; from 50 anchors)
 
 
 @dataclass

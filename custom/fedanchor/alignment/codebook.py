@@ -18,18 +18,15 @@ principal components (public: every party computes it from the anchors), and s i
 The readout's cross-validation on the anchors weighs the block, and drops it where
 it does not help.
 
-Beside the private centres the block may read the anchors' own k-means centres
-(public), in the same form: ``[private part, factor * anchor part]``. The anchors'
-centres are what a consortium gets from its anchors alone (the bench's nonlinear
-anchors-only rival reads exactly them); the private centres add where the private
-data lie. Both forms and the anchor part's weight are chosen by cross-validation on
-the anchors (``choose_anchor_codebooks``, ``choose_codebooks``). Everything here is
-numpy: no model, no FLARE.
+The same block built from k-means centres of the anchors themselves
+(``anchor_codebook``, its form chosen by ``choose_anchor_codebooks``) is what a
+consortium gets from its anchors alone: the bench's nonlinear anchors-only rival.
+Everything here is numpy: no model, no FLARE.
 """
 from __future__ import annotations
 
 import itertools
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Callable, Mapping
 
 import numpy as np
@@ -42,9 +39,6 @@ TEMPERATURE = 0.1  # of the soft assignment, relative to the anchors' median squ
 TEMPERATURES = (0.1, 0.2, 0.3, 0.5)  # what anchor cross-validation chooses from when the job fixes none
 MIN_CLUSTER = 5  # private items a centroid must average before it may leave a site
 ANCHOR_FORMS = tuple((t, True) for t in TEMPERATURES) + ((0.2, False),)  # (temperature, with position) of anchor codebooks
-ANCHOR_WEIGHTS = (0.0, 0.5, 1.0, 2.0)  # of the anchors' centres beside the private ones, relative to the private part
-# Below this many anchors an anchor codebook has a handful of centres (N/10) and its choice costs more than it can add.
-ANCHOR_CODEBOOK_MIN_ANCHORS = 50
 
 
 @dataclass
@@ -162,27 +156,10 @@ class Codebook:
     centres: np.ndarray  # centres x components
     scale: float
     with_position: bool = True  # append p C (the point on the manifold) to the assignment p
-    anchor_part: "Codebook | None" = None  # the anchors' own centres, read beside these (same projection)
-    anchor_factor: float = 0.0  # what the anchor part is multiplied by; 0 leaves it out
 
     def __call__(self, base: np.ndarray) -> np.ndarray:
         p = soft_assignments(self.projection(base), self.centres, self.scale)
-        own = np.hstack([p, p @ self.centres]) if self.with_position else p
-        if self.anchor_part is None or self.anchor_factor == 0:
-            return own
-        return np.hstack([own, self.anchor_factor * self.anchor_part(base)])
-
-    def with_anchor_part(self, anchor_part: "Codebook", weight: float, anchor_base: np.ndarray) -> "Codebook":
-        """This codebook with ``anchor_part`` beside it, scaled so that its total variance over the anchors is
-        ``weight`` squared times this part's: the weight means the same whatever the two parts' widths."""
-        if weight == 0:
-            return replace(self, anchor_part=None, anchor_factor=0.0)
-        own, other = _total_variance(replace(self, anchor_part=None)(anchor_base)), _total_variance(anchor_part(anchor_base))
-        return replace(self, anchor_part=anchor_part, anchor_factor=float(weight * np.sqrt(own / max(other, 1e-12))))
-
-
-def _total_variance(x: np.ndarray) -> float:
-    return float(((x - x.mean(0)) ** 2).sum(1).mean())
+        return np.hstack([p, p @ self.centres]) if self.with_position else p
 
 
 def anchor_codebook(projection: CodebookProjection, anchor_base: np.ndarray, centroids: int, temperature: float,
@@ -209,24 +186,4 @@ def choose_anchor_codebooks(projections: Mapping[str, CodebookProjection], ancho
             best = (value, books, {"centroids": centroids, "temperature": temperature,
                                    "with_position": float(with_position), "cv_mrr": value})
     assert best is not None  # the grid is never empty
-    return best[1], best[2]
-
-
-def choose_codebooks(private_centres: Mapping[str, np.ndarray], projections: Mapping[str, CodebookProjection],
-                     anchor_base: Mapping[str, np.ndarray], score: Score, anchor_books: Mapping[str, Codebook] | None = None,
-                     temperatures: tuple[float, ...] = TEMPERATURES) -> tuple[dict[str, Codebook], dict[str, float]]:
-    """The private codebooks at the temperature, and with the anchors' codebooks beside them (``anchor_books``) at
-    the weight (``ANCHOR_WEIGHTS``), that ``score`` ranks best: (codebooks, what was chosen, with its score when
-    there was a choice to make)."""
-    projected = {m: projections[m](anchor_base[m]) for m in private_centres}
-    weights = ANCHOR_WEIGHTS if anchor_books else (0.0,)
-    best: tuple[float, dict[str, Codebook], dict[str, float]] | None = None
-    for temperature, weight in itertools.product(temperatures, weights):
-        books = {m: Codebook(projections[m], c, assignment_scale(projected[m], c, temperature)) for m, c in private_centres.items()}
-        if weight:
-            books = {m: b.with_anchor_part(anchor_books[m], weight, anchor_base[m]) for m, b in books.items()}
-        value = score(books) if len(temperatures) * len(weights) > 1 else float("nan")
-        if best is None or value > best[0]:
-            best = (value, books, {"temperature": temperature, "anchor_weight": weight, "cv_mrr": value})
-    assert best is not None
     return best[1], best[2]

@@ -48,7 +48,6 @@ FEDERATED: dict[str, dict[str, Any]] = {
     "fedanchor - CCA readout": {"alignment.readout": "none"},
     "fedanchor - base block": {"alignment.readout_blocks": ("model",)},
     "fedanchor - private codebook": {"alignment.readout_blocks": ("base", "model")},
-    "fedanchor - anchor centres": {"alignment.codebook_anchor_centres": False},
 }
 NO_DELTA = "fedanchor - delta_site"
 # Rivals that share something else than fedanchor does (bench/fed_rivals.py).
@@ -180,8 +179,8 @@ def run_bench(config: FedAnchorConfig, methods: Sequence[str] | None = None,
 
 def codebook_rival(anchor_f: Mapping[str, np.ndarray], test_f: Mapping[str, np.ndarray], split, config: FedAnchorConfig):
     """The nonlinear anchors-only rival: base features plus a codebook block built from k-means centroids of the
-    anchors; the number of centroids and the block's form chosen by cross-validation on the anchors, by the same
-    choice (``choose_anchor_codebooks``) that puts the anchors' centres beside the private ones in fedanchor's readout."""
+    anchors; the number of centroids and the block's form chosen by cross-validation on the anchors
+    (``choose_anchor_codebooks``)."""
     cv = {"folds": config.alignment.readout_folds, "seed": config.adapter.seed, "repeats": config.alignment.readout_repeats}
 
     def score(books: Mapping[str, Codebook]) -> float:

@@ -43,8 +43,7 @@ CONSENSUS_KEY = "consensus/gram_upper"
 BASIS_DIGEST_KEY = "basis_digest"  # meta of a state sent without U and V: the bases it runs on
 TARGET_PREFIX = "targets/"
 READOUT_PREFIX = "readout/"  # readout/<modality>/mean, /proj: the anchor readout; /anchors: the anchors in its space
-CODEBOOK_PREFIX = "codebook/"  # down: codebook/<modality>/mean, /linear (the projection), /centres, /scale, /anchor_*
-ANCHOR_PART = ("anchor_centres", "anchor_scale", "anchor_position", "anchor_factor")  # the anchors' centres beside the private ones
+CODEBOOK_PREFIX = "codebook/"  # down: codebook/<modality>/mean, /linear (the projection), /centres, /scale
 CODEBOOK_CENTROIDS = "codebook/centroids"  # up: a site's cluster centroids (clusters x components) ...
 CODEBOOK_COUNTS = "codebook/counts"  # ... and how many private items each averages
 
@@ -97,18 +96,6 @@ def tensor_nbytes(tensors: Mapping[str, torch.Tensor]) -> int:
 
 def _to_torch(arrays: Mapping[str, Any]) -> dict[str, torch.Tensor]:
     return {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in arrays.items()}
-
-
-def anchor_part_tensors(modality: str, book: Codebook) -> dict[str, torch.Tensor]:
-    """The tensors that carry ``book``'s anchor part down (public: k-means centres of the anchors); 1-d scalars, as
-    checkpoints hash bytes."""
-    part = book.anchor_part
-    if part is None:
-        return {}
-    values = {"anchor_centres": torch.from_numpy(part.centres).float(), "anchor_scale": [part.scale],
-              "anchor_position": [float(part.with_position)], "anchor_factor": [book.anchor_factor]}
-    return {f"{CODEBOOK_PREFIX}{modality}/{k}": v if isinstance(v, torch.Tensor) else torch.tensor(v, dtype=torch.float32)
-            for k, v in values.items()}
 
 
 @dataclass
@@ -173,18 +160,9 @@ class GlobalState:
     def codebooks(self) -> dict[str, Codebook]:
         """Per modality, its private codebook, once the server has built it (empty before)."""
         projections = self.codebook_projections()
-        out = {}
-        for m in self._codebook_modalities("centres"):
-            book = Codebook(projections[m], self.tensors[f"{CODEBOOK_PREFIX}{m}/centres"].double().numpy(),
+        return {m: Codebook(projections[m], self.tensors[f"{CODEBOOK_PREFIX}{m}/centres"].double().numpy(),
                             float(self.tensors[f"{CODEBOOK_PREFIX}{m}/scale"]))
-            if f"{CODEBOOK_PREFIX}{m}/anchor_centres" in self.tensors:
-                part = {k: self.tensors[f"{CODEBOOK_PREFIX}{m}/{k}"].double().numpy() for k in ANCHOR_PART}
-                anchor_book = Codebook(projections[m], part["anchor_centres"], float(part["anchor_scale"][0]),
-                                       bool(part["anchor_position"][0]))
-                book = Codebook(book.projection, book.centres, book.scale, anchor_part=anchor_book,
-                                anchor_factor=float(part["anchor_factor"][0]))
-            out[m] = book
-        return out
+                for m in self._codebook_modalities("centres")}
 
     def has_codebook(self) -> bool:
         """Whether the server has built the private codebook (its centres travel with the state)."""

@@ -15,8 +15,7 @@ from typing import Mapping
 import numpy as np
 import torch
 
-from ..alignment.codebook import (ANCHOR_CODEBOOK_MIN_ANCHORS, TEMPERATURES, Codebook, CodebookProjection,
-                                  choose_anchor_codebooks, choose_codebooks, pool_centroids)
+from ..alignment.codebook import TEMPERATURES, Codebook, CodebookProjection, assignment_scale, pool_centroids
 from ..alignment.gram import GramConsensus, centred_gram, consensus_agreement, from_upper_triangle, upper_triangle
 from ..alignment.losses import two_view_contrastive
 from ..alignment.readout import AnchorReadout
@@ -30,7 +29,7 @@ from ..model.homogeneous import HomogeneousTransformer, build_model, take_items
 from ..precision import PrecisionWeightedMerge, peer_factors, sample_weight
 from ..adapters.refresh import augment_basis, refresh_phase, truncate
 from .messages import (CODEBOOK_PREFIX, CONSENSUS_KEY, READOUT_PREFIX, TARGET_PREFIX, WIRE_STATISTICS, GlobalState, SiteUpdate,
-                       adapter_key, anchor_part_tensors, is_core_or_magnitude)
+                       adapter_key, is_core_or_magnitude)
 from .site import resolve_device, same_items
 from .state import core_params, load_shared, projector_params, shared_tensors
 
@@ -144,7 +143,6 @@ class FederatedServer:
         self._anchors_only: dict[str, float] | None = None  # anchors_only_eval(), made once
         self._codebook_parts: dict[str, dict[str, tuple[np.ndarray, np.ndarray]]] = {}  # modality -> site -> (centroids, counts)
         self.codebook_temperature: float | None = None  # the assignment temperature, once the codebook is built
-        self.codebook_anchor_weight: float | None = None  # of the anchors' centres beside the private ones, once built
         # The anchor check (precision.anchor_check): each site's factor for the next round, from this round's losses.
         self.anchor_factors: dict[str, float] = {}
         self._anchor_losses: dict[str, float] = {}
@@ -527,39 +525,31 @@ class FederatedServer:
         cfg = self.config.alignment
         projections = self.state.codebook_projections()  # sent from round 0 on, unchanged
         anchors = self.base_of("anchors")
+        projected = {m: projections[m](anchors[m]) for m in self._codebook_parts}
         # In the sites' order, not their updates' arrival order: a run then builds the same codebook every time.
         centres = {m: pool_centroids([parts[site] for site in sorted(parts)], cfg.codebook_size, seed=self.config.adapter.seed)
                    for m, parts in self._codebook_parts.items()}
 
-        # Chosen once, on the base features and the codebook alone (the model changes every round, the codebook does
-        # not), by the readout's own anchor cross-validation.
-        def score(books: Mapping[str, Codebook]) -> float:
-            return fit_readout(self.config, dict.fromkeys(anchors), anchors, ("base", "codebook"), books)[1].cv_mrr
-        with_anchor_centres = cfg.codebook_anchor_centres and len(next(iter(anchors.values()))) >= ANCHOR_CODEBOOK_MIN_ANCHORS
-        log.info("round %d: choosing the codebook by anchor cross-validation (%s)", self.report.round,
-                 "the anchors' own centres, then the private temperature and their weight beside it"
-                 if with_anchor_centres else "the private temperature")
-        anchor_books, anchor_choice = None, {}
-        if with_anchor_centres:
-            anchor_books, anchor_choice = choose_anchor_codebooks(projections, anchors, score, self.config.adapter.seed)
-        temperatures = TEMPERATURES if cfg.codebook_temperature <= 0 else (cfg.codebook_temperature,)
-        books, chosen = choose_codebooks(centres, projections, anchors, score, anchor_books, temperatures)
+        def codebooks(temperature: float) -> dict[str, Codebook]:
+            return {m: Codebook(projections[m], c, assignment_scale(projected[m], c, temperature)) for m, c in centres.items()}
+        temperature, cv = cfg.codebook_temperature, None
+        if temperature <= 0:
+            # Chosen once, on the base features and the codebook alone (the model changes every round, the codebook
+            # does not), by the readout's own anchor cross-validation.
+            scores = {t: fit_readout(self.config, dict.fromkeys(anchors), anchors, ("base", "codebook"), codebooks(t))[1].cv_mrr
+                      for t in TEMPERATURES}
+            temperature = max(scores, key=scores.get)
+            cv = scores[temperature]
         out = {}
-        for m, book in books.items():
+        for m, book in codebooks(temperature).items():
             out[f"{CODEBOOK_PREFIX}{m}/centres"] = torch.from_numpy(book.centres).float()
             out[f"{CODEBOOK_PREFIX}{m}/scale"] = torch.tensor([book.scale], dtype=torch.float32)  # 1-d: checkpoints hash bytes
-            if book.anchor_part is not None:
-                out.update(anchor_part_tensors(m, book))
             parts = self._codebook_parts[m]
             log.info("round %d: private codebook of %s: %d centres from %d site(s), %d private items", self.report.round,
                      m, len(book.centres), len(parts), int(sum(n.sum() for _, n in parts.values())))
-        how = "alignment.codebook_temperature" if np.isnan(chosen["cv_mrr"]) else f"anchor cross-validation, MRR {chosen['cv_mrr']:.3f}"
-        log.info("round %d: codebook temperature %g, anchors' centres beside the private ones at weight %g%s (%s)",
-                 self.report.round, chosen["temperature"], chosen["anchor_weight"],
-                 f" ({anchor_choice['centroids']} centres of the anchors at temperature {anchor_choice['temperature']:g})"
-                 if chosen["anchor_weight"] else "", how)
-        self.codebook_temperature = chosen["temperature"]
-        self.codebook_anchor_weight = chosen["anchor_weight"]
+        log.info("round %d: codebook temperature %g (%s)", self.report.round, temperature,
+                 "alignment.codebook_temperature" if cv is None else f"anchor cross-validation, MRR {cv:.3f}")
+        self.codebook_temperature = temperature
         self._codebook_parts = {}
         return out
 
@@ -620,8 +610,6 @@ class FederatedServer:
         out.update({f"readout/truncation/{k}": float(v) for k, v in choice.truncation.items()})
         if self.codebook_temperature is not None:
             out["codebook/temperature"] = self.codebook_temperature
-        if self.codebook_anchor_weight is not None:
-            out["codebook/anchor_weight"] = self.codebook_anchor_weight
         return out
 
     def evaluate(self, state: GlobalState | None = None) -> dict[str, float]:

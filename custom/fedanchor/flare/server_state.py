@@ -95,12 +95,11 @@ class FedAnchorServerComponent(FLComponent):
 
     def server_memory(self) -> dict[str, Any]:
         """What the server remembers between rounds beside the global state: the codebook's assignment temperature
-        and the weight of the anchors' centres in it (reported in every evaluation), the anchor check's factors and the outlier check's reference (both weigh or
+        (reported in every evaluation), the anchor check's factors and the outlier check's reference (both weigh or
         refuse the next round's updates). Kept in each checkpoint's meta, so a resumed run goes on as the
         uninterrupted one would."""
         server = self.server()
         return {"codebook_temperature": server.codebook_temperature,
-                "codebook_anchor_weight": server.codebook_anchor_weight,
                 "anchor_factors": {site: float(f) for site, f in server.anchor_factors.items()},
                 "outlier_reference": [float(c) for c in getattr(server, "_changes", [])]}
 
@@ -110,8 +109,6 @@ class FedAnchorServerComponent(FLComponent):
         server = self.server()
         if memory.get("codebook_temperature") is not None:
             server.codebook_temperature = float(memory["codebook_temperature"])
-        if memory.get("codebook_anchor_weight") is not None:
-            server.codebook_anchor_weight = float(memory["codebook_anchor_weight"])
         server.anchor_factors = {site: float(f) for site, f in (memory.get("anchor_factors") or {}).items()}
         server._previous_changes = [float(c) for c in memory.get("outlier_reference") or []]
 
