@@ -529,9 +529,10 @@ def test_an_anchor_check_factor_weighs_like_a_scaled_uncertainty_and_the_merge_s
 
 
 def test_the_anchor_check_scores_every_update_on_the_anchors_and_sets_the_next_rounds_factors():
-    """With precision.anchor_check on and three accel sites, the server scores each update on public anchors (one loss
-    per site in the round report, the same anchors and views for all), and the worst accel site gets a factor below
-    1 for the next round while the median one keeps 1; gyro, alone in its modality, keeps 1."""
+    """With precision.anchor_check on and three accel sites, the server scores each accel update on public anchors at
+    the end of the round (one loss per site in the round report, the same anchors and views for all), and the worst
+    accel site gets a factor below 1 for the next round while the median one keeps 1; gyro, alone in its modality,
+    is not scored and keeps 1."""
     config = tiny_config(data={"sites": {"a1": "accel", "a2": "accel", "a3": "accel", "g1": "gyro"}},
                          precision={"anchor_check": True})
     split = make_split(config)
@@ -543,13 +544,60 @@ def test_the_anchor_check_scores_every_update_on_the_anchors_and_sets_the_next_r
         trainer = SiteTrainer(config, site, data, split.anchors[data.spec.name], split.anchor_fingerprint, modalities,
                               split.feature_stats)
         server.accept(trainer.train_round(server.state_for(site, state)))
-    losses = {s: server.report.site_metrics[s]["anchor_check/loss"] for s in split.private}
-    assert all(math.isfinite(v) and v > 0 for v in losses.values()) and len(set(losses.values())) == 4, losses
+    server.finish_round()
+    losses = {s: m["anchor_check/loss"] for s, m in server.report.site_metrics.items() if "anchor_check/loss" in m}
+    assert set(losses) == {"a1", "a2", "a3"}, "g1 is alone in its modality: nothing to compare it with, so not scored"
+    assert all(math.isfinite(v) and v > 0 for v in losses.values()) and len(set(losses.values())) == 3, losses
     # scoring the updates left the server's model at the global state it serves (each check reloads it)
     in_model = shared_tensors(server.model)
     for key, value in server.state.shared_params().items():
         torch.testing.assert_close(in_model[key], value.to(in_model[key].dtype))
-    server.finish_round()
     accel = sorted(("a1", "a2", "a3"), key=losses.get)
     factors = server.anchor_factors
-    assert factors[accel[1]] == 1.0 and factors[accel[2]] <= 1.0 and factors["g1"] == 1.0, (losses, factors)
+    assert factors[accel[1]] == 1.0 and factors[accel[2]] <= 1.0 and server.check_factor("g1") == 1.0, (losses, factors)
+
+
+def test_the_data_check_takes_a_garbage_sites_say_and_keeps_its_centroids_out_of_the_codebook():
+    """Three pixel sites, one of them holding random images of the right shape: its centroids lie far from the public
+    anchors, so the data check gives it a factor below 0.5 from the next round on and the codebook is pooled from the
+    clean pixel sites only; the clean sites and the lone zernike site keep factor 1."""
+    from fedanchor.data.corrupt import corrupt
+
+    config = tiny_config(data={"scenario": "digits", "n_anchors": 32, "n_test": 50, "max_private_per_site": 64,
+                               "sites": {"clean-1": "pixels", "clean-2": "pixels", "garbage": "pixels", "vector": "zernike"}})
+    assert config.precision.data_check
+    split = make_split(config)
+    modalities = {m: d.spec for m, d in split.anchors.items()}
+    server = FederatedServer(config, modalities, split.anchors, split.anchor_fingerprint, split.feature_stats)
+    state = server.initial_state()
+    server.start_round()
+    sent = {}
+    for site, data in split.private.items():
+        data = corrupt(data, "garbage", 1.0, seed=0) if site == "garbage" else data
+        trainer = SiteTrainer(config, site, data, split.anchors[data.spec.name], split.anchor_fingerprint, modalities,
+                              split.feature_stats)
+        update = trainer.train_round(server.state_for(site, state))
+        sent[site] = len(update.codebook_counts)
+        server.accept(update)
+    state = server.finish_round()
+    factors = server.data_factors
+    assert factors["garbage"] < 0.5 and factors["clean-1"] == factors["clean-2"] == factors["vector"] == 1.0, factors
+    distances = server.data_distances
+    assert distances["garbage"] > max(distances["clean-1"], distances["clean-2"]), distances
+    assert server.report.site_metrics["garbage"]["data_check/distance"] == distances["garbage"]
+    assert len(state.codebooks()["pixels"].centres) == sent["clean-1"] + sent["clean-2"], sent
+    assert server.check_factor("garbage") == pytest.approx(server.anchor_factors.get("garbage", 1.0) * factors["garbage"])
+
+
+@pytest.mark.parametrize("metrics, shown", [
+    ({}, "a:0.50 b:0.50"),
+    ({"anchor_check/factor": 1.0, "data_check/factor": 1.0}, "a:0.50 b:0.50"),
+    ({"anchor_check/factor": 0.25}, "a:0.50 (anchor check 0.25) b:0.50"),
+    ({"anchor_check/factor": 1.0, "data_check/factor": 0.0123}, "a:0.50 (data check 0.012) b:0.50"),
+    ({"anchor_check/factor": 0.5, "data_check/factor": 0.1}, "a:0.50 (anchor check 0.5, data check 0.1) b:0.50"),
+])
+def test_the_round_line_says_which_check_took_say_from_a_site(metrics, shown):
+    from fedanchor.federation.loop import RoundRecord, format_round
+
+    record = RoundRecord(0, 1.0, {"a": metrics, "b": {}}, {"a": 0.5, "b": 0.5}, {}, {}, {}, {})
+    assert f"| weight {shown} |" in format_round(record)

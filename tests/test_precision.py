@@ -1,12 +1,13 @@
 """Precision estimates and the precision-weighted merge."""
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
 from conftest import tiny_config
 from fedanchor.federation import run_in_process
-from fedanchor.precision import PrecisionTracker, PrecisionWeightedMerge
+from fedanchor.precision import PrecisionTracker, PrecisionWeightedMerge, data_distance
 
 
 @pytest.mark.parametrize("method", ["iterate_variance", "gradient_variance"])
@@ -81,9 +82,9 @@ def test_a_site_with_noisy_data_gets_a_lower_weight_than_clean_sites(seed):
 @pytest.mark.slow
 @pytest.mark.parametrize("seed", [1])  # one split keeps the suite short; the study's figures are the bench's
 def test_with_the_default_weighting_the_anchor_check_finds_a_garbage_site_and_takes_its_say(seed):
-    """Defaults (anchor check on, no site scalar): a pixel site whose items are random values of the right shape has
-    the worst anchor-check loss of the pixel sites in every round after the first, and once its factor applies (a
-    round late) it weighs less than either clean pixel site; it never weighs more. (That the factor enters the merge
+    """Defaults (anchor and data checks on, no site scalar): a pixel site whose items are random values of the right
+    shape has the worst anchor-check loss of the pixel sites in every round after the first, and once a check's factor
+    applies it weighs less than either clean pixel site; it never weighs more. (That the factors enter the merge
     exactly is test_federation's.)"""
     config = tiny_config(
         data={"scenario": "digits", "n_anchors": 32, "n_test": 50, "max_private_per_site": 64, "seed": seed,
@@ -95,7 +96,8 @@ def test_with_the_default_weighting_the_anchor_check_finds_a_garbage_site_and_ta
     for record in result.rounds[1:]:
         losses = {s: record.site_metrics[s]["anchor_check/loss"] for s in ("clean-1", "clean-2", "garbage")}
         assert max(losses, key=losses.get) == "garbage", (record.round, losses)
-        weights, factor = record.site_weights, record.site_metrics["garbage"]["anchor_check/factor"]
+        metrics = record.site_metrics["garbage"]
+        weights, factor = record.site_weights, metrics["anchor_check/factor"] * metrics.get("data_check/factor", 1.0)
         assert sum(weights.values()) == pytest.approx(1.0)
         clean = min(weights["clean-1"], weights["clean-2"])
         assert weights["garbage"] < clean if factor < 1 else weights["garbage"] == pytest.approx(clean), (record.round, weights)
@@ -124,3 +126,36 @@ def test_anchor_check_factors_single_out_the_odd_site_of_a_modality(case, losses
             assert factors[site] == 1.0, (site, factors)
         else:
             assert 0.0 < factors[site] < 0.5, (site, factors)
+
+
+# Anchors on a unit grid in the plane: each one's nearest other anchor is 1 away (squared distance 1).
+GRID = np.array([[x, y] for x in range(4) for y in range(4)], dtype=float)
+# (case, centroids, counts, expected distance)
+DATA_DISTANCE_CASES = [
+    ("centroids on anchors", GRID[:3], [5, 5, 5], 0.0),
+    ("half a step off", GRID[:2] + [0.5, 0.0], [5, 7], 0.25),
+    ("counts weigh the mean", np.array([[0.0, 0.0], [10.0, 0.0]]), [9, 1], (0 * 9 + 49 * 1) / 10),
+    ("far from every anchor", np.array([[13.0, 3.0]]), [20], 100.0),
+]
+
+
+@pytest.mark.parametrize("case, centroids, counts, expected", DATA_DISTANCE_CASES, ids=[c[0] for c in DATA_DISTANCE_CASES])
+def test_data_distance_is_the_centroids_squared_distance_to_the_nearest_anchor_in_anchor_spacings(case, centroids, counts,
+                                                                                                   expected):
+    assert data_distance(centroids, np.array(counts, dtype=float), GRID) == pytest.approx(expected)
+
+
+def test_data_distance_is_scale_free():
+    centroids, counts = GRID[:2] + [0.5, 0.0], np.array([5.0, 7.0])
+    assert data_distance(7.0 * centroids, counts, 7.0 * GRID) == pytest.approx(data_distance(centroids, counts, GRID))
+
+
+@pytest.mark.parametrize("centroids, counts, anchors, message", [
+    (np.zeros((0, 2)), np.zeros(0), GRID, "positive count"),
+    (GRID[:2], np.array([5.0, 0.0]), GRID, "positive count"),
+    (GRID[:2], np.array([5.0, 5.0]), GRID[:1], "at least 2 projected anchors"),
+    (GRID[:2], np.array([5.0, 5.0]), np.zeros((16, 3)), "of width 2"),
+])
+def test_data_distance_refuses_what_it_cannot_measure(centroids, counts, anchors, message):
+    with pytest.raises(ValueError, match=message):
+        data_distance(centroids, counts, anchors)

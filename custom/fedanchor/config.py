@@ -92,7 +92,11 @@ class PrecisionConfig:
     # small data its losses are noisy enough to take say from a clean site for a round.
     anchor_check: bool = True
     anchor_check_items: int = 64  # anchors embedded (in two views) per update
-    anchor_check_min_sites: int = 3  # sites of a modality the check needs to tell an odd one out (fewer: factor 1)
+    anchor_check_min_sites: int = 3  # sites of a modality the checks need to tell an odd one out (fewer: factor 1)
+    # The server's data check: how far each site's codebook centroids (already sent, once) lie from the public anchors
+    # of its modality; a site far from its peers (the same robust z-score) weighs less from then on, and its centroids
+    # stay out of the codebook. Needs the private codebook (alignment.readout_blocks with "codebook", no DP).
+    data_check: bool = True
     eps: float = 1e-12  # floor of a precision
 
 

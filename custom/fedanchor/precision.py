@@ -22,7 +22,10 @@ import math
 import statistics
 from typing import Mapping
 
+import numpy as np
 import torch
+
+from .alignment.codebook import squared_distances
 
 PRECISION_METHODS = ("iterate_variance", "gradient_variance", "fisher", "uniform")
 
@@ -144,9 +147,9 @@ def sample_weight(n_samples: int, exponent: float) -> float:
 
 def peer_factors(losses: Mapping[str, float], modality_of: Mapping[str, str], min_peers: int = 3,
                  relative_floor: float = 0.01) -> dict[str, float]:
-    """The anchor check's factor of each site: exp(-max(0, z - 1)), z the robust z-score of the site's anchor
-    two-view loss among the sites of its modality ((loss - median) / (1.4826 MAD), the MAD floored at
-    ``relative_floor`` x |median|). A site within one robust spread of its peers keeps factor 1; one far worse
+    """A check's factor of each site: exp(-max(0, z - 1)), z the robust z-score of the site's score (the anchor
+    check's two-view loss, the data check's distance; higher is worse) among the sites of its modality
+    ((loss - median) / (1.4826 MAD), the MAD floored at ``relative_floor`` x |median|). A site within one robust spread of its peers keeps factor 1; one far worse
     loses its say quickly. A modality with fewer than ``min_peers`` sites cannot tell the odd one out: factor 1."""
     out = {site: 1.0 for site in losses}
     groups: dict[str, list[str]] = {}
@@ -161,3 +164,21 @@ def peer_factors(losses: Mapping[str, float], modality_of: Mapping[str, str], mi
         for site, value in zip(sites, values):
             out[site] = math.exp(-max(0.0, (value - median) / spread - 1.0))
     return out
+
+
+def data_distance(centroids: np.ndarray, counts: np.ndarray, anchor_projected: np.ndarray) -> float:
+    """How far a site's private data lies from its modality's public anchors, from what the site already sent: the
+    count-weighted mean squared distance of its codebook centroids to their nearest anchor, over the anchors' own
+    median squared distance to their nearest other anchor (all in the public codebook projection). Centroids of
+    real items sit among the anchors (below 1); noisy, shuffled, rescaled or random items sit apart from them."""
+    centroids, counts = np.asarray(centroids, dtype=np.float64), np.asarray(counts, dtype=np.float64)
+    anchors = np.asarray(anchor_projected, dtype=np.float64)
+    if centroids.ndim != 2 or len(centroids) == 0 or counts.shape != (len(centroids),) or not (counts > 0).all():
+        raise ValueError(f"data_distance needs clusters x width centroids and one positive count each, got shapes "
+                         f"{centroids.shape} and {counts.shape}")
+    if anchors.ndim != 2 or len(anchors) < 2 or anchors.shape[1] != centroids.shape[1]:
+        raise ValueError(f"data_distance needs at least 2 projected anchors of width {centroids.shape[1]}, got {anchors.shape}")
+    between = squared_distances(anchors, anchors)
+    np.fill_diagonal(between, np.inf)
+    spacing = max(float(np.median(between.min(1))), 1e-12)
+    return float(np.average(squared_distances(centroids, anchors).min(1), weights=counts)) / spacing

@@ -73,19 +73,19 @@ def kmeans(points: np.ndarray, k: int, seed: int = 0, weights: np.ndarray | None
     k = max(1, min(k, len(points)))
     centres = points[rng.choice(len(points), 1, p=w / w.sum())]
     for _ in range(1, k):
-        d = _squared_distances(points, centres).min(1) * w
+        d = squared_distances(points, centres).min(1) * w
         centres = np.vstack([centres, points[rng.choice(len(points), p=d / d.sum() if d.sum() > 0 else None)]])
     for _ in range(iterations):
-        assign = _squared_distances(points, centres).argmin(1)
+        assign = squared_distances(points, centres).argmin(1)
         moved = np.array([np.average(points[assign == j], axis=0, weights=w[assign == j]) if (assign == j).any() else centres[j]
                           for j in range(k)])
         if np.allclose(moved, centres):
             break
         centres = moved
-    return centres, _squared_distances(points, centres).argmin(1)
+    return centres, squared_distances(points, centres).argmin(1)
 
 
-def _squared_distances(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+def squared_distances(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return np.maximum((a ** 2).sum(1)[:, None] - 2.0 * a @ b.T + (b ** 2).sum(1)[None], 0.0)
 
 
@@ -112,7 +112,7 @@ def site_centroids(projected: np.ndarray, size: int = SIZE, min_cluster: int = M
         alive[smallest] = False
         moved = assign == smallest
         if moved.any():
-            distances = _squared_distances(projected[moved], centres)
+            distances = squared_distances(projected[moved], centres)
             distances[:, ~alive] = np.inf
             assign[moved] = distances.argmin(1)
             for j in np.unique(assign[moved]):
@@ -136,7 +136,7 @@ def pool_centroids(parts: list[tuple[np.ndarray, np.ndarray]], size: int = SIZE,
 
 def soft_assignments(projected: np.ndarray, centres: np.ndarray, scale: float) -> np.ndarray:
     """items x centres: softmax of minus the squared distances over ``scale``."""
-    logits = -_squared_distances(np.asarray(projected, dtype=np.float64), centres) / max(scale, 1e-12)
+    logits = -squared_distances(np.asarray(projected, dtype=np.float64), centres) / max(scale, 1e-12)
     logits -= logits.max(1, keepdims=True)
     p = np.exp(logits)
     return p / p.sum(1, keepdims=True)
@@ -144,7 +144,7 @@ def soft_assignments(projected: np.ndarray, centres: np.ndarray, scale: float) -
 
 def assignment_scale(anchor_projected: np.ndarray, centres: np.ndarray, temperature: float = TEMPERATURE) -> float:
     """s: ``temperature`` times the median squared distance of the (public) anchors to the centres."""
-    return float(temperature * np.median(_squared_distances(np.asarray(anchor_projected, dtype=np.float64), centres)))
+    return float(temperature * np.median(squared_distances(np.asarray(anchor_projected, dtype=np.float64), centres)))
 
 
 @dataclass

@@ -140,9 +140,18 @@ def run_in_process(config: FedAnchorConfig, progress: Callable[[str], None] | No
     return result
 
 
+CHECK_FACTORS = {"anchor_check/factor": "anchor check", "data_check/factor": "data check"}
+
+
+def _checked(metrics: Mapping[str, float]) -> str:
+    """Why a site weighs less than its share: the checks that took say from it this round, e.g. " (data check 0.02)"."""
+    taken = [f"{name} {metrics[key]:.2g}" for key, name in CHECK_FACTORS.items() if metrics.get(key, 1.0) < 1.0]
+    return f" ({', '.join(taken)})" if taken else ""
+
+
 def format_round(record: RoundRecord) -> str:
     losses = " ".join(f"{s}:{m.get('loss/loss', float('nan')):.3f}" for s, m in record.site_metrics.items())
-    weights = " ".join(f"{s}:{w:.2f}" for s, w in record.site_weights.items())
+    weights = " ".join(f"{s}:{w:.2f}{_checked(record.site_metrics.get(s, {}))}" for s, w in record.site_weights.items())
     recall = " ".join(f"{k.split('/')[0]} R@1/5/10 {record.eval.get(k.replace('@1', '@1'), 0):.3f}/"
                       f"{record.eval.get(k.replace('@1', '@5'), 0):.3f}/{record.eval.get(k.replace('@1', '@10'), 0):.3f}"
                       for k in record.eval if k.endswith("/recall@1"))

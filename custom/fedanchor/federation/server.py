@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Mapping
 
@@ -26,7 +27,7 @@ from ..data.scenario import ModalityData, ModalitySpec
 from ..evaluation import cross_modal_metrics
 from ..model.base_features import base_features
 from ..model.homogeneous import HomogeneousTransformer, build_model, take_items
-from ..precision import PrecisionWeightedMerge, peer_factors, sample_weight
+from ..precision import PrecisionWeightedMerge, data_distance, peer_factors, sample_weight
 from ..adapters.refresh import augment_basis, refresh_phase, truncate
 from .messages import (CODEBOOK_PREFIX, CONSENSUS_KEY, READOUT_PREFIX, TARGET_PREFIX, WIRE_STATISTICS, GlobalState, SiteUpdate,
                        adapter_key, is_core_or_magnitude)
@@ -103,7 +104,12 @@ def to_scoring_space(embeddings: Mapping[str, torch.Tensor], anchors: Mapping[st
             for m, z in embeddings.items()}
 
 
-ANCHOR_FACTOR_FLOOR = 1e-6  # a site's weight never underflows to 0: the merge stays a weighted mean of positive weights
+FACTOR_FLOOR = 1e-6  # a check's factor never takes a site's weight to 0: the merge stays a weighted mean of positive weights
+CODEBOOK_FACTOR_FLOOR = 0.5  # a site the data check left less than half its say adds no centres to the codebook
+# The data check judges a site by at least this many centroids (25 private items at the default cluster floor): one or
+# two centroids are means of nearly all a site's items and sit near the anchors' mean whatever the items hold.
+DATA_CHECK_MIN_CENTROIDS = 5
+DATA_CHECK_SPREAD_FLOOR = 0.1  # distances within 10% of the peers' median count as the same data (a robust spread floor)
 
 
 def _unit_mean(precision: torch.Tensor) -> torch.Tensor:
@@ -145,8 +151,10 @@ class FederatedServer:
         self.codebook_temperature: float | None = None  # the assignment temperature, once the codebook is built
         # The anchor check (precision.anchor_check): each site's factor for the next round, from this round's losses.
         self.anchor_factors: dict[str, float] = {}
-        self._anchor_losses: dict[str, float] = {}
-        self._site_modality: dict[str, str] = {}
+        # The data check (precision.data_check): each site's factor from the round its centroids arrived on.
+        self.data_factors: dict[str, float] = {}
+        self.data_distances: dict[str, float] = {}
+        self.data_modality: dict[str, str] = {}  # site -> modality of the sites the data check has measured
 
     # -- where the server is ---------------------------------------------------
     def _open_round(self) -> tuple[GlobalState, RoundReport]:
@@ -210,7 +218,7 @@ class FederatedServer:
         self._modality_mass: dict[str, float] = {}
         self._projector_merges: dict[str, PrecisionWeightedMerge] = {}
         self._consensus = GramConsensus(self.config.alignment.modality_weights, ema=self.config.alignment.consensus_ema)
-        self._anchor_losses = {}
+        self._checked_updates: dict[str, tuple[str, dict[str, torch.Tensor]]] = {}  # site -> (modality, shared params)
         self._anchor_views: dict[str, tuple] = {}  # modality -> (items, view 1, view 2): the same for every site
 
     def check(self, update: SiteUpdate) -> float:
@@ -323,7 +331,7 @@ class FederatedServer:
 
     def _merge_weights(self, update: SiteUpdate) -> tuple[float, float, dict[str, torch.Tensor]]:
         """(n_k ** gamma, a_k pi_k n_k ** gamma, the weight of every core and magnitude coefficient): what accept folds
-        in; a_k is the site's anchor-check factor from the previous round (1 without one).
+        in; a_k is the product of the site's anchor-check and data-check factors (1 without them).
 
         Lambda's absolute scale follows the optimiser's step size, not the data, so it is not comparable across
         sites: it only distributes a site's weight over its coefficients. pi_k is comparable only between sites of
@@ -331,7 +339,7 @@ class FederatedServer:
         are then combined by their sample mass n_k ** gamma.
         """
         mass = sample_weight(update.n_samples, self.config.precision.sample_exponent)
-        scale = update.uncertainty * mass * self.anchor_factors.get(update.site, 1.0)
+        scale = update.uncertainty * mass * self.check_factor(update.site)
         weights = {k: scale * _unit_mean(update.precision[k].double()) for k in update.params if is_core_or_magnitude(k)}
         return mass, scale, weights
 
@@ -379,12 +387,9 @@ class FederatedServer:
         self._changes.append(change)
         self.report.site_uncertainty[update.site] = update.uncertainty
         self.report.site_metrics[update.site] = dict(update.metrics)
-        if self.anchor_check_enabled():
-            loss = self.anchor_check(update)
-            self._anchor_losses[update.site] = loss
-            self._site_modality[update.site] = update.modality
-            self.report.site_metrics[update.site].update({"anchor_check/loss": loss,
-                                                          "anchor_check/factor": self.anchor_factors.get(update.site, 1.0)})
+        self.report.site_metrics[update.site].update(self._factor_metrics(update.site))
+        if self.anchor_check_enabled():  # scored at the end of the round, once the sites of each modality are known
+            self._checked_updates[update.site] = (update.modality, {k: v for k, v in update.params.items() if k in self._shapes})
         self.report.bytes_up[update.site] = update.nbytes()
         if update.basis_digest:
             self.site_bases[update.site] = update.basis_digest
@@ -401,12 +406,8 @@ class FederatedServer:
             reasons = "; ".join(f"{s}: {r}" for s, r in self.report.rejected.items()) or "no site reported"
             raise RoundFailed(f"round {self.state.round}: {accepted} valid contribution(s), at least {max(1, min_sites)} needed "
                               f"({reasons}); the global model is left unchanged")
-        if self._anchor_losses:
-            self.anchor_factors = {s: max(f, ANCHOR_FACTOR_FLOOR) for s, f in peer_factors(
-                self._anchor_losses, self._site_modality, self.config.precision.anchor_check_min_sites).items()}
-            log.info("round %d anchor check: two-view loss on the anchors %s -> next round's factors %s", self.report.round,
-                     {s: round(v, 3) for s, v in self._anchor_losses.items()},
-                     {s: round(f, 3) for s, f in self.anchor_factors.items()})
+        self._run_anchor_check()
+        self._run_data_check()
         tensors = dict(self.state.tensors)
         total_mass = sum(self._modality_mass.values())
         merged: dict[str, torch.Tensor] = {}
@@ -467,22 +468,80 @@ class FederatedServer:
                  f", at most {max(discarded.values()):.3f} of a core's norm discarded" if discarded else "")
         return out
 
-    # -- the anchor check --------------------------------------------------------
+    # -- the checks that weigh sites against their peers ---------------------------
+    def check_factor(self, site: str) -> float:
+        """What the anchor and data checks leave of a site's say (1: all of it)."""
+        return self.anchor_factors.get(site, 1.0) * self.data_factors.get(site, 1.0)
+
+    def _factor_metrics(self, site: str) -> dict[str, float]:
+        """The checks' figures behind a site's weight this round, for the round report and the trackers."""
+        out = {}
+        if self.anchor_check_enabled():
+            out["anchor_check/factor"] = self.anchor_factors.get(site, 1.0)
+        if site in self.data_distances:
+            out.update({"data_check/distance": self.data_distances[site], "data_check/factor": self.data_factors.get(site, 1.0)})
+        return out
+
     def anchor_check_enabled(self) -> bool:
         return self.config.precision.anchor_check and self.config.precision.method != "uniform"
 
+    def data_check_enabled(self) -> bool:
+        return self.config.precision.data_check and self.config.precision.method != "uniform" and self.codebook_enabled()
+
+    def _run_anchor_check(self) -> None:
+        """Score the round's updates of every modality with enough sites on its anchors; the factors weigh the next
+        round. A modality with fewer sites is not scored: no odd one out can be told there."""
+        if not self._checked_updates:
+            return
+        least = self.config.precision.anchor_check_min_sites
+        modality_of = {site: modality for site, (modality, _) in self._checked_updates.items()}
+        sites_of = Counter(modality_of.values())
+        losses = {site: self.anchor_check(modality, params) for site, (modality, params) in self._checked_updates.items()
+                  if sites_of[modality] >= least}
+        self._checked_updates = {}
+        self.anchor_factors = {s: max(f, FACTOR_FLOOR) for s, f in peer_factors(losses, modality_of, least).items()}
+        for site, loss in losses.items():
+            self.report.site_metrics[site]["anchor_check/loss"] = loss
+        if losses:
+            log.info("round %d anchor check: two-view loss on the anchors %s -> next round's factors %s", self.report.round,
+                     {s: round(v, 3) for s, v in losses.items()}, {s: round(f, 3) for s, f in self.anchor_factors.items()})
+
     @torch.no_grad()
-    def anchor_check(self, update: SiteUpdate) -> float:
-        """The site's two-view loss on public anchors of its modality, with its update applied to the global model:
-        the same anchors and augmentations for every site of the round, so that the sites' losses compare."""
-        cfg = self.config
-        items, *views = self._anchor_check_views(update.modality)
-        load_shared(self.model, {k: v for k, v in update.params.items() if k in self._shapes})
+    def anchor_check(self, modality: str, params: Mapping[str, torch.Tensor]) -> float:
+        """A site's two-view loss on public anchors of its modality, with its shared ``params`` applied to the global
+        model: the same anchors and augmentations for every site of the round, so that the sites' losses compare."""
+        items, *views = self._anchor_check_views(modality)
+        load_shared(self.model, params)
         try:
-            z1, z2 = (self.model.embed_all(update.modality, v).float() for v in views)
-            return float(two_view_contrastive(z1, z2, cfg.private.temperature, same_items(items)))
+            z1, z2 = (self.model.embed_all(modality, v).float() for v in views)
+            return float(two_view_contrastive(z1, z2, self.config.private.temperature, same_items(items)))
         finally:
             load_shared(self.model, self.state.shared_params())
+
+    def _run_data_check(self) -> None:
+        """While sites send codebook centroids: how far each site's data lies from its modality's public anchors
+        (precision.data_distance), against the other sites of the modality (the same robust z-score as the anchor
+        check). The factors weigh every later round; the data do not change, so neither do they. A site with fewer
+        than DATA_CHECK_MIN_CENTROIDS centroids is not judged (its sample mass already keeps its say small)."""
+        if not (self.data_check_enabled() and self._codebook_parts):
+            return
+        projections = self.state.codebook_projections()
+        anchors = self.base_of("anchors")
+        for modality, parts in self._codebook_parts.items():
+            projected = projections[modality](anchors[modality])
+            for site, (centroids, counts) in parts.items():
+                if len(counts) >= DATA_CHECK_MIN_CENTROIDS:
+                    self.data_distances[site] = data_distance(centroids, counts, projected)
+                    self.data_modality[site] = modality
+        self.data_factors = {s: max(f, FACTOR_FLOOR) for s, f in peer_factors(
+            self.data_distances, self.data_modality, self.config.precision.anchor_check_min_sites,
+            relative_floor=DATA_CHECK_SPREAD_FLOOR).items()}
+        for site in self.report.accepted:
+            if site in self.data_distances:
+                self.report.site_metrics[site]["data_check/distance"] = self.data_distances[site]
+        log.info("round %d data check: distance of the sites' centroids from the anchors %s -> factors from the next "
+                 "round on %s", self.report.round, {s: round(v, 3) for s, v in self.data_distances.items()},
+                 {s: round(f, 3) for s, f in self.data_factors.items()})
 
     def _anchor_check_views(self, modality: str) -> tuple:
         """(anchors, view 1, view 2) the round's anchor check embeds for ``modality``: drawn once per round."""
@@ -526,8 +585,14 @@ class FederatedServer:
         projections = self.state.codebook_projections()  # sent from round 0 on, unchanged
         anchors = self.base_of("anchors")
         projected = {m: projections[m](anchors[m]) for m in self._codebook_parts}
+        left_out = sorted(s for parts in self._codebook_parts.values() for s in parts
+                          if self.data_factors.get(s, 1.0) < CODEBOOK_FACTOR_FLOOR)
+        if left_out:
+            log.info("round %d: the codebook leaves out the centroids of %s (the data check put their data far from "
+                     "their peers')", self.report.round, left_out)
         # In the sites' order, not their updates' arrival order: a run then builds the same codebook every time.
-        centres = {m: pool_centroids([parts[site] for site in sorted(parts)], cfg.codebook_size, seed=self.config.adapter.seed)
+        centres = {m: pool_centroids([parts[site] for site in sorted(parts) if site not in left_out], cfg.codebook_size,
+                                     seed=self.config.adapter.seed)
                    for m, parts in self._codebook_parts.items()}
 
         def codebooks(temperature: float) -> dict[str, Codebook]:
@@ -544,9 +609,9 @@ class FederatedServer:
         for m, book in codebooks(temperature).items():
             out[f"{CODEBOOK_PREFIX}{m}/centres"] = torch.from_numpy(book.centres).float()
             out[f"{CODEBOOK_PREFIX}{m}/scale"] = torch.tensor([book.scale], dtype=torch.float32)  # 1-d: checkpoints hash bytes
-            parts = self._codebook_parts[m]
+            parts = [n for site, (_, n) in self._codebook_parts[m].items() if site not in left_out]
             log.info("round %d: private codebook of %s: %d centres from %d site(s), %d private items", self.report.round,
-                     m, len(book.centres), len(parts), int(sum(n.sum() for _, n in parts.values())))
+                     m, len(book.centres), len(parts), int(sum(n.sum() for n in parts)))
         log.info("round %d: codebook temperature %g (%s)", self.report.round, temperature,
                  "alignment.codebook_temperature" if cv is None else f"anchor cross-validation, MRR {cv:.3f}")
         self.codebook_temperature = temperature

@@ -95,12 +95,14 @@ class FedAnchorServerComponent(FLComponent):
 
     def server_memory(self) -> dict[str, Any]:
         """What the server remembers between rounds beside the global state: the codebook's assignment temperature
-        (reported in every evaluation), the anchor check's factors and the outlier check's reference (both weigh or
+        (reported in every evaluation), the anchor and data checks' factors and the outlier check's reference (they weigh or
         refuse the next round's updates). Kept in each checkpoint's meta, so a resumed run goes on as the
         uninterrupted one would."""
         server = self.server()
         return {"codebook_temperature": server.codebook_temperature,
                 "anchor_factors": {site: float(f) for site, f in server.anchor_factors.items()},
+                "data_check": {site: [server.data_modality[site], float(d), float(server.data_factors.get(site, 1.0))]
+                               for site, d in server.data_distances.items()},
                 "outlier_reference": [float(c) for c in getattr(server, "_changes", [])]}
 
     def restore_server_memory(self, meta: Mapping[str, Any]) -> None:
@@ -110,6 +112,10 @@ class FedAnchorServerComponent(FLComponent):
         if memory.get("codebook_temperature") is not None:
             server.codebook_temperature = float(memory["codebook_temperature"])
         server.anchor_factors = {site: float(f) for site, f in (memory.get("anchor_factors") or {}).items()}
+        data_check = memory.get("data_check") or {}
+        server.data_modality = {site: str(m) for site, (m, _, _) in data_check.items()}
+        server.data_distances = {site: float(d) for site, (_, d, _) in data_check.items()}
+        server.data_factors = {site: float(f) for site, (_, _, f) in data_check.items()}
         server._previous_changes = [float(c) for c in memory.get("outlier_reference") or []]
 
     def to_learnable(self, state: GlobalState, metrics: Mapping[str, float] | None = None) -> ModelLearnable:
