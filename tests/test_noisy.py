@@ -153,3 +153,38 @@ def test_precision_study_needs_a_study():
 
     with pytest.raises(ValueError, match="at least one split"):
         precision_summary([])
+
+
+def test_splits_run_apart_are_summarised_as_one_study(tmp_path, capsys):
+    """Each split written by its own `bench --precision --seeds N` run (seed-N/noisy.json) reads back into the same
+    study, and `python -m fedanchor.bench.precision_study` summarises the folders as precision_summary does in one run."""
+    from fedanchor.bench.noisy import write_noisy
+    from fedanchor.bench.precision_study import load_splits, main, precision_summary
+
+    studies = [_study(0, 0.75, 0.6, 0.8, 0.03), _study(1, 0.75, 0.7, 0.8, 0.09)]
+    for study in studies:
+        write_noisy(study, tmp_path / f"run-{study.config.data.seed}" / f"seed-{study.config.data.seed}")
+    loaded = load_splits([tmp_path / "run-1", tmp_path / "run-0"])
+    assert [s.config.data.seed for s in loaded] == [0, 1]
+    assert [s.figures() for s in loaded] == [s.figures() for s in studies]
+    assert main([str(tmp_path / "run-0"), str(tmp_path / "run-1"), "--out", str(tmp_path / "all")]) == 0
+    written = json.loads((tmp_path / "all" / "precision.json").read_text())
+    expected = precision_summary(studies)
+    assert written["cases"][0]["recovery_instance"] == pytest.approx(expected["cases"][0]["recovery_instance"])
+    assert written["cases"][0]["recovery_semantic"] is None  # nan written as null
+    assert written["seeds"] == [0, 1] and (tmp_path / "all" / "seed-1" / "noisy.json").exists()
+    assert "| garbage (s=1) | p1 |" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("layout, message", [
+    ({}, "no seed-N/noisy.json"),
+    ({"a": 0, "b": 0}, "repeat"),
+])
+def test_summarising_splits_refuses_what_does_not_add_up(tmp_path, layout, message):
+    from fedanchor.bench.noisy import write_noisy
+    from fedanchor.bench.precision_study import load_splits
+
+    for folder, seed in layout.items():
+        write_noisy(_study(seed, 0.75, 0.6, 0.8, 0.03), tmp_path / folder / f"seed-{seed}")
+    with pytest.raises((ValueError, FileNotFoundError), match=message):
+        load_splits([tmp_path / f for f in layout] or [tmp_path])

@@ -16,14 +16,13 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import math
 import shlex
 import sys
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from .noisy import NOISY_MODES, noisy_site_study, write_noisy
-from .runner import METHODS, bench_config, run_bench, spread, spread_markdown, write_bench
+from .runner import METHODS, bench_config, finite, run_bench, spread, spread_markdown, write_bench
 from .summary import scenario_summary
 
 
@@ -48,22 +47,11 @@ def _study(out: Path, name: str, run: Callable[[], Any], markdown: Callable[[Any
         print(f"fedanchor bench: error: {err}", file=sys.stderr)
         return 2
     out.mkdir(parents=True, exist_ok=True)
-    (out / f"{name}.json").write_text(json.dumps(_finite(result), indent=2))
+    (out / f"{name}.json").write_text(json.dumps(finite(result), indent=2))
     table = markdown(result)
     (out / f"{name}.md").write_text(table)
     print(table)
     return 0
-
-
-def _finite(value: Any) -> Any:
-    """NaN and Inf as null: strict JSON readers refuse them."""
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, dict):
-        return {k: _finite(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_finite(v) for v in value]
-    return value
 
 
 def _server_memory(args: argparse.Namespace, out: Path, command: str) -> int:

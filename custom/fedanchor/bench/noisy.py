@@ -34,7 +34,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..config import FedAnchorConfig, config_to_dict, with_overrides
+from ..config import FedAnchorConfig, config_from_dict, config_to_dict, with_overrides
 from ..data.corrupt import CORRUPTIONS
 from ..data.scenario import FederatedSplit
 from ..plots import save_figure
@@ -93,6 +93,11 @@ class NoisyRun:
 
     def as_dict(self) -> dict[str, Any]:
         return {**self.__dict__, "mean_recall@10": self.recall}
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any]) -> "NoisyRun":
+        """The run ``as_dict`` wrote (derived figures are recomputed, not read)."""
+        return cls(**{f.name: values[f.name] for f in dataclasses.fields(cls)})
 
 
 @dataclass
@@ -165,6 +170,17 @@ class NoisyStudy:
             "reference_uniform": self.reference_uniform.as_dict() if self.reference_uniform else None,
             "figures": self.figures(),
         }
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any]) -> "NoisyStudy":
+        """The study ``as_dict`` wrote (noisy.json): splits run apart (one process each) are summarised together."""
+        def run(v: Mapping[str, Any] | None) -> NoisyRun | None:
+            return NoisyRun.from_dict(v) if v else None
+        return cls(scenario=values["scenario"], config=config_from_dict(values["config"]), noisy_site=values["noisy_site"],
+                   modality=values["modality"], sites=dict(values["sites"]), reference=run(values["reference"]),
+                   runs={mode: {w: run(r) for w, r in pair.items()} for mode, pair in values["runs"].items()},
+                   seconds=values["seconds"], modes={k: NoisyMode(**v) for k, v in values["modes"].items()},
+                   clean_only=run(values["clean_only"]), reference_uniform=run(values["reference_uniform"]))
 
     def markdown(self) -> str:
         cfg = self.config

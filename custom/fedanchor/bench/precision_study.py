@@ -15,10 +15,16 @@ each corruption under both weightings. Per corruption, over the splits:
 And the clean check: precision minus uniform on the clean federation, against one
 split standard deviation. ``fedanchor bench --precision`` writes precision.json (the
 cases in the documented shape) and precision.md; ``write_splits`` each split's noisy.*.
+Splits run apart (one ``--seeds N`` process each, side by side) are summarised together by
+
+    python -m fedanchor.bench.precision_study runs/prec-s0 runs/prec-s1 runs/prec-s2 --out runs/prec
 """
 from __future__ import annotations
 
+import argparse
+import json
 import math
+import shutil
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -26,6 +32,7 @@ import numpy as np
 
 from ..config import FedAnchorConfig, with_overrides
 from .noisy import PRECISION, RATIO_TARGET, UNIFORM, NoisyStudy, noisy_site_study, write_noisy
+from .runner import finite
 
 RECOVERY_TARGET = 0.75
 LEVELS = ("instance", "semantic")
@@ -127,3 +134,43 @@ def precision_markdown(summary: dict[str, Any], command: str = "") -> str:
 def write_splits(studies: Sequence[NoisyStudy], out: Path) -> list[Path]:
     """Each split's noisy-site study (noisy.json, noisy.md, noisy_weights.png) under ``out``/seed-N/."""
     return [write_noisy(study, Path(out) / f"seed-{study.config.data.seed}")["md"] for study in studies]
+
+
+def load_splits(folders: Sequence[Path]) -> list[NoisyStudy]:
+    """Every split's study under ``folders`` (each holds seed-N/noisy.json, as ``write_splits`` left it), by seed."""
+    paths = sorted({p for folder in folders for p in Path(folder).glob("seed-*/noisy.json")})
+    if not paths:
+        raise FileNotFoundError(f"no seed-N/noisy.json under {[str(f) for f in folders]}: pass the --out folders of "
+                                "`fedanchor bench --precision` runs")
+    studies = sorted((NoisyStudy.from_dict(json.loads(p.read_text())) for p in paths), key=lambda s: s.config.data.seed)
+    seeds = [s.config.data.seed for s in studies]
+    if len(set(seeds)) != len(seeds):
+        raise ValueError(f"split seeds {seeds} repeat: summarise each split once")
+    if len({(s.scenario, s.noisy_site, tuple(s.runs)) for s in studies}) != 1:
+        raise ValueError("the splits ran different studies (scenario, bad site or corruptions differ); summarise like with like")
+    return studies
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m fedanchor.bench.precision_study", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("folders", nargs="+", type=Path, help="--out folders of `fedanchor bench --precision` runs")
+    parser.add_argument("--out", type=Path, required=True, help="where precision.json, precision.md and seed-N/ go")
+    args = parser.parse_args(argv)
+    studies = load_splits(args.folders)
+    args.out.mkdir(parents=True, exist_ok=True)
+    for study in studies:
+        folder = next(f for f in args.folders if (f / f"seed-{study.config.data.seed}" / "noisy.json").exists())
+        if folder.resolve() != args.out.resolve():
+            shutil.copytree(folder / f"seed-{study.config.data.seed}", args.out / f"seed-{study.config.data.seed}",
+                            dirs_exist_ok=True)
+    summary = precision_summary(studies)
+    (args.out / "precision.json").write_text(json.dumps(finite(summary), indent=2))
+    command = "python -m fedanchor.bench.precision_study " + " ".join(str(f) for f in args.folders) + f" --out {args.out}"
+    (args.out / "precision.md").write_text(precision_markdown(summary, command))
+    print((args.out / "precision.md").read_text())
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 import time
 from dataclasses import dataclass, field
 from functools import partial
@@ -393,6 +394,17 @@ def spread_markdown(benches: Sequence[BenchResult], command: str = "") -> str:
     for name, d in spread(benches).items():
         lines.append(f"| {name} | {pm(d['instance'])} | {pm(d['semantic'])} | {pm(d['instance_gap'])} | {pm(d['semantic_gap'])} |")
     return "\n".join(lines) + "\n"
+
+
+def finite(value: Any) -> Any:
+    """NaN and Inf as null: strict JSON readers refuse them."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite(v) for v in value]
+    return value
 
 
 def json_default(value: Any) -> Any:
