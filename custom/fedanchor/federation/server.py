@@ -109,7 +109,6 @@ CODEBOOK_FACTOR_FLOOR = 0.5  # a site the data check left less than half its say
 # The data check judges a site by at least this many centroids (25 private items at the default cluster floor): one or
 # two centroids are means of nearly all a site's items and sit near the anchors' mean whatever the items hold.
 DATA_CHECK_MIN_CENTROIDS = 5
-DATA_CHECK_SPREAD_FLOOR = 0.1  # distances within 10% of the peers' median count as the same data (a robust spread floor)
 
 
 def _unit_mean(precision: torch.Tensor) -> torch.Tensor:
@@ -534,8 +533,7 @@ class FederatedServer:
                     self.data_distances[site] = data_distance(centroids, counts, projected)
                     self.data_modality[site] = modality
         self.data_factors = {s: max(f, FACTOR_FLOOR) for s, f in peer_factors(
-            self.data_distances, self.data_modality, self.config.precision.anchor_check_min_sites,
-            relative_floor=DATA_CHECK_SPREAD_FLOOR).items()}
+            self.data_distances, self.data_modality, self.config.precision.anchor_check_min_sites).items()}
         for site in self.report.accepted:
             if site in self.data_distances:
                 self.report.site_metrics[site]["data_check/distance"] = self.data_distances[site]
