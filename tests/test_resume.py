@@ -149,6 +149,7 @@ def test_a_job_resubmitted_under_its_run_key_continues_at_its_last_round(tmp_pat
     start(persistor, ctx)
     server = component.server(ctx)
     server.codebook_temperature, server.anchor_factors = 0.3, {"site-1": 0.5}  # what the rounds leave in its memory
+    server.data_modality, server.data_distances, server.data_factors = {"site-1": "accel"}, {"site-1": 1.7}, {"site-1": 0.01}
     saved = play(component, persistor, ctx, 2)
     run = tmp_path / RUNS_DIR / "run-a"
     assert (run / "checkpoints" / "round-0002.safetensors").is_file()
@@ -164,6 +165,9 @@ def test_a_job_resubmitted_under_its_run_key_continues_at_its_last_round(tmp_pat
     assert_identical(component.server(ctx).state, saved)
     resumed = component.server(ctx)
     assert resumed.codebook_temperature == 0.3 and resumed.anchor_factors == {"site-1": 0.5}
+    assert (resumed.data_modality, resumed.data_distances, resumed.data_factors) == ({"site-1": "accel"}, {"site-1": 1.7},
+                                                                                    {"site-1": 0.01})
+    assert resumed.check_factor("site-1") == pytest.approx(0.005)
     assert workflow.get_persist_state(ctx)["current_round"] == 2  # ScatterAndGather runs rounds 2 and 3 only
     assert component.state_meta()["run_key"] == "run-a"  # the sites learn the run from every global state
     assert "server_memory" not in component.state_meta()
