@@ -44,6 +44,7 @@ from .runner import json_default, mean_recall
 PRECISION = "precision"
 UNIFORM = "uniform"
 RATIO_TARGET = 0.5  # the noisy site's final weight must be at most half a clean site's
+CHECK_PREFIXES = ("anchor_check/", "data_check/")  # the server's figures behind a site's weight
 
 
 @dataclass(frozen=True)
@@ -86,6 +87,8 @@ class NoisyRun:
     rejected: list[dict[str, str]]  # per round, site -> reason
     metrics: dict[str, float]  # final held-out metrics (the last round's RoundRecord.eval)
     seconds: float
+    # per round, per site: the server's checks behind its weight (anchor_check/*, data_check/* of its site metrics)
+    site_checks: list[dict[str, dict[str, float]]] = field(default_factory=list)
 
     @property
     def recall(self) -> dict[str, float]:
@@ -97,7 +100,7 @@ class NoisyRun:
     @classmethod
     def from_dict(cls, values: Mapping[str, Any]) -> "NoisyRun":
         """The run ``as_dict`` wrote (derived figures are recomputed, not read)."""
-        return cls(**{f.name: values[f.name] for f in dataclasses.fields(cls)})
+        return cls(**{f.name: values[f.name] for f in dataclasses.fields(cls) if f.name in values})
 
 
 @dataclass
@@ -219,6 +222,14 @@ class NoisyStudy:
             for r, weights in enumerate(run.site_weights):
                 cells = [_fmt(weights.get(s, math.nan)) for s in sites]
                 lines.append(f"| {label} | {r + 1} | " + " | ".join(cells) + f" | {run.seconds:.1f} |")
+        checked = [(mode, pair[PRECISION]) for mode, pair in self.runs.items() if pair[PRECISION].site_checks]
+        if checked:
+            lines += ["", f"Why, under precision weighting: the server's factors on {self.noisy_site} per round (anchor "
+                      "check / data check; 1 = all its say, - = not judged).", "",
+                      "| mode | " + " | ".join(f"round {r + 1}" for r in range(len(checked[0][1].site_checks))) + " |",
+                      "|---|" + "---|" * len(checked[0][1].site_checks)]
+            for mode, run in checked:
+                lines.append(f"| {mode} | " + " | ".join(_factors(checks.get(self.noisy_site, {})) for checks in run.site_checks) + " |")
         rejected = [(label, r + 1, rej) for label, run in named for r, rej in enumerate(run.rejected) if rej]
         if rejected:
             lines += ["", "Rejected contributions: " + "; ".join(f"{label} round {r}: {rej}" for label, r, rej in rejected)]
@@ -254,6 +265,10 @@ class NoisyStudy:
         fig.suptitle(f"noisy-site study, {self.scenario}: site weights under precision weighting "
                      f"({self.reference.method}), noisy site {self.noisy_site}", fontsize=10)
         return save_figure(fig, path)
+
+
+def _factors(checks: Mapping[str, float]) -> str:
+    return " / ".join(f"{checks[k]:.2g}" if k in checks else "-" for k in ("anchor_check/factor", "data_check/factor"))
 
 
 def _fmt(x: float) -> str:
@@ -319,7 +334,9 @@ def _record(result: RunResult, mode: str | None, severity: float, weighting: str
                     site_weights=[dict(r.site_weights) for r in result.rounds],
                     site_uncertainty=[dict(r.site_uncertainty) for r in result.rounds],
                     rejected=[dict(r.rejected) for r in result.rounds],
-                    metrics=dict(result.final_eval), seconds=seconds)
+                    metrics=dict(result.final_eval), seconds=seconds,
+                    site_checks=[{site: {k: v for k, v in m.items() if k.startswith(CHECK_PREFIXES)}
+                                  for site, m in r.site_metrics.items()} for r in result.rounds])
 
 
 def noisy_site_study(config: FedAnchorConfig, split: FederatedSplit | None = None, site: str | None = None,
