@@ -146,14 +146,14 @@ def sample_weight(n_samples: int, exponent: float) -> float:
 
 
 def peer_factors(losses: Mapping[str, float], modality_of: Mapping[str, str], min_peers: int = 3,
-                 relative_floor: float = 0.1) -> dict[str, float]:
+                 relative_floor: float = 0.01) -> dict[str, float]:
     """A check's factor of each site: exp(-max(0, z - 1)), z the robust z-score of the site's score (the anchor
     check's two-view loss, the data check's distance; higher is worse) among the sites of its modality
     ((score - median) / (1.4826 MAD), the spread floored at ``relative_floor`` x |median|). A site within one robust
     spread of its peers keeps factor 1; one far worse loses its say quickly. A modality with fewer than ``min_peers``
-    sites cannot tell the odd one out: factor 1. The floor: clean sites' anchor-check losses spread up to 9% above
-    their median in a round (digits, four sites a modality), where a garbage site's sat 20% above (motion); within
-    10% of the median is taken as the same data."""
+    sites cannot tell the odd one out: factor 1. The server's floors (federation/server.py) are 1% for the anchor
+    check and 10% for the data check.
+    """
     out = {site: 1.0 for site in losses}
     groups: dict[str, list[str]] = {}
     for site in losses:

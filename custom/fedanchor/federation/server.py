@@ -109,6 +109,11 @@ CODEBOOK_FACTOR_FLOOR = 0.5  # a site the data check left less than half its say
 # The data check judges a site by at least this many centroids (25 private items at the default cluster floor): one or
 # two centroids are means of nearly all a site's items and sit near the anchors' mean whatever the items hold.
 DATA_CHECK_MIN_CENTROIDS = 5
+# The robust spread's floor, as a share of the peers' median. Anchor check: at 10% a garbage motion site (losses some
+# 20% above a noisy median of three) kept all its say on 3 splits of 3, at 1% it lost it on 2 (docs/results/README.md,
+# "Precision"). Data check: clean digits sites lie within 0.58-0.85 anchor spacings of each other, bad ones at 0.95+.
+ANCHOR_CHECK_SPREAD_FLOOR = 0.01
+DATA_CHECK_SPREAD_FLOOR = 0.1
 
 
 def _unit_mean(precision: torch.Tensor) -> torch.Tensor:
@@ -498,7 +503,8 @@ class FederatedServer:
         losses = {site: self.anchor_check(modality, params) for site, (modality, params) in self._checked_updates.items()
                   if sites_of[modality] >= least}
         self._checked_updates = {}
-        self.anchor_factors = {s: max(f, FACTOR_FLOOR) for s, f in peer_factors(losses, modality_of, least).items()}
+        self.anchor_factors = {s: max(f, FACTOR_FLOOR) for s, f in peer_factors(
+            losses, modality_of, least, relative_floor=ANCHOR_CHECK_SPREAD_FLOOR).items()}
         for site, loss in losses.items():
             self.report.site_metrics[site]["anchor_check/loss"] = loss
         if losses:
@@ -533,7 +539,8 @@ class FederatedServer:
                     self.data_distances[site] = data_distance(centroids, counts, projected)
                     self.data_modality[site] = modality
         self.data_factors = {s: max(f, FACTOR_FLOOR) for s, f in peer_factors(
-            self.data_distances, self.data_modality, self.config.precision.anchor_check_min_sites).items()}
+            self.data_distances, self.data_modality, self.config.precision.anchor_check_min_sites,
+            relative_floor=DATA_CHECK_SPREAD_FLOOR).items()}
         for site in self.report.accepted:
             if site in self.data_distances:
                 self.report.site_metrics[site]["data_check/distance"] = self.data_distances[site]
