@@ -109,9 +109,9 @@ CODEBOOK_FACTOR_FLOOR = 0.5  # a site the data check left less than half its say
 # The data check judges a site by at least this many centroids (25 private items at the default cluster floor): one or
 # two centroids are means of nearly all a site's items and sit near the anchors' mean whatever the items hold.
 DATA_CHECK_MIN_CENTROIDS = 5
-# The robust spread's floor, as a share of the peers' median. Anchor check: at 10% a garbage motion site (losses some
-# 20% above a noisy median of three) kept all its say on 3 splits of 3, at 1% it lost it on 2 (docs/results/README.md,
-# "Precision"). Data check: clean digits sites lie within 0.58-0.85 anchor spacings of each other, bad ones at 0.95+.
+# The robust spread's floor, as a share of the peers' median. Anchor check: 1% took a garbage motion site's say on 2
+# splits of 3 on older code; on today's code neither 1% nor 10% does (docs/results/README.md, "Precision"). Data
+# check: clean digits sites lie within 0.58-0.85 anchor spacings of each other, bad ones at 0.95+.
 ANCHOR_CHECK_SPREAD_FLOOR = 0.01
 DATA_CHECK_SPREAD_FLOOR = 0.1
 
