@@ -38,7 +38,7 @@ from ..config import FedAnchorConfig, config_from_dict, config_to_dict, with_ove
 from ..data.corrupt import CORRUPTIONS
 from ..data.scenario import FederatedSplit
 from ..plots import save_figure
-from ..federation.loop import RunResult, make_split, run_in_process
+from ..federation.loop import CHECK_FACTORS, RunResult, make_split, run_in_process
 from .runner import json_default, mean_recall
 
 PRECISION = "precision"
@@ -268,7 +268,7 @@ class NoisyStudy:
 
 
 def _factors(checks: Mapping[str, float]) -> str:
-    return " / ".join(f"{checks[k]:.2g}" if k in checks else "-" for k in ("anchor_check/factor", "data_check/factor"))
+    return " / ".join(f"{checks[k]:.2g}" if k in checks else "-" for k in CHECK_FACTORS)
 
 
 def _fmt(x: float) -> str:
