@@ -3,8 +3,8 @@ import numpy as np
 import pytest
 import torch
 
-from fedanchor.alignment.codebook import (Codebook, CodebookProjection, assignment_scale, choose_anchor_codebooks, kmeans,
-                                          pool_centroids, site_centroids, soft_assignments)
+from fedanchor.alignment.codebook import (FORMS, Codebook, CodebookProjection, assignment_scale, choose_anchor_codebooks, forms,
+                                          kmeans, pool_centroids, site_centroids, soft_assignments)
 from fedanchor.alignment.readout_choice import choose_readout, concatenated
 
 
@@ -131,21 +131,32 @@ def test_the_anchor_codebook_is_chosen_by_the_score():
     rng = np.random.default_rng(5)
     anchor_base = {"a": rng.normal(size=(50, 4)), "b": rng.normal(size=(50, 3))}
     projections = {m: CodebookProjection.fit(x, components=3) for m, x in anchor_base.items()}
-    score, seen = preferring(7)  # candidates: 5 then 10 centres (N/10, N/5), each in the five anchor forms
+    score, seen = preferring(13)  # candidates: 5 then 10 centres (N/10, N/5), each in the ten forms
     anchor_books, chosen = choose_anchor_codebooks(projections, anchor_base, score)
-    assert len(seen) == 10 and (chosen["centroids"], chosen["temperature"], chosen["with_position"]) == (10, 0.3, 1.0)
-    assert anchor_books is seen[7] and len(anchor_books["b"].centres) == 10
+    assert len(seen) == 2 * len(FORMS) and (chosen["centroids"], chosen["temperature"], chosen["with_position"]) == (10, 0.2, 0.0)
+    assert anchor_books is seen[13] and len(anchor_books["b"].centres) == 10 and not anchor_books["b"].with_position
 
 
-def test_a_codebook_travels_in_the_global_state_and_reads_back_the_same_block():
+@pytest.mark.parametrize("with_position", [True, False])
+def test_a_codebook_travels_in_the_global_state_and_reads_back_the_same_block(with_position):
     from fedanchor.federation.messages import CODEBOOK_PREFIX, GlobalState
     rng = np.random.default_rng(6)
     anchors = rng.normal(size=(30, 4))
     projection = CodebookProjection.fit(anchors, components=3)
-    book = Codebook(projection, rng.normal(size=(8, 3)), scale=0.7)
+    book = Codebook(projection, rng.normal(size=(8, 3)), scale=0.7, with_position=with_position)
     tensors = {f"{CODEBOOK_PREFIX}x/mean": torch.from_numpy(projection.mean).float(),
                f"{CODEBOOK_PREFIX}x/linear": torch.from_numpy(projection.linear).float(),
                f"{CODEBOOK_PREFIX}x/centres": torch.from_numpy(book.centres).float(),
-               f"{CODEBOOK_PREFIX}x/scale": torch.tensor([book.scale])}
+               f"{CODEBOOK_PREFIX}x/scale": torch.tensor([book.scale]),
+               f"{CODEBOOK_PREFIX}x/position": torch.tensor([float(with_position)])}
     back = GlobalState(1, "fingerprint", tensors).codebooks()["x"]
+    assert back(anchors).shape == (30, 8 + 3 * with_position)
     assert back(anchors) == pytest.approx(book(anchors), abs=1e-4)
+
+
+@pytest.mark.parametrize("temperature, expected", [
+    (0.0, FORMS),  # chosen by cross-validation over every form
+    (0.4, ((0.4, True), (0.4, False))),  # a fixed temperature still leaves the position part to cross-validation
+])
+def test_codebook_forms(temperature, expected):
+    assert forms(temperature) == expected and len(FORMS) == len(set(FORMS))

@@ -148,7 +148,7 @@ def test_a_job_resubmitted_under_its_run_key_continues_at_its_last_round(tmp_pat
                                                                               "fedanchor_resume": False})
     start(persistor, ctx)
     server = component.server(ctx)
-    server.codebook_temperature, server.anchor_factors = 0.3, {"site-1": 0.5}  # what the rounds leave in its memory
+    server.codebook_temperature, server.codebook_position, server.anchor_factors = 0.3, False, {"site-1": 0.5}  # what the rounds leave in its memory
     server.data_modality, server.data_distances, server.data_factors = {"site-1": "accel"}, {"site-1": 1.7}, {"site-1": 0.01}
     saved = play(component, persistor, ctx, 2)
     run = tmp_path / RUNS_DIR / "run-a"
@@ -164,7 +164,7 @@ def test_a_job_resubmitted_under_its_run_key_continues_at_its_last_round(tmp_pat
     assert "server_memory" not in repr(dxo.meta) and "server_memory" not in dxo.data  # no site learns the others' factors
     assert_identical(component.server(ctx).state, saved)
     resumed = component.server(ctx)
-    assert resumed.codebook_temperature == 0.3 and resumed.anchor_factors == {"site-1": 0.5}
+    assert (resumed.codebook_temperature, resumed.codebook_position, resumed.anchor_factors) == (0.3, False, {"site-1": 0.5})
     assert (resumed.data_modality, resumed.data_distances, resumed.data_factors) == ({"site-1": "accel"}, {"site-1": 1.7},
                                                                                     {"site-1": 0.01})
     assert resumed.check_factor("site-1") == pytest.approx(0.005)

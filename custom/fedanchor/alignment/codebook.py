@@ -10,13 +10,14 @@ site's centroids of a modality into one codebook of at most ``size`` centres, an
 the readout reads a ``codebook`` block beside the base features and the model:
 
     p(x) = softmax(-|P(x) - c_j|^2 / s)     (soft assignment to the centres)
-    codebook(x) = [p(x), p(x) C]            (the assignment and the point it denotes on the manifold)
+    codebook(x) = [p(x), p(x) C]  or  p(x)  (the assignment, with or without the point it denotes on the manifold)
 
 where P standardises the base features on the anchors and keeps their leading
 principal components (public: every party computes it from the anchors), and s is
 ``temperature`` times the median squared distance of the anchors to the centres.
-The readout's cross-validation on the anchors weighs the block, and drops it where
-it does not help.
+The readout's cross-validation on the anchors picks the block's form (the temperature
+and whether the position part is appended, ``FORMS``), weighs the block, and drops it
+where it does not help.
 
 The same block built from k-means centres of the anchors themselves
 (``anchor_codebook``, its form chosen by ``choose_anchor_codebooks``) is what a
@@ -36,9 +37,16 @@ from .readout_choice import BlockStatistics
 COMPONENTS = 40  # principal components of the anchors' base features the centres live in
 SIZE = 160  # centres per modality after pooling
 TEMPERATURE = 0.1  # of the soft assignment, relative to the anchors' median squared distance to the centres
-TEMPERATURES = (0.1, 0.2, 0.3, 0.5)  # what anchor cross-validation chooses from when the job fixes none
+TEMPERATURES = (0.1, 0.2, 0.3, 0.5, 1.0)  # what anchor cross-validation chooses from when the job fixes none
 MIN_CLUSTER = 5  # private items a centroid must average before it may leave a site
-ANCHOR_FORMS = tuple((t, True) for t in TEMPERATURES) + ((0.2, False),)  # (temperature, with position) of anchor codebooks
+# (temperature, with position) of a codebook block, private or anchor alike: the same choice for fedanchor and its rival.
+FORMS = tuple(itertools.product(TEMPERATURES, (True, False)))
+
+
+def forms(temperature: float = 0.0) -> tuple[tuple[float, bool], ...]:
+    """The codebook forms anchor cross-validation chooses from: ``FORMS``, or both positions of a fixed
+    ``temperature`` (> 0)."""
+    return FORMS if temperature <= 0 else ((temperature, True), (temperature, False))
 
 
 @dataclass
@@ -175,11 +183,11 @@ Score = Callable[[Mapping[str, Codebook]], float]  # codebooks per modality -> a
 
 def choose_anchor_codebooks(projections: Mapping[str, CodebookProjection], anchor_base: Mapping[str, np.ndarray],
                             score: Score, seed: int = 0) -> tuple[dict[str, Codebook], dict[str, float]]:
-    """Every modality's anchor codebook, its number of centres (N/10 or N/5) and form (``ANCHOR_FORMS``) chosen by
+    """Every modality's anchor codebook, its number of centres (N/10 or N/5) and form (``FORMS``) chosen by
     ``score``: (codebooks, what was chosen with its score)."""
     n = len(next(iter(anchor_base.values())))
     best: tuple[float, dict[str, Codebook], dict[str, float]] | None = None
-    for centroids, (temperature, with_position) in itertools.product(sorted({max(2, n // 10), max(2, n // 5)}), ANCHOR_FORMS):
+    for centroids, (temperature, with_position) in itertools.product(sorted({max(2, n // 10), max(2, n // 5)}), FORMS):
         books = {m: anchor_codebook(projections[m], x, centroids, temperature, with_position, seed) for m, x in anchor_base.items()}
         value = score(books)
         if best is None or value > best[0]:

@@ -43,7 +43,7 @@ CONSENSUS_KEY = "consensus/gram_upper"
 BASIS_DIGEST_KEY = "basis_digest"  # meta of a state sent without U and V: the bases it runs on
 TARGET_PREFIX = "targets/"
 READOUT_PREFIX = "readout/"  # readout/<modality>/mean, /proj: the anchor readout; /anchors: the anchors in its space
-CODEBOOK_PREFIX = "codebook/"  # down: codebook/<modality>/mean, /linear (the projection), /centres, /scale
+CODEBOOK_PREFIX = "codebook/"  # down: codebook/<modality>/mean, /linear (the projection), /centres, /scale, /position
 CODEBOOK_CENTROIDS = "codebook/centroids"  # up: a site's cluster centroids (clusters x components) ...
 CODEBOOK_COUNTS = "codebook/counts"  # ... and how many private items each averages
 
@@ -160,8 +160,10 @@ class GlobalState:
     def codebooks(self) -> dict[str, Codebook]:
         """Per modality, its private codebook, once the server has built it (empty before)."""
         projections = self.codebook_projections()
+        # A state written before the block's form was chosen carries no position flag: its blocks had the position.
         return {m: Codebook(projections[m], self.tensors[f"{CODEBOOK_PREFIX}{m}/centres"].double().numpy(),
-                            float(self.tensors[f"{CODEBOOK_PREFIX}{m}/scale"]))
+                            float(self.tensors[f"{CODEBOOK_PREFIX}{m}/scale"]),
+                            bool(self.tensors.get(f"{CODEBOOK_PREFIX}{m}/position", torch.ones(1)).item()))
                 for m in self._codebook_modalities("centres")}
 
     def has_codebook(self) -> bool:

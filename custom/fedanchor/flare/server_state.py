@@ -94,12 +94,12 @@ class FedAnchorServerComponent(FLComponent):
         return meta
 
     def server_memory(self) -> dict[str, Any]:
-        """What the server remembers between rounds beside the global state: the codebook's assignment temperature
-        (reported in every evaluation), the anchor and data checks' factors and the outlier check's reference (they weigh or
+        """What the server remembers between rounds beside the global state: the codebook block's form (temperature and
+        position, reported in every evaluation), the anchor and data checks' factors and the outlier check's reference (they weigh or
         refuse the next round's updates). Kept in each checkpoint's meta, so a resumed run goes on as the
         uninterrupted one would."""
         server = self.server()
-        return {"codebook_temperature": server.codebook_temperature,
+        return {"codebook_temperature": server.codebook_temperature, "codebook_position": server.codebook_position,
                 "anchor_factors": {site: float(f) for site, f in server.anchor_factors.items()},
                 "data_check": {site: [server.data_modality[site], float(d), float(server.data_factors.get(site, 1.0))]
                                for site, d in server.data_distances.items()},
@@ -111,6 +111,8 @@ class FedAnchorServerComponent(FLComponent):
         server = self.server()
         if memory.get("codebook_temperature") is not None:
             server.codebook_temperature = float(memory["codebook_temperature"])
+        if memory.get("codebook_position") is not None:
+            server.codebook_position = bool(memory["codebook_position"])
         server.anchor_factors = {site: float(f) for site, f in (memory.get("anchor_factors") or {}).items()}
         data_check = memory.get("data_check") or {}
         server.data_modality = {site: str(m) for site, (m, _, _) in data_check.items()}
