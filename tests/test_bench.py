@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import time
 
 import pytest
@@ -155,6 +156,17 @@ def test_several_seeds_write_the_scenario_summary_with_each_split_s_sign(tmp_pat
     assert "## motion: 2 splits" in table and "| **fedanchor** |" in table and "gap closed" in table
     with pytest.raises(ValueError, match="repeats scenario"):
         merge_main([str(tmp_path / "summary.json"), str(tmp_path / "summary.json"), "--out", str(merged)])
+
+    # Splits run apart, one folder each, summarise to the same figures as the one run over both.
+    from fedanchor.bench.splits import main as splits_main
+    apart = tmp_path / "apart"
+    assert splits_main([str(tmp_path / "seed-1"), str(tmp_path / "seed-0"), "--out", str(apart)]) == 0
+    assert json.loads((apart / "summary.json").read_text()) == json.loads((tmp_path / "summary.json").read_text())
+    assert (apart / "seed-0" / "results.md").is_file() and (apart / "spread.md").read_text().count("± ") >= 6
+    shutil.copytree(tmp_path / "seed-0", tmp_path / "again")
+    with pytest.raises(SystemExit) as refused:
+        splits_main([str(tmp_path / "seed-0"), str(tmp_path / "again"), "--out", str(apart)])
+    assert refused.value.code == 2
 
 
 @pytest.mark.parametrize("rival,ours,expected", [

@@ -1,6 +1,7 @@
 """Run every method of the bench on one split with the same seeds and write results.json, results.md and a PNG."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import time
@@ -85,6 +86,10 @@ class MethodResult:
     def as_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
 
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any]) -> "MethodResult":
+        return cls(**{f.name: values[f.name] for f in dataclasses.fields(cls) if f.name in values})
+
 
 @dataclass
 class BenchResult:
@@ -99,6 +104,13 @@ class BenchResult:
                 "methods": {k: v.as_dict() for k, v in self.methods.items()},
                 "gap_closed": gap_closed(self.methods, HEADLINE_K[self.scenario]),
                 "bytes": bytes_summary(self)}
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any]) -> "BenchResult":
+        """The bench ``as_dict`` wrote (results.json; derived figures are recomputed, not read)."""
+        return cls(values["scenario"], config_from_dict(values["config"]),
+                   {name: MethodResult.from_dict(m) for name, m in values["methods"].items()}, values["seconds"],
+                   (values.get("bytes") or {}).get("full_finetune_up"))
 
 
 def bench_config(scenario: str, quick: bool = False, seed: int = 0, trunk: str | None = None,

@@ -1,0 +1,70 @@
+"""Summarise bench splits that ran apart: one ``fedanchor bench --seeds N`` process each, side by side or on
+several machines, read back as one multi-split bench.
+
+    python -m fedanchor.bench.splits runs/digits-01 runs/digits-23 runs/digits-45 --out runs/digits
+
+Each folder holds seed-N/results.json (a multi-seed run) or results.json (a single
+seed). The summary is what one ``--seeds`` run over every split writes: spread.md,
+spread.json and summary.json, with each split's folder copied to seed-N/.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+from pathlib import Path
+from typing import Sequence
+
+from .runner import BenchResult, spread, spread_markdown
+from .summary import scenario_summary
+
+
+def result_files(folders: Sequence[Path]) -> list[Path]:
+    paths = sorted({p for folder in folders for p in [*Path(folder).glob("seed-*/results.json"), Path(folder) / "results.json"]
+                    if p.is_file()})
+    if not paths:
+        raise FileNotFoundError(f"no results.json or seed-N/results.json under {[str(f) for f in folders]}: pass the --out "
+                                "folders of `fedanchor bench` runs")
+    return paths
+
+
+def load_splits(folders: Sequence[Path]) -> list[tuple[Path, BenchResult]]:
+    """Every split's bench under ``folders``, by seed; refuses repeated seeds and unlike benches."""
+    benches = sorted(((p.parent, BenchResult.from_dict(json.loads(p.read_text()))) for p in result_files(folders)),
+                     key=lambda pb: pb[1].config.data.seed)
+    seeds = [b.config.data.seed for _, b in benches]
+    if len(set(seeds)) != len(seeds):
+        raise ValueError(f"split seeds {seeds} repeat: give each split once")
+    kinds = {(b.scenario, tuple(b.methods), b.config.rounds, b.config.train.local_steps) for _, b in benches}
+    if len(kinds) != 1:
+        raise ValueError(f"the splits ran different benches (scenario, methods, rounds or local steps differ: {sorted(kinds)}); "
+                         "summarise like with like")
+    return benches
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m fedanchor.bench.splits", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("folders", nargs="+", type=Path, help="--out folders of `fedanchor bench` runs")
+    parser.add_argument("--out", type=Path, required=True, help="where spread.md, spread.json, summary.json and seed-N/ go")
+    args = parser.parse_args(argv)
+    try:
+        loaded = load_splits(args.folders)
+    except (ValueError, FileNotFoundError) as err:
+        parser.exit(2, f"{parser.prog}: error: {err}\n")
+    args.out.mkdir(parents=True, exist_ok=True)
+    for folder, bench in loaded:
+        target = args.out / f"seed-{bench.config.data.seed}"
+        if folder.resolve() != target.resolve():
+            shutil.copytree(folder, target, dirs_exist_ok=True, ignore=shutil.ignore_patterns("seed-*", "spread.*", "summary.json"))
+    benches = [b for _, b in loaded]
+    command = f"python -m fedanchor.bench.splits {' '.join(str(f) for f in args.folders)} --out {args.out}"
+    (args.out / "spread.md").write_text(spread_markdown(benches, command))
+    (args.out / "spread.json").write_text(json.dumps(spread(benches), indent=2))
+    (args.out / "summary.json").write_text(json.dumps(scenario_summary(benches), indent=2))
+    print((args.out / "spread.md").read_text())
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
