@@ -60,6 +60,20 @@ def test_a_zero_weight_block_is_exactly_the_readout_without_it():
     assert torch.allclose(za, zb, atol=1e-5)
 
 
+def test_a_block_whose_cross_validated_gain_is_inside_its_noise_is_dropped():
+    """40 anchors, a noise block that ranks held-out anchors a little better by chance: the first block alone is
+    kept, and the choice says by how little the other won."""
+    x, y = views(40, seed=2, noise=1.5)
+    rng = np.random.default_rng(102)
+    blocks = split_blocks(x, y, rng.normal(size=(40, 2)), rng.normal(size=(40, 2)))
+    readout, choice = choose_readout(blocks)
+    alone, alone_choice = choose_readout(split_blocks(x, y))
+    assert 0 < choice.gain <= choice.gain_se  # the noise block did win on the folds, by less than one standard error
+    assert choice.weights["model"] == 0.0 and choice.cv_mrr == pytest.approx(alone_choice.cv_mrr)
+    assert torch.allclose(readout.apply("a", torch.from_numpy(concatenated(blocks)["a"])),
+                          alone.apply("a", torch.from_numpy(x)), atol=1e-5)
+
+
 def test_identical_items_do_not_inflate_the_cross_validated_score():
     """Ties count half: a readout that maps every anchor to one point must score like chance, not like a perfect one."""
     x, y = views(60, seed=5)

@@ -22,7 +22,11 @@ The block weights, the truncation, the ridge and the number of directions are
 picked by k-fold cross-validation over the anchors: fit on k-1 folds, retrieve the
 held-out fold's partners among themselves, score the mean reciprocal rank of the
 true partner (ties counted half, so identical items never look better than they
-are). Anchors-only rivals use this same function with the base block alone, so the
+are). A readout that reads more than the first block is kept only when it beats the
+best readout of the first block alone by more than ``MIN_GAIN_SE`` standard errors
+of their paired difference over the same held-out anchors; otherwise the first
+block alone is chosen, since a gain inside the noise of the folds is not one to
+bet held-out pairs on. Anchors-only rivals use this same function with the base block alone, so the
 rival and fedanchor are tuned the same way.
 """
 from __future__ import annotations
@@ -44,6 +48,9 @@ WEIGHTS = (0.0, 0.5, 1.0, 2.0)  # of every block after the first; 0 drops it
 MIN_FOLD = 3  # anchors a held-out fold needs to rank anything
 HELD_OUT_QUERIES = 200  # the k-fold split is repeated (reshuffled) until about this many held-out anchors were ranked
 WHOLE_SCALE_BLOCKS = ("codebook",)  # blocks centred but not scaled per feature
+# A readout that reads more than the first block must beat the best one on the first block alone by this many
+# standard errors of the paired held-out difference: a hundred-odd anchors rank too coarsely to trust a smaller gain.
+MIN_GAIN_SE = 1.0
 
 
 @dataclass
@@ -58,6 +65,10 @@ class ReadoutChoice:
     folds: int
     repeats: int = 1  # reshuffled repetitions of the k-fold split
     candidates: int = 0
+    # The best readout's held-out gain over the best on the first block alone, and its standard error (0 when the
+    # first block alone was chosen for being best, or when there is no other block).
+    gain: float = 0.0
+    gain_se: float = 0.0
     table: list[dict[str, float]] = field(default_factory=list, repr=False)
 
     def as_dict(self) -> dict[str, object]:
@@ -222,7 +233,8 @@ def _choose(blocks, folds, seed, fixed_reg, fixed_dims, weights, truncations, re
     widest = max(stats[m][names[0]].axes.shape[1] for m in modalities)
     block_truncations = {k: sorted({t for t in truncations if t == 0 or t < widest}) if k == names[0] else [0] for k in names}
     weight_options = [[1.0]] + [list(weights)] * (len(names) - 1)
-    best: tuple[float, dict, dict, float, int] | None = None
+    best: tuple[float, dict, dict, float, int, list[float]] | None = None
+    alone: tuple[float, dict, dict, float, int, list[float]] | None = None  # the best reading the first block only
     table: list[dict[str, float]] = []
     for ws in itertools.product(*weight_options):
         w = dict(zip(names, ws))
@@ -239,10 +251,15 @@ def _choose(blocks, folds, seed, fixed_reg, fixed_dims, weights, truncations, re
                     table.append({**{f"weight/{k}": v for k, v in w.items()}, **{f"truncation/{k}": v for k, v in t.items()},
                                   "reg": reg, "dims": d, "cv_mrr": mrr})
                     if best is None or mrr > best[0] + 1e-12:
-                        best = (mrr, w, t, reg, d)
+                        best = (mrr, w, t, reg, d, s)
+                    if all(v == 0 for v in ws[1:]) and (alone is None or mrr > alone[0] + 1e-12):
+                        alone = (mrr, w, t, reg, d, s)
     if best is None:
         raise ValueError("readout cross-validation had no candidate to try; check the weight and truncation grids")
-    mrr, w, t, reg, d = best
+    gain, gain_se = _paired_gain(best[5], alone[5]) if alone is not None else (0.0, 0.0)  # no weight 0 in the grid
+    if alone is not None and gain <= MIN_GAIN_SE * gain_se:
+        best = alone
+    mrr, w, t, reg, d, _ = best
     maps = compose(data, stats, w, t)
     core = _fit(inputs, maps, np.arange(n), reg, d)
     # The weighted features of the anchors have mean zero, so the core's own means vanish: the anchor means of the
@@ -252,5 +269,13 @@ def _choose(blocks, folds, seed, fixed_reg, fixed_dims, weights, truncations, re
         {m: torch.from_numpy(maps[m][1] @ core.projections[m].double().numpy()).float() for m in modalities},
         core.correlations)
     choice = ReadoutChoice({k: float(v) for k, v in w.items()}, {k: int(v) for k, v in t.items()}, float(reg), int(d), mrr,
-                           folds, repeats, len(table), table)
+                           folds, repeats, len(table), gain, gain_se, table)
     return readout, choice
+
+
+def _paired_gain(scores: Sequence[float], baseline: Sequence[float]) -> tuple[float, float]:
+    """Mean and standard error of ``scores`` - ``baseline``, both over the same held-out anchors in the same order."""
+    diff = np.asarray(scores, dtype=np.float64) - np.asarray(baseline, dtype=np.float64)
+    if len(diff) < 2:
+        return float(diff.mean()) if len(diff) else 0.0, 0.0
+    return float(diff.mean()), float(diff.std(ddof=1) / np.sqrt(len(diff)))

@@ -677,7 +677,8 @@ class FederatedServer:
         choice = self.readout_choice
         if choice is None or source is None or source.round != self._choice_round:
             return {}
-        out = {"anchor_cv/mrr": choice.cv_mrr, "readout/reg": choice.reg, "readout/dims": float(choice.dims)}
+        out = {"anchor_cv/mrr": choice.cv_mrr, "readout/reg": choice.reg, "readout/dims": float(choice.dims),
+               "readout/gain": choice.gain, "readout/gain_se": choice.gain_se}
         out.update({f"readout/weight/{k}": v for k, v in choice.weights.items()})
         out.update({f"readout/truncation/{k}": float(v) for k, v in choice.truncation.items()})
         if self.codebook_temperature is not None:
