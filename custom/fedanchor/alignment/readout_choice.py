@@ -25,9 +25,9 @@ true partner (ties counted half, so identical items never look better than they
 are). A readout that reads more than the first block is kept only when it beats the
 best readout of the first block alone by more than ``MIN_GAIN_SE`` standard errors
 of their paired difference over the same held-out anchors; otherwise the first
-block alone is chosen, since a gain inside the noise of the folds is not one to
-bet held-out pairs on. Anchors-only rivals use this same function with the base block alone, so the
-rival and fedanchor are tuned the same way.
+block alone is chosen, since a gain inside the noise of the folds is not one to bet
+held-out pairs on. Anchors-only rivals use this same function with the base block
+alone (or with an anchor codebook), so the rival and fedanchor are tuned the same way.
 """
 from __future__ import annotations
 
