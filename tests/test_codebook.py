@@ -123,7 +123,7 @@ def preferring(index: int):
 
     def score(books):
         seen.append(books)
-        return -abs(len(seen) - 1 - index)
+        return -abs(len(seen) - 1 - index), 0.0
     return score, seen
 
 

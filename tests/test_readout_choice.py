@@ -42,7 +42,7 @@ def test_cross_validation_keeps_a_block_that_carries_signal_and_a_noise_block_do
     alone, _ = choose_readout(split_blocks(x, y, rows=train))
     chosen, without = top1(readout, split_blocks(x, y, mx, my, held)), top1(alone, split_blocks(x, y, rows=held))
     if model_block == "signal":
-        assert choice.weights["model"] > 0 and chosen > without + 0.2
+        assert choice.weights["model"] > 0 and choice.gain > choice.gain_se and chosen > without + 0.2
     else:
         assert chosen >= without - 0.05
     assert 0 < choice.cv_mrr <= 1 and choice.candidates == len(choice.table)

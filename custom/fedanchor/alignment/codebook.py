@@ -178,7 +178,8 @@ def anchor_codebook(projection: CodebookProjection, anchor_base: np.ndarray, cen
     return Codebook(projection, centres, assignment_scale(points, centres, temperature), with_position)
 
 
-Score = Callable[[Mapping[str, Codebook]], float]  # codebooks per modality -> anchor cross-validation score (higher: better)
+# codebooks per modality -> anchor cross-validation score, compared as a tuple (higher: better; readout_choice.form_score)
+Score = Callable[[Mapping[str, Codebook]], tuple[float, float]]
 
 
 def choose_anchor_codebooks(projections: Mapping[str, CodebookProjection], anchor_base: Mapping[str, np.ndarray],
@@ -192,6 +193,6 @@ def choose_anchor_codebooks(projections: Mapping[str, CodebookProjection], ancho
         value = score(books)
         if best is None or value > best[0]:
             best = (value, books, {"centroids": centroids, "temperature": temperature,
-                                   "with_position": float(with_position), "cv_mrr": value})
+                                   "with_position": float(with_position), "cv_mrr": value[0]})
     assert best is not None  # the grid is never empty
     return best[1], best[2]

@@ -49,7 +49,8 @@ MIN_FOLD = 3  # anchors a held-out fold needs to rank anything
 HELD_OUT_QUERIES = 200  # the k-fold split is repeated (reshuffled) until about this many held-out anchors were ranked
 WHOLE_SCALE_BLOCKS = ("codebook",)  # blocks centred but not scaled per feature
 # A readout that reads more than the first block must beat the best one on the first block alone by this many
-# standard errors of the paired held-out difference: a hundred-odd anchors rank too coarsely to trust a smaller gain.
+# standard errors of the paired held-out difference (over the anchors): a gain inside the fold noise is not one to
+# bet held-out pairs on, and picking the best of hundreds of candidates favours lucky ones.
 MIN_GAIN_SE = 1.0
 
 
@@ -65,8 +66,8 @@ class ReadoutChoice:
     folds: int
     repeats: int = 1  # reshuffled repetitions of the k-fold split
     candidates: int = 0
-    # The best readout's held-out gain over the best on the first block alone, and its standard error (0 when the
-    # first block alone was chosen for being best, or when there is no other block).
+    # The best readout's held-out gain over the best on the first block alone, and its standard error over the
+    # anchors; reported whether or not the gain was large enough to keep it (0 when the first block alone scored best).
     gain: float = 0.0
     gain_se: float = 0.0
     table: list[dict[str, float]] = field(default_factory=list, repr=False)
@@ -227,6 +228,9 @@ def _choose(blocks, folds, seed, fixed_reg, fixed_dims, weights, truncations, re
         order = rng.permutation(n)
         splits += [(np.sort(np.setdiff1d(order, order[f::folds])), np.sort(order[f::folds])) for f in range(folds)]
     n_train = min(len(tr) for tr, _ in splits)
+    # The anchor behind each held-out score, in the order the scores are listed (every direction ranks each fold).
+    directions = len(modalities) * (len(modalities) - 1)
+    queried = np.concatenate([np.tile(test, directions) for _, test in splits])
     regs = (fixed_reg,) if fixed_reg > 0 else tuple(regs)
     dims_grid = (fixed_dims,) if fixed_dims > 0 else tuple(d for d in DIMS if d <= max(1, int(0.8 * n_train))) or (1,)
     # Only the first block is truncated: the others are already compact (an embedding) or small (a codebook).
@@ -256,7 +260,7 @@ def _choose(blocks, folds, seed, fixed_reg, fixed_dims, weights, truncations, re
                         alone = (mrr, w, t, reg, d, s)
     if best is None:
         raise ValueError("readout cross-validation had no candidate to try; check the weight and truncation grids")
-    gain, gain_se = _paired_gain(best[5], alone[5]) if alone is not None else (0.0, 0.0)  # no weight 0 in the grid
+    gain, gain_se = _paired_gain(best[5], alone[5], queried) if alone is not None else (0.0, 0.0)  # no weight 0 in the grid
     if alone is not None and gain <= MIN_GAIN_SE * gain_se:
         best = alone
     mrr, w, t, reg, d, _ = best
@@ -273,9 +277,22 @@ def _choose(blocks, folds, seed, fixed_reg, fixed_dims, weights, truncations, re
     return readout, choice
 
 
-def _paired_gain(scores: Sequence[float], baseline: Sequence[float]) -> tuple[float, float]:
-    """Mean and standard error of ``scores`` - ``baseline``, both over the same held-out anchors in the same order."""
+def form_score(choice: ReadoutChoice) -> tuple[float, float]:
+    """How well a readout did when comparing forms of one block (a codebook's): its cross-validated score, then, to
+    break the tie when the block was dropped for every form (each then scores as the first block alone), how close
+    it came to being kept."""
+    return choice.cv_mrr, choice.gain - MIN_GAIN_SE * choice.gain_se
+
+
+def _paired_gain(scores: Sequence[float], baseline: Sequence[float], anchors: np.ndarray) -> tuple[float, float]:
+    """Mean and standard error of ``scores`` - ``baseline`` (held-out scores listed in the same order, ``anchors``
+    naming the anchor behind each). An anchor is ranked once per reshuffle and direction, and those rankings move
+    together, so the error is taken over the anchors' mean differences, not over the rankings."""
     diff = np.asarray(scores, dtype=np.float64) - np.asarray(baseline, dtype=np.float64)
-    if len(diff) < 2:
+    if diff.shape != anchors.shape:
+        raise ValueError(f"paired scores need one anchor each: {diff.shape} differences, {anchors.shape} anchors")
+    counts = np.bincount(anchors)
+    per_anchor = np.bincount(anchors, weights=diff)[counts > 0] / counts[counts > 0]
+    if len(per_anchor) < 2:
         return float(diff.mean()) if len(diff) else 0.0, 0.0
-    return float(diff.mean()), float(diff.std(ddof=1) / np.sqrt(len(diff)))
+    return float(per_anchor.mean()), float(per_anchor.std(ddof=1) / np.sqrt(len(per_anchor)))

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from ..alignment.codebook import Codebook, CodebookProjection, choose_anchor_codebooks
-from ..alignment.readout_choice import choose_readout
+from ..alignment.readout_choice import choose_readout, form_score
 from ..config import FedAnchorConfig, config_from_dict, config_to_dict, with_overrides
 from ..federation.loop import make_split, run_in_process
 from ..plots import save_figure
@@ -196,8 +196,8 @@ def codebook_rival(anchor_f: Mapping[str, np.ndarray], test_f: Mapping[str, np.n
     (``choose_anchor_codebooks``)."""
     cv = {"folds": config.alignment.readout_folds, "seed": config.adapter.seed, "repeats": config.alignment.readout_repeats}
 
-    def score(books: Mapping[str, Codebook]) -> float:
-        return choose_readout({m: {"base": x, "codebook": books[m](x)} for m, x in anchor_f.items()}, **cv)[1].cv_mrr
+    def score(books: Mapping[str, Codebook]) -> tuple[float, float]:
+        return form_score(choose_readout({m: {"base": x, "codebook": books[m](x)} for m, x in anchor_f.items()}, **cv)[1])
     projections = {m: CodebookProjection.fit(x, config.alignment.codebook_components) for m, x in anchor_f.items()}
     books, chosen = choose_anchor_codebooks(projections, anchor_f, score, config.adapter.seed)
     metrics, notes = rivals.cca_rival(anchor_f, test_f, split, extra_blocks=books, **cv)

@@ -15,11 +15,15 @@ import shutil
 from pathlib import Path
 from typing import Sequence
 
+from ..config import config_to_dict
 from .runner import BenchResult, spread, spread_markdown
 from .summary import scenario_summary
 
+SEED_KEYS = ("data.seed", "train.seed", "adapter.seed")  # what differs between the splits of one bench
+
 
 def result_files(folders: Sequence[Path]) -> list[Path]:
+    """Every split's results.json under ``folders`` (seed-N/results.json of a multi-seed run, or a single run's)."""
     paths = sorted({p for folder in folders for p in [*Path(folder).glob("seed-*/results.json"), Path(folder) / "results.json"]
                     if p.is_file()})
     if not paths:
@@ -30,16 +34,33 @@ def result_files(folders: Sequence[Path]) -> list[Path]:
 
 def load_splits(folders: Sequence[Path]) -> list[tuple[Path, BenchResult]]:
     """Every split's bench under ``folders``, by seed; refuses repeated seeds and unlike benches."""
-    benches = sorted(((p.parent, BenchResult.from_dict(json.loads(p.read_text()))) for p in result_files(folders)),
-                     key=lambda pb: pb[1].config.data.seed)
+    benches = sorted(((p.parent, _read(p)) for p in result_files(folders)), key=lambda pb: pb[1].config.data.seed)
     seeds = [b.config.data.seed for _, b in benches]
     if len(set(seeds)) != len(seeds):
         raise ValueError(f"split seeds {seeds} repeat: give each split once")
-    kinds = {(b.scenario, tuple(b.methods), b.config.rounds, b.config.train.local_steps) for _, b in benches}
-    if len(kinds) != 1:
-        raise ValueError(f"the splits ran different benches (scenario, methods, rounds or local steps differ: {sorted(kinds)}); "
-                         "summarise like with like")
+    first_folder, first = benches[0]
+    for folder, bench in benches[1:]:
+        differ = sorted(k for k, v in _settings(bench).items() if _settings(first).get(k) != v)
+        if differ or list(bench.methods) != list(first.methods):
+            raise ValueError(f"{folder} and {first_folder} ran different benches (settings {differ or 'equal'}, methods "
+                             f"{list(bench.methods)} vs {list(first.methods)}); summarise like with like")
     return benches
+
+
+def _read(path: Path) -> BenchResult:
+    try:
+        return BenchResult.from_dict(json.loads(path.read_text()))
+    except (ValueError, KeyError, TypeError) as err:
+        raise ValueError(f"{path} is not a results.json that `fedanchor bench` writes ({type(err).__name__}: {err})") from err
+
+
+def _settings(bench: BenchResult) -> dict[str, object]:
+    """The bench's flattened config and scenario, without the split's seeds."""
+    flat: dict[str, object] = {"scenario": bench.scenario}
+    for section, values in config_to_dict(bench.config).items():
+        for key, value in (values.items() if isinstance(values, dict) else [("", values)]):
+            flat[f"{section}.{key}" if key else section] = value
+    return {k: v for k, v in flat.items() if k not in SEED_KEYS}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -48,6 +69,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("folders", nargs="+", type=Path, help="--out folders of `fedanchor bench` runs")
     parser.add_argument("--out", type=Path, required=True, help="where spread.md, spread.json, summary.json and seed-N/ go")
     args = parser.parse_args(argv)
+    inside = [f for f in args.folders if args.out.resolve().is_relative_to(Path(f).resolve())]
+    if inside:
+        parser.exit(2, f"{parser.prog}: error: --out {args.out} lies inside the input folder(s) {[str(f) for f in inside]}; "
+                       "write the summary elsewhere\n")
     try:
         loaded = load_splits(args.folders)
     except (ValueError, FileNotFoundError) as err:

@@ -21,7 +21,7 @@ from ..alignment.codebook import forms as codebook_forms
 from ..alignment.gram import GramConsensus, centred_gram, consensus_agreement, from_upper_triangle, upper_triangle
 from ..alignment.losses import two_view_contrastive
 from ..alignment.readout import AnchorReadout
-from ..alignment.readout_choice import ReadoutChoice, choose_readout
+from ..alignment.readout_choice import ReadoutChoice, choose_readout, form_score
 from ..config import FedAnchorConfig
 from ..data.augment import augment
 from ..data.scenario import ModalityData, ModalitySpec
@@ -607,7 +607,7 @@ class FederatedServer:
                     for m, c in centres.items()}
         # Chosen once, on the base features and the codebook alone (the model changes every round, the codebook does
         # not), by the readout's own anchor cross-validation; the anchors-only rival chooses its form the same way.
-        scores = {form: fit_readout(self.config, dict.fromkeys(anchors), anchors, ("base", "codebook"), codebooks(*form))[1].cv_mrr
+        scores = {form: form_score(fit_readout(self.config, dict.fromkeys(anchors), anchors, ("base", "codebook"), codebooks(*form))[1])
                   for form in codebook_forms(cfg.codebook_temperature)}
         temperature, with_position = max(scores, key=scores.get)
         out = {}
@@ -620,7 +620,7 @@ class FederatedServer:
                      m, len(book.centres), len(parts), int(sum(n.sum() for n in parts)))
         log.info("round %d: codebook block: temperature %g, %s (anchor cross-validation over %d forms, MRR %.3f)",
                  self.report.round, temperature, "assignment and position" if with_position else "assignment only",
-                 len(scores), scores[(temperature, with_position)])
+                 len(scores), scores[(temperature, with_position)][0])
         self.codebook_temperature, self.codebook_position = temperature, with_position
         self._codebook_parts = {}
         return out

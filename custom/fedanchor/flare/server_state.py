@@ -111,8 +111,8 @@ class FedAnchorServerComponent(FLComponent):
         server = self.server()
         if memory.get("codebook_temperature") is not None:
             server.codebook_temperature = float(memory["codebook_temperature"])
-        if memory.get("codebook_position") is not None:
-            server.codebook_position = bool(memory["codebook_position"])
+            # A checkpoint from before the block's form was chosen kept no position: its codebook carried one.
+            server.codebook_position = bool(memory.get("codebook_position", True))
         server.anchor_factors = {site: float(f) for site, f in (memory.get("anchor_factors") or {}).items()}
         data_check = memory.get("data_check") or {}
         server.data_modality = {site: str(m) for site, (m, _, _) in data_check.items()}
