@@ -167,6 +167,14 @@ def test_several_seeds_write_the_scenario_summary_with_each_split_s_sign(tmp_pat
     with pytest.raises(SystemExit) as refused:
         splits_main([str(tmp_path / "seed-0"), str(tmp_path / "again"), "--out", str(apart)])
     assert refused.value.code == 2
+    other = tmp_path / "other"
+    shutil.copytree(tmp_path / "seed-1", other)
+    results = json.loads((other / "results.json").read_text())
+    results["config"]["data"]["n_test"] += 1  # a split run with other settings
+    (other / "results.json").write_text(json.dumps(results))
+    from fedanchor.bench.splits import load_splits
+    with pytest.raises(ValueError, match="data.n_test"):
+        load_splits([tmp_path / "seed-0", other])
 
 
 @pytest.mark.parametrize("rival,ours,expected", [

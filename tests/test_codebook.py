@@ -154,9 +154,19 @@ def test_a_codebook_travels_in_the_global_state_and_reads_back_the_same_block(wi
     assert back(anchors) == pytest.approx(book(anchors), abs=1e-4)
 
 
-@pytest.mark.parametrize("temperature, expected", [
-    (0.0, FORMS),  # chosen by cross-validation over every form
-    (0.4, ((0.4, True), (0.4, False))),  # a fixed temperature still leaves the position part to cross-validation
-])
-def test_codebook_forms(temperature, expected):
-    assert forms(temperature) == expected and len(FORMS) == len(set(FORMS))
+def test_a_fixed_temperature_still_leaves_the_position_part_to_cross_validation():
+    assert forms(0.4) == ((0.4, True), (0.4, False)) and forms(0.0) == FORMS
+
+
+def test_a_state_from_before_the_form_was_chosen_reads_its_codebook_with_the_position():
+    from fedanchor.federation.messages import CODEBOOK_PREFIX, GlobalState
+    rng = np.random.default_rng(7)
+    anchors = rng.normal(size=(20, 4))
+    projection = CodebookProjection.fit(anchors, components=3)
+    centres = rng.normal(size=(5, 3))
+    tensors = {f"{CODEBOOK_PREFIX}x/mean": torch.from_numpy(projection.mean).float(),
+               f"{CODEBOOK_PREFIX}x/linear": torch.from_numpy(projection.linear).float(),
+               f"{CODEBOOK_PREFIX}x/centres": torch.from_numpy(centres).float(),
+               f"{CODEBOOK_PREFIX}x/scale": torch.tensor([0.5])}  # no /position: written before forms were chosen
+    book = GlobalState(1, "fingerprint", tensors).codebooks()["x"]
+    assert book.with_position and book(anchors).shape == (20, 5 + 3)

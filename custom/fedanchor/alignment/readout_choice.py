@@ -26,7 +26,8 @@ are). A readout that reads more than the first block is kept only when it beats 
 best readout of the first block alone by more than ``MIN_GAIN_SE`` standard errors
 of their paired difference over the same held-out anchors; otherwise the first
 block alone is chosen, since a gain inside the noise of the folds is not one to bet
-held-out pairs on. Anchors-only rivals use this same function with the base block
+held-out pairs on (a weight grid without 0 has no first-block-only readout to compare
+with, and so no such check). Anchors-only rivals use this same function with the base block
 alone (or with an anchor codebook), so the rival and fedanchor are tuned the same way.
 """
 from __future__ import annotations
