@@ -35,7 +35,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 from dataclasses import asdict, dataclass, field
-from typing import Mapping, Sequence
+from typing import Mapping, NamedTuple, Sequence
 
 import numpy as np
 import torch
@@ -67,8 +67,8 @@ class ReadoutChoice:
     folds: int
     repeats: int = 1  # reshuffled repetitions of the k-fold split
     candidates: int = 0
-    # The best readout's held-out gain over the best on the first block alone, and its standard error over the
-    # anchors; reported whether or not the gain was large enough to keep it (0 when the first block alone scored best).
+    # The best richer readout's held-out gain over the best on the first block alone (negative where it did worse),
+    # and its standard error over the anchors; reported whether or not the richer one was kept (0, 0: no other block).
     gain: float = 0.0
     gain_se: float = 0.0
     table: list[dict[str, float]] = field(default_factory=list, repr=False)
@@ -77,6 +77,17 @@ class ReadoutChoice:
         out = asdict(self)
         out.pop("table")
         return out
+
+
+class Candidate(NamedTuple):
+    """One readout tried by the cross-validation, with its held-out scores (one per ranking)."""
+
+    mrr: float
+    weights: dict[str, float]
+    truncation: dict[str, int]
+    reg: float
+    dims: int
+    scores: list[float]
 
 
 @dataclass
@@ -238,8 +249,10 @@ def _choose(blocks, folds, seed, fixed_reg, fixed_dims, weights, truncations, re
     widest = max(stats[m][names[0]].axes.shape[1] for m in modalities)
     block_truncations = {k: sorted({t for t in truncations if t == 0 or t < widest}) if k == names[0] else [0] for k in names}
     weight_options = [[1.0]] + [list(weights)] * (len(names) - 1)
-    best: tuple[float, dict, dict, float, int, list[float]] | None = None
-    alone: tuple[float, dict, dict, float, int, list[float]] | None = None  # the best reading the first block only
+    # The best candidate reading the first block alone, and the best reading more: the richer one has to beat the
+    # first by more than the noise (MIN_GAIN_SE).
+    alone: Candidate | None = None
+    richer: Candidate | None = None
     table: list[dict[str, float]] = []
     for ws in itertools.product(*weight_options):
         w = dict(zip(names, ws))
@@ -255,16 +268,17 @@ def _choose(blocks, folds, seed, fixed_reg, fixed_dims, weights, truncations, re
                     mrr = float(np.mean(s))
                     table.append({**{f"weight/{k}": v for k, v in w.items()}, **{f"truncation/{k}": v for k, v in t.items()},
                                   "reg": reg, "dims": d, "cv_mrr": mrr})
-                    if best is None or mrr > best[0] + 1e-12:
-                        best = (mrr, w, t, reg, d, s)
-                    if all(v == 0 for v in ws[1:]) and (alone is None or mrr > alone[0] + 1e-12):
-                        alone = (mrr, w, t, reg, d, s)
-    if best is None:
+                    candidate = Candidate(mrr, w, t, reg, d, s)
+                    if all(v == 0 for v in ws[1:]):
+                        alone = candidate if alone is None or mrr > alone.mrr + 1e-12 else alone
+                    else:
+                        richer = candidate if richer is None or mrr > richer.mrr + 1e-12 else richer
+    if alone is None and richer is None:
         raise ValueError("readout cross-validation had no candidate to try; check the weight and truncation grids")
-    gain, gain_se = _paired_gain(best[5], alone[5], queried) if alone is not None else (0.0, 0.0)  # no weight 0 in the grid
-    if alone is not None and gain <= MIN_GAIN_SE * gain_se:
-        best = alone
-    mrr, w, t, reg, d, _ = best
+    gain, gain_se = (_paired_gain(richer.scores, alone.scores, queried) if alone is not None and richer is not None
+                     else (0.0, 0.0))
+    best = richer if alone is None or (richer is not None and gain > MIN_GAIN_SE * gain_se) else alone
+    mrr, w, t, reg, d = best.mrr, best.weights, best.truncation, best.reg, best.dims
     maps = compose(data, stats, w, t)
     core = _fit(inputs, maps, np.arange(n), reg, d)
     # The weighted features of the anchors have mean zero, so the core's own means vanish: the anchor means of the
@@ -281,7 +295,7 @@ def _choose(blocks, folds, seed, fixed_reg, fixed_dims, weights, truncations, re
 def form_score(choice: ReadoutChoice) -> tuple[float, float]:
     """How well a readout did when comparing forms of one block (a codebook's): its cross-validated score, then, to
     break the tie when the block was dropped for every form (each then scores as the first block alone), how close
-    it came to being kept."""
+    it came to being kept: its gain less the gain it needed."""
     return choice.cv_mrr, choice.gain - MIN_GAIN_SE * choice.gain_se
 
 
