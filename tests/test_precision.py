@@ -107,7 +107,6 @@ def test_with_the_default_weighting_the_anchor_check_finds_a_garbage_site_and_ta
 PEER_FACTOR_CASES = [
     ("one site far worse than three peers", {"a": 4.70, "b": 4.57, "c": 4.56, "d": 4.63}, "pppp",
      {"a": "<0.5", "b": "1", "c": "1", "d": "1"}),
-
     ("all equal: the floor keeps the spread positive", {"a": 3.0, "b": 3.0, "c": 3.0}, "ppp", {"a": "1", "b": "1", "c": "1"}),
     ("two sites cannot tell the odd one out", {"a": 9.0, "b": 1.0}, "pp", {"a": "1", "b": "1"}),
     ("modalities are judged apart", {"a": 5.0, "b": 1.0, "c": 1.0, "d": 1.1, "e": 9.0, "f": 9.1}, "pppzzz",

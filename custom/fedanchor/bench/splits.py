@@ -39,8 +39,9 @@ def load_splits(folders: Sequence[Path]) -> list[tuple[Path, BenchResult]]:
     if len(set(seeds)) != len(seeds):
         raise ValueError(f"split seeds {seeds} repeat: give each split once")
     first_folder, first = benches[0]
+    expected = _settings(first)
     for folder, bench in benches[1:]:
-        differ = sorted(k for k, v in _settings(bench).items() if _settings(first).get(k) != v)
+        differ = sorted(k for k, v in _settings(bench).items() if expected.get(k) != v)
         if differ or list(bench.methods) != list(first.methods):
             raise ValueError(f"{folder} and {first_folder} ran different benches (settings {differ or 'equal'}, methods "
                              f"{list(bench.methods)} vs {list(first.methods)}); summarise like with like")
