@@ -528,6 +528,35 @@ def test_an_anchor_check_factor_weighs_like_a_scaled_uncertainty_and_the_merge_s
     assert weights_with_factor["accel-b"] < weights_with_factor[accel.site]
 
 
+def test_the_information_check_weighs_sites_by_what_their_views_share_and_the_merge_stays_exact(setup):
+    """Three accel sites report their private two-view loss. The information their views share (log(2B - 1) - loss)
+    sets each one's factor for the next round: the median site and a better one keep 1, a site sharing 0.3 of the
+    median keeps 0.3 of its say; gyro, alone in its modality, is not judged. In the next round that factor enters
+    the merge exactly as a site reporting 0.3 of its uncertainty scalar does."""
+    config, _, server, _, state, updates = setup
+    accel, gyro = (without_codebook(next(u for u in updates.values() if u.modality == m)) for m in ("accel", "gyro"))
+    chance = math.log(2 * min(config.train.batch_size, accel.n_samples) - 1)
+
+    def reporting(site: str, nats: float, move: float) -> SiteUpdate:
+        update = variant(accel, state, site, move=move)
+        return dataclasses.replace(update, metrics={**update.metrics, "loss/private": chance - nats})
+
+    sent = [reporting("a1", 1.0, 1.0), reporting("a2", 1.2, 1.4), reporting("a3", 0.3, 1.8), gyro]
+    run_round(server, state, sent)
+    assert server.information_factors == pytest.approx({"a1": 1.0, "a2": 1.0, "a3": 0.3}), server.information_factors
+    assert server.report.site_metrics["a3"]["information_check/nats"] == pytest.approx(0.3)
+    assert server.check_factor(gyro.site) == 1.0
+    with_factor = run_round(server, state, sent)
+    assert server.report.site_metrics["a3"]["information_check/factor"] == pytest.approx(0.3)
+    server.config = with_overrides(config, {"precision.information_check": False})
+    scaled = [*sent[:2], dataclasses.replace(sent[2], uncertainty=0.3 * sent[2].uncertainty), gyro]
+    server.information_factors = {}
+    with_scaled_uncertainty = run_round(server, state, scaled)
+    server.config = config
+    for key in [k for k in state.tensors if is_core_or_magnitude(k)]:
+        torch.testing.assert_close(with_factor.tensors[key], with_scaled_uncertainty.tensors[key], rtol=1e-12, atol=0)
+
+
 def test_the_anchor_check_scores_every_update_on_the_anchors_and_sets_the_next_rounds_factors():
     """With precision.anchor_check on and three accel sites, the server scores each accel update on public anchors at
     the end of the round (one loss per site in the round report, the same anchors and views for all), and the worst
@@ -586,7 +615,8 @@ def test_the_data_check_takes_a_garbage_sites_say_and_keeps_its_centroids_out_of
     assert distances["garbage"] > max(distances["clean-1"], distances["clean-2"]), distances
     assert server.report.site_metrics["garbage"]["data_check/distance"] == distances["garbage"]
     assert len(state.codebooks()["pixels"].centres) == sent["clean-1"] + sent["clean-2"], sent
-    assert server.check_factor("garbage") == pytest.approx(server.anchor_factors.get("garbage", 1.0) * factors["garbage"])
+    assert server.check_factor("garbage") == pytest.approx(server.anchor_factors.get("garbage", 1.0) * factors["garbage"]
+                                                           * server.information_factors.get("garbage", 1.0))
 
 
 @pytest.mark.parametrize("metrics, shown", [
@@ -595,6 +625,7 @@ def test_the_data_check_takes_a_garbage_sites_say_and_keeps_its_centroids_out_of
     ({"anchor_check/factor": 0.25}, "a:0.50 (anchor check 0.25) b:0.50"),
     ({"anchor_check/factor": 1.0, "data_check/factor": 0.0123}, "a:0.50 (data check 0.012) b:0.50"),
     ({"anchor_check/factor": 0.5, "data_check/factor": 0.1}, "a:0.50 (anchor check 0.5, data check 0.1) b:0.50"),
+    ({"information_check/factor": 0.3, "data_check/factor": 1.0}, "a:0.50 (information check 0.3) b:0.50"),
 ])
 def test_the_round_line_says_which_check_took_say_from_a_site(metrics, shown):
     from fedanchor.federation.loop import RoundRecord, format_round

@@ -1,6 +1,8 @@
 """Precision estimates and the precision-weighted merge."""
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -80,27 +82,25 @@ def test_a_site_with_noisy_data_gets_a_lower_weight_than_clean_sites(seed):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("seed", [1])  # one split keeps the suite short; the study's figures are the bench's
-def test_with_the_default_weighting_the_anchor_check_finds_a_garbage_site_and_takes_its_say(seed):
-    """Defaults (anchor and data checks on, no site scalar): a pixel site whose items are random values of the right
-    shape has the worst anchor-check loss of the pixel sites in every round after the first, and once a check's factor
-    applies it weighs less than either clean pixel site; it never weighs more. (That the factors enter the merge
-    exactly is test_federation's.)"""
-    config = tiny_config(
-        data={"scenario": "digits", "n_anchors": 32, "n_test": 50, "max_private_per_site": 64, "seed": seed,
-              "sites": {"clean-1": "pixels", "clean-2": "pixels", "garbage": "pixels", "vector": "zernike"}},
-        train={"local_steps": 12, "batch_size": 16, "seed": seed}, precision={"window": 8}, rounds=3,
-    )
-    assert config.precision.anchor_check and not config.precision.site_scalar
+@pytest.mark.parametrize("seed", [0, 1])
+def test_with_the_default_weighting_the_information_check_finds_a_garbage_site_and_takes_its_say(seed):
+    """Defaults (information check on, anchor check and site scalar off): an accel site whose recordings are random
+    values of the right shape shares the least information between its two views of the accel sites in every round,
+    so from the second round on it weighs less than either clean accel site, which keep equal weights. (That the
+    factors enter the merge exactly is test_federation's.)"""
+    config = tiny_config(data={"seed": seed, "sites": {"clean-1": "accel", "clean-2": "accel", "garbage": "accel",
+                                                       "gyro": "gyro"}}, train={"seed": seed}, rounds=3)
+    assert config.precision.information_check and not config.precision.anchor_check and not config.precision.site_scalar
     result = run_in_process(config, progress=None, corruptions={"garbage": ("garbage", 1.0)})
+    for record in result.rounds:
+        nats = {s: record.site_metrics[s]["information_check/nats"] for s in ("clean-1", "clean-2", "garbage")}
+        assert min(nats, key=nats.get) == "garbage", (record.round, nats)
     for record in result.rounds[1:]:
-        losses = {s: record.site_metrics[s]["anchor_check/loss"] for s in ("clean-1", "clean-2", "garbage")}
-        assert max(losses, key=losses.get) == "garbage", (record.round, losses)
-        metrics = record.site_metrics["garbage"]
-        weights, factor = record.site_weights, metrics["anchor_check/factor"] * metrics.get("data_check/factor", 1.0)
+        weights = record.site_weights
         assert sum(weights.values()) == pytest.approx(1.0)
-        clean = min(weights["clean-1"], weights["clean-2"])
-        assert weights["garbage"] < clean if factor < 1 else weights["garbage"] == pytest.approx(clean), (record.round, weights)
+        assert weights["clean-1"] == pytest.approx(weights["clean-2"]), (record.round, weights)
+        assert 0 < record.site_metrics["garbage"]["information_check/factor"] < 1
+        assert weights["garbage"] < 0.75 * weights["clean-1"], (record.round, weights)
 
 
 # (case, losses, modality of each site, expected factors: "1" exactly one, "<0.5" well below)
@@ -170,3 +170,47 @@ def test_the_spread_floor_decides_how_far_above_its_peers_a_site_may_sit(floor, 
     losses = {"a": 3.127, "b": 2.845, "c": 2.91, "d": 2.839}
     factor = peer_factors(losses, dict.fromkeys(losses, "z"), min_peers=3, relative_floor=floor)["a"]
     assert (factor == 1.0) if expected == "1" else (0.0 < factor < 0.5), factor
+
+
+# (case, nats each site's views share, modality of each site, expected factors); chance is 3 nats for every site
+INFORMATION_CASES = [
+    ("a site at chance among three learning peers", {"a": 0.0, "b": 1.1, "c": 1.0, "d": 0.9}, "pppp",
+     {"a": 0.0, "b": 1.0, "c": 1.0, "d": 0.9 / 0.95}),
+    ("the factor is the share of the median, capped at 1", {"a": 0.4, "b": 1.0, "c": 0.8}, "ppp",
+     {"a": 0.5, "b": 1.0, "c": 1.0}),
+    ("two sites cannot be compared", {"a": 0.0, "b": 2.0}, "pp", {"a": 1.0, "b": 1.0}),
+    ("nobody has learned a tenth of chance yet: differences are noise", {"a": 0.03, "b": 0.2, "c": 0.25}, "ppp",
+     {"a": 1.0, "b": 1.0, "c": 1.0}),
+    ("no site learns anything: nobody is preferred", {"a": 0.0, "b": 0.0, "c": 0.0}, "ppp",
+     {"a": 1.0, "b": 1.0, "c": 1.0}),
+    ("modalities are judged apart", {"a": 0.1, "b": 1.0, "c": 1.0, "d": 0.5, "e": 0.5, "f": 0.5}, "pppzzz",
+     {"a": 0.1, "b": 1.0, "c": 1.0, "d": 1.0, "e": 1.0, "f": 1.0}),
+]
+
+
+@pytest.mark.parametrize("case, nats, modalities, expected", INFORMATION_CASES, ids=[c[0] for c in INFORMATION_CASES])
+def test_information_factors_give_each_site_its_share_of_the_median_information(case, nats, modalities, expected):
+    from fedanchor.precision import information_factors
+
+    factors = information_factors(nats, {s: 3.0 for s in nats}, dict(zip(nats, modalities)), min_peers=3)
+    assert factors == pytest.approx(expected, abs=1e-12), factors
+
+
+@pytest.mark.parametrize("loss, batch, expected", [
+    (math.log(31), 16, 0.0),  # chance: each view picks its partner among 2B - 1 = 31 at random
+    (0.0, 16, math.log(31)),  # every partner found with certainty
+    (1.0, 2, math.log(3) - 1.0),
+    (5.0, 16, 0.0),  # worse than chance is floored: no information, not negative information
+])
+def test_view_information_is_the_infonce_bound_on_what_two_views_share(loss, batch, expected):
+    from fedanchor.precision import view_information
+
+    assert view_information(loss, batch) == pytest.approx(expected)
+
+
+@pytest.mark.parametrize("loss, batch, message", [(1.0, 1, "at least 2 items"), (float("nan"), 8, "must be finite")])
+def test_view_information_refuses_what_it_cannot_read(loss, batch, message):
+    from fedanchor.precision import view_information
+
+    with pytest.raises(ValueError, match=message):
+        view_information(loss, batch)

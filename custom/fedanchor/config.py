@@ -86,17 +86,22 @@ class PrecisionConfig:
     site_scalar_anchors: int = 32  # anchors (and private items) the site scalar embeds
     # The server's anchor check: it embeds two augmented views of public anchors of the site's modality with each
     # site's update applied and scores their agreement (the sites' own two-view loss, on public data); a site far
-    # worse than the other sites of its modality (robust z-score) weighs less in the next round. Needs at least
-    # anchor_check_min_sites sites of the modality to tell the odd one out. On by default: at full scale it took a
-    # garbage site's say away and recovered what uniform averaging lost (docs/results/README.md, "Precision"); on
-    # small data its losses are noisy enough to take say from a clean site for a round.
-    anchor_check: bool = True
+    # worse than the other sites of its modality (robust z-score) weighs less in the next round. Off by default: on
+    # small anchor sets its losses move more from round to round than between a garbage site and a clean one, and it
+    # took a clean site's say for a round (docs/results/README.md, "Precision"); the information check replaced it.
+    anchor_check: bool = False
     anchor_check_items: int = 64  # anchors embedded (in two views) per update
-    anchor_check_min_sites: int = 3  # sites of a modality the checks need to tell an odd one out (fewer: factor 1)
+    anchor_check_min_sites: int = 3  # sites of a modality every check needs to tell an odd one out (fewer: factor 1)
     # The server's data check: how far each site's codebook centroids (already sent, once) lie from the public anchors
     # of its modality; a site far from its peers (the same robust z-score) weighs less from then on, and its centroids
     # stay out of the codebook. Needs the private codebook (alignment.readout_blocks with "codebook", no DP).
     data_check: bool = True
+    # The server's information check: from each site's reported two-view loss on its private data, the information
+    # its two views share (the InfoNCE bound, log(2B - 1) - loss); a site's say scales with its share of its
+    # modality's median (at most 1). Random or noise-drowned items teach the model nothing, so their site's loss stays
+    # near chance whatever the number of local steps. Needs anchor_check_min_sites sites of the modality; nothing
+    # under DP (the loss is not released).
+    information_check: bool = True
     eps: float = 1e-12  # floor of a precision
 
 

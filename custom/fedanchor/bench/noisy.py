@@ -44,7 +44,7 @@ from .runner import json_default, mean_recall
 PRECISION = "precision"
 UNIFORM = "uniform"
 RATIO_TARGET = 0.5  # the noisy site's final weight must be at most half a clean site's
-CHECK_PREFIXES = ("anchor_check/", "data_check/")  # the server's figures behind a site's weight
+CHECK_PREFIXES = ("anchor_check/", "data_check/", "information_check/")  # the server's figures behind a site's weight
 
 
 @dataclass(frozen=True)
@@ -222,10 +222,11 @@ class NoisyStudy:
             for r, weights in enumerate(run.site_weights):
                 cells = [_fmt(weights.get(s, math.nan)) for s in sites]
                 lines.append(f"| {label} | {r + 1} | " + " | ".join(cells) + f" | {run.seconds:.1f} |")
-        checked = [(mode, pair[PRECISION]) for mode, pair in self.runs.items() if pair[PRECISION].site_checks]
+        checked = [(mode, pair[PRECISION]) for mode, pair in self.runs.items()
+                   if any(checks.get(self.noisy_site) for checks in pair[PRECISION].site_checks)]
         if checked:
-            lines += ["", f"Why, under precision weighting: the server's factors on {self.noisy_site} per round (anchor "
-                      "check / data check; 1 = all its say, - = not judged).", "",
+            lines += ["", f"Why, under precision weighting: the server's factors on {self.noisy_site} per round "
+                      f"({' / '.join(CHECK_FACTORS.values())}; 1 = all its say, - = not judged).", "",
                       "| mode | " + " | ".join(f"round {r + 1}" for r in range(len(checked[0][1].site_checks))) + " |",
                       "|---|" + "---|" * len(checked[0][1].site_checks)]
             for mode, run in checked:

@@ -140,7 +140,8 @@ def run_in_process(config: FedAnchorConfig, progress: Callable[[str], None] | No
     return result
 
 
-CHECK_FACTORS = {"anchor_check/factor": "anchor check", "data_check/factor": "data check"}
+CHECK_FACTORS = {"anchor_check/factor": "anchor check", "data_check/factor": "data check",
+                 "information_check/factor": "information check"}
 
 
 def _checked(metrics: Mapping[str, float]) -> str:

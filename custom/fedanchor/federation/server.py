@@ -28,7 +28,8 @@ from ..data.scenario import ModalityData, ModalitySpec
 from ..evaluation import cross_modal_metrics
 from ..model.base_features import base_features
 from ..model.homogeneous import HomogeneousTransformer, build_model, take_items
-from ..precision import PrecisionWeightedMerge, data_distance, peer_factors, sample_weight
+from ..precision import (PrecisionWeightedMerge, data_distance, information_factors, peer_factors, sample_weight,
+                         view_information)
 from ..adapters.refresh import augment_basis, refresh_phase, truncate
 from .messages import (CODEBOOK_PREFIX, CONSENSUS_KEY, READOUT_PREFIX, TARGET_PREFIX, WIRE_STATISTICS, GlobalState, SiteUpdate,
                        adapter_key, is_core_or_magnitude)
@@ -161,6 +162,8 @@ class FederatedServer:
         self.data_factors: dict[str, float] = {}
         self.data_distances: dict[str, float] = {}
         self.data_modality: dict[str, str] = {}  # site -> modality of the sites the data check has measured
+        # The information check (precision.information_check): each site's factor for the next round.
+        self.information_factors: dict[str, float] = {}
 
     # -- where the server is ---------------------------------------------------
     def _open_round(self) -> tuple[GlobalState, RoundReport]:
@@ -226,6 +229,7 @@ class FederatedServer:
         self._consensus = GramConsensus(self.config.alignment.modality_weights, ema=self.config.alignment.consensus_ema)
         self._checked_updates: dict[str, tuple[str, dict[str, torch.Tensor]]] = {}  # site -> (modality, shared params)
         self._anchor_views: dict[str, tuple] = {}  # modality -> (items, view 1, view 2): the same for every site
+        self._view_information: dict[str, tuple[str, float, float]] = {}  # site -> (modality, nats, chance's nats)
 
     def check(self, update: SiteUpdate) -> float:
         """Raise ContributionRejected with a reason, or return the update's change (``update_change``) if it may count."""
@@ -337,7 +341,7 @@ class FederatedServer:
 
     def _merge_weights(self, update: SiteUpdate) -> tuple[float, float, dict[str, torch.Tensor]]:
         """(n_k ** gamma, a_k pi_k n_k ** gamma, the weight of every core and magnitude coefficient): what accept folds
-        in; a_k is the product of the site's anchor-check and data-check factors (1 without them).
+        in; a_k is the product of the site's information, data and anchor checks' factors (1 without them).
 
         Lambda's absolute scale follows the optimiser's step size, not the data, so it is not comparable across
         sites: it only distributes a site's weight over its coefficients. pi_k is comparable only between sites of
@@ -394,6 +398,10 @@ class FederatedServer:
         self.report.site_uncertainty[update.site] = update.uncertainty
         self.report.site_metrics[update.site] = dict(update.metrics)
         self.report.site_metrics[update.site].update(self._factor_metrics(update.site))
+        if self.information_check_enabled() and "loss/private" in update.metrics:
+            batch = min(self.config.train.batch_size, update.n_samples)
+            self._view_information[update.site] = (update.modality, view_information(update.metrics["loss/private"], batch),
+                                                   math.log(2 * batch - 1))
         if self.anchor_check_enabled():  # scored at the end of the round, once the sites of each modality are known
             self._checked_updates[update.site] = (update.modality, {k: v for k, v in update.params.items() if k in self._shapes})
         self.report.bytes_up[update.site] = update.nbytes()
@@ -414,6 +422,7 @@ class FederatedServer:
                               f"({reasons}); the global model is left unchanged")
         self._run_anchor_check()
         self._run_data_check()
+        self._run_information_check()
         tensors = dict(self.state.tensors)
         total_mass = sum(self._modality_mass.values())
         merged: dict[str, torch.Tensor] = {}
@@ -476,8 +485,8 @@ class FederatedServer:
 
     # -- the checks that weigh sites against their peers ---------------------------
     def check_factor(self, site: str) -> float:
-        """What the anchor and data checks leave of a site's say (1: all of it)."""
-        return self.anchor_factors.get(site, 1.0) * self.data_factors.get(site, 1.0)
+        """What the anchor, data and information checks leave of a site's say (1: all of it)."""
+        return self.anchor_factors.get(site, 1.0) * self.data_factors.get(site, 1.0) * self.information_factors.get(site, 1.0)
 
     def _factor_metrics(self, site: str) -> dict[str, float]:
         """The checks' figures behind a site's weight this round, for the round report and the trackers."""
@@ -486,10 +495,15 @@ class FederatedServer:
             out["anchor_check/factor"] = self.anchor_factors.get(site, 1.0)
         if site in self.data_distances:
             out.update({"data_check/distance": self.data_distances[site], "data_check/factor": self.data_factors.get(site, 1.0)})
+        if site in self.information_factors:
+            out["information_check/factor"] = self.information_factors[site]
         return out
 
     def anchor_check_enabled(self) -> bool:
         return self.config.precision.anchor_check and self.config.precision.method != "uniform"
+
+    def information_check_enabled(self) -> bool:
+        return self.config.precision.information_check and self.config.precision.method != "uniform"
 
     def data_check_enabled(self) -> bool:
         return self.config.precision.data_check and self.config.precision.method != "uniform" and self.codebook_enabled()
@@ -549,6 +563,29 @@ class FederatedServer:
         log.info("round %d data check: distance of the sites' centroids from the anchors %s -> factors from the next "
                  "round on %s", self.report.round, {s: round(v, 3) for s, v in self.data_distances.items()},
                  {s: round(f, 3) for s, f in self.data_factors.items()})
+
+    def _run_information_check(self) -> None:
+        """From the round's reported private losses: how much each site's two views share (precision.view_information),
+        against the median of its modality (precision.information_factors); the factors weigh the next round. A site
+        that sent no private loss (under DP), or alone with fewer than anchor_check_min_sites sites of its modality, is
+        not judged and keeps its say."""
+        if not self._view_information:
+            return
+        nats = {site: value for site, (_, value, _) in self._view_information.items()}
+        chance = {site: value for site, (_, _, value) in self._view_information.items()}
+        modality_of = {site: modality for site, (modality, _, _) in self._view_information.items()}
+        self._view_information = {}
+        least = self.config.precision.anchor_check_min_sites
+        sites_of = Counter(modality_of.values())
+        factors = information_factors(nats, chance, modality_of, least)
+        self.information_factors = {s: max(f, FACTOR_FLOOR) for s, f in factors.items() if sites_of[modality_of[s]] >= least}
+        for site in self.information_factors:
+            self.report.site_metrics[site]["information_check/nats"] = nats[site]
+        if not self.information_factors:
+            return
+        log.info("round %d information check: nats the two views of each site's items share %s -> next round's "
+                 "factors %s", self.report.round, {s: round(nats[s], 3) for s in self.information_factors},
+                 {s: round(f, 3) for s, f in self.information_factors.items()})
 
     def _anchor_check_views(self, modality: str) -> tuple:
         """(anchors, view 1, view 2) the round's anchor check embeds for ``modality``: drawn once per round."""
