@@ -145,6 +145,13 @@ def sample_weight(n_samples: int, exponent: float) -> float:
     return float(n_samples) ** exponent
 
 
+def _sites_by_modality(sites: Mapping[str, float], modality_of: Mapping[str, str]) -> list[list[str]]:
+    groups: dict[str, list[str]] = {}
+    for site in sites:
+        groups.setdefault(modality_of[site], []).append(site)
+    return list(groups.values())
+
+
 def peer_factors(losses: Mapping[str, float], modality_of: Mapping[str, str], min_peers: int = 3,
                  relative_floor: float = 0.01) -> dict[str, float]:
     """A check's factor of each site: exp(-max(0, z - 1)), z the robust z-score of the site's score (the anchor
@@ -155,10 +162,7 @@ def peer_factors(losses: Mapping[str, float], modality_of: Mapping[str, str], mi
     check and 10% for the data check.
     """
     out = {site: 1.0 for site in losses}
-    groups: dict[str, list[str]] = {}
-    for site in losses:
-        groups.setdefault(modality_of[site], []).append(site)
-    for sites in groups.values():
+    for sites in _sites_by_modality(losses, modality_of):
         if len(sites) < min_peers:
             continue
         values = [losses[s] for s in sites]
@@ -195,10 +199,7 @@ def information_factors(information: Mapping[str, float], chance: Mapping[str, f
     ``min_peers`` sites (no peers to compare with) or when its median site shares less than ``min_share`` of its
     median chance (nobody has learned enough yet to be told apart from batch noise)."""
     out = {site: 1.0 for site in information}
-    groups: dict[str, list[str]] = {}
-    for site in information:
-        groups.setdefault(modality_of[site], []).append(site)
-    for sites in groups.values():
+    for sites in _sites_by_modality(information, modality_of):
         if len(sites) < min_peers:
             continue
         median = statistics.median(information[s] for s in sites)
