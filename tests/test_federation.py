@@ -557,6 +557,31 @@ def test_the_information_check_weighs_sites_by_what_their_views_share_and_the_me
         torch.testing.assert_close(with_factor.tensors[key], with_scaled_uncertainty.tensors[key], rtol=1e-12, atol=0)
 
 
+def test_the_information_check_keeps_the_centroids_of_a_site_whose_views_share_nothing_out_of_the_codebook(setup):
+    """Round 0 with the codebook still to build: three accel sites send centroids, one of them (far off, at +100)
+    reporting a private loss at chance (its views share nothing). Its factor falls below half, so the codebook, built
+    once, is pooled from the two others' centroids only; with the check off all three sites' centroids enter it."""
+    config, _, server, _, state, updates = setup
+    accel, gyro = (next(u for u in updates.values() if u.modality == m) for m in ("accel", "gyro"))
+    chance = math.log(2 * min(config.train.batch_size, accel.n_samples) - 1)
+
+    def reporting(site: str, nats: float, shift: float) -> SiteUpdate:
+        return dataclasses.replace(accel, site=site, metrics={**accel.metrics, "loss/private": chance - nats},
+                                   codebook_centroids=accel.codebook_centroids + shift)
+
+    sent = [reporting("a1", 1.0, 0.0), reporting("a2", 1.2, 0.01), reporting("a3", 0.0, 100.0), gyro]
+    centres = {}
+    for check in (True, False):
+        server.config = with_overrides(config, {"precision.information_check": check})
+        server.information_factors = {}
+        centres[check] = run_round(server, state, sent).codebooks()["accel"].centres
+    server.config = config
+    assert server.check_factor("a3") == 1.0  # the check was off in the last round
+    per_site = len(accel.codebook_counts)
+    assert len(centres[True]) == 2 * per_site and np.abs(centres[True]).max() < 50, centres[True]
+    assert len(centres[False]) == 3 * per_site and np.abs(centres[False]).max() > 50
+
+
 def test_the_anchor_check_scores_every_update_on_the_anchors_and_sets_the_next_rounds_factors():
     """With precision.anchor_check on and three accel sites, the server scores each accel update on public anchors at
     the end of the round (one loss per site in the round report, the same anchors and views for all), and the worst

@@ -107,7 +107,9 @@ def to_scoring_space(embeddings: Mapping[str, torch.Tensor], anchors: Mapping[st
 
 
 FACTOR_FLOOR = 1e-6  # a check's factor never takes a site's weight to 0: the merge stays a weighted mean of positive weights
-CODEBOOK_FACTOR_FLOOR = 0.5  # a site the data check left less than half its say adds no centres to the codebook
+# A site the data check or the information check left less than half its say adds no centres to the codebook: the
+# codebook is built once, so centres of garbage would stay in every later readout.
+CODEBOOK_FACTOR_FLOOR = 0.5
 # The data check judges a site by at least this many centroids (25 private items at the default cluster floor): one or
 # two centroids are means of nearly all a site's items and sit near the anchors' mean whatever the items hold.
 DATA_CHECK_MIN_CENTROIDS = 5
@@ -629,11 +631,14 @@ class FederatedServer:
         projections = self.state.codebook_projections()  # sent from round 0 on, unchanged
         anchors = self.base_of("anchors")
         projected = {m: projections[m](anchors[m]) for m in self._codebook_parts}
-        left_out = sorted(s for parts in self._codebook_parts.values() for s in parts
-                          if self.data_factors.get(s, 1.0) < CODEBOOK_FACTOR_FLOOR)
+        judged = {"data check": self.data_factors, "information check": self.information_factors}
+        reasons = {s: [check for check, factors in judged.items() if factors.get(s, 1.0) < CODEBOOK_FACTOR_FLOOR]
+                   for parts in self._codebook_parts.values() for s in parts}
+        left_out = sorted(s for s, checks in reasons.items() if checks)
         if left_out:
-            log.info("round %d: the codebook leaves out the centroids of %s (the data check put their data far from "
-                     "their peers')", self.report.round, left_out)
+            log.info("round %d: the codebook leaves out the centroids of %s (%s: their data far from their peers', or "
+                     "their views sharing far less than their peers')", self.report.round, left_out,
+                     "; ".join(f"{s}: {', '.join(reasons[s])}" for s in left_out))
         # In the sites' order, not their updates' arrival order: a run then builds the same codebook every time.
         centres = {m: pool_centroids([parts[site] for site in sorted(parts) if site not in left_out], cfg.codebook_size,
                                      seed=self.config.adapter.seed)
