@@ -314,8 +314,10 @@ ROUND_STATE = [
 def test_the_server_holds_running_sums_not_the_updates(setup, what, held):
     """As bench/scale.py server_peak does: perturbed copies of one real update, each under its own site name; after 2
     and after 8 of them the tensors the round's accumulators hold take the same bytes. (The copies send no codebook
-    centroids: the codebook pools every site's centroids once, in the round before it is built, by design.)"""
+    centroids: the codebook pools every site's centroids once, in the round before it is built, by design. The
+    information check, off here, holds the round's updates instead: the next test.)"""
     config, split, _, _, state, updates = setup
+    config = with_overrides(config, {"precision.information_check": False})
     modalities = {m: d.spec for m, d in split.anchors.items()}
     server = FederatedServer(config, modalities, split.anchors, split.anchor_fingerprint, split.feature_stats)
     server.resume(state)
@@ -332,6 +334,43 @@ def test_the_server_holds_running_sums_not_the_updates(setup, what, held):
     one_update = sum(v.nbytes for v in update.to_arrays()[0].values())
     assert sizes[2] >= one_update  # the sums were found: at least one update's worth, in float64
     assert sizes[8] == sizes[2], f"{what}: {sizes[2]} bytes after 2 sites, {sizes[8]} after 8"
+
+
+def test_with_the_information_check_the_round_is_held_to_its_end_and_merges_exactly_as_folded_on_arrival(setup):
+    """Four accel sites and gyro; with the information check on, accepting folds nothing until the round's end (its
+    factors come from the round's own reports), then the held updates are folded and released. Where the check
+    takes no say (every site reports the same loss) the merged state is the one the server folding each update on
+    arrival (check off) makes, to the last bit; where it takes a site's say, that site's weight falls in this round."""
+    config, split, _, _, state, updates = setup
+    accel, gyro = (without_codebook(next(u for u in updates.values() if u.modality == m)) for m in ("accel", "gyro"))
+    chance = math.log(2 * min(config.train.batch_size, accel.n_samples) - 1)
+
+    def reporting(site: str, nats: float, seed: int) -> SiteUpdate:
+        update = variant(accel, state, site, seed=seed)
+        return dataclasses.replace(update, metrics={**update.metrics, "loss/private": chance - nats})
+
+    def merged(check: bool, nats: dict[str, float]) -> tuple[GlobalState, FederatedServer]:
+        server = FederatedServer(with_overrides(config, {"precision.information_check": check}),
+                                 {m: d.spec for m, d in split.anchors.items()}, split.anchors, split.anchor_fingerprint,
+                                 split.feature_stats)
+        server.resume(state)
+        server.start_round()
+        for k, (site, value) in enumerate(nats.items()):
+            server.accept(reporting(site, value, seed=k))
+        server.accept(gyro)
+        assert (len(server._held), len(server._merges)) == ((len(nats) + 1, 0) if check else (0, 2))
+        new = server.finish_round()
+        assert server._held == []
+        return new, server
+
+    same = dict.fromkeys(("a1", "a2", "a3", "a4"), 1.0)
+    held, _ = merged(True, same)
+    folded, _ = merged(False, same)
+    for key in [k for k in state.tensors if is_core_or_magnitude(k)]:
+        torch.testing.assert_close(held.tensors[key], folded.tensors[key], rtol=0, atol=0)
+    _, server = merged(True, {**same, "a4": 0.0})
+    weights = server.report.site_weights
+    assert weights["a4"] < 1e-3 * weights["a1"] and server.report.site_metrics["a4"]["information_check/factor"] < 1e-3
 
 
 def corrupt_nan(u):
@@ -530,9 +569,9 @@ def test_an_anchor_check_factor_weighs_like_a_scaled_uncertainty_and_the_merge_s
 
 def test_the_information_check_weighs_sites_by_what_their_views_share_and_the_merge_stays_exact(setup):
     """Three accel sites report their private two-view loss. The information their views share (log(2B - 1) - loss)
-    sets each one's factor for the next round: the median site and a better one keep 1, a site sharing 0.3 of the
-    median keeps 0.3 of its say; gyro, alone in its modality, is not judged. In the next round that factor enters
-    the merge exactly as a site reporting 0.3 of its uncertainty scalar does."""
+    sets each one's factor for the round: the median site and a better one keep 1, a site sharing 0.3 of the
+    median keeps 0.3 of its say; gyro, alone in its modality, is not judged. The factor enters the merge exactly as
+    a site reporting 0.3 of its uncertainty scalar does."""
     config, _, server, _, state, updates = setup
     accel, gyro = (without_codebook(next(u for u in updates.values() if u.modality == m)) for m in ("accel", "gyro"))
     chance = math.log(2 * min(config.train.batch_size, accel.n_samples) - 1)
