@@ -98,7 +98,8 @@ class PrecisionConfig:
     data_check: bool = True
     # The server's information check: from each site's reported two-view loss on its private data, the information
     # its two views share (the InfoNCE bound, log(2B - 1) - loss); a site's say scales with its share of its
-    # modality's median (at most 1); a site under half its say when the codebook is built adds no centres to it.
+    # modality's median (at most 1), in the same round: the server holds the round's updates to its end (their bytes
+    # up, per site) and folds them there. A site under half its say when the codebook is built adds no centres to it.
     # Random or noise-drowned items teach the model nothing, so their site's loss stays near chance whatever the
     # number of local steps. Needs anchor_check_min_sites sites of the modality; nothing
     # under DP (the loss is not released).
