@@ -121,6 +121,14 @@ def variant(update: SiteUpdate, state: GlobalState, site: str, *, move: float = 
                                uncertainty=update.uncertainty if uncertainty is None else uncertainty)
 
 
+def sharing(config, update: SiteUpdate, state: GlobalState, site: str, nats: float, **changes) -> SiteUpdate:
+    """A ``variant`` of ``update`` whose reported private loss says its two views share ``nats`` (the information
+    check's reading: log(2B - 1) - loss)."""
+    chance = math.log(2 * min(config.train.batch_size, update.n_samples) - 1)
+    sent = variant(update, state, site, **changes)
+    return dataclasses.replace(sent, metrics={**sent.metrics, "loss/private": chance - nats})
+
+
 def every_other(factor: float):
     """Multiply every other coefficient's precision by ``factor``: another pattern, not just another scale."""
     return lambda p: p * torch.where(torch.arange(p.numel()).reshape(p.shape) % 2 == 0, factor, 1.0).double()
@@ -343,11 +351,6 @@ def test_with_the_information_check_the_round_is_held_to_its_end_and_merges_exac
     arrival (check off) makes, to the last bit; where it takes a site's say, that site's weight falls in this round."""
     config, split, _, _, state, updates = setup
     accel, gyro = (without_codebook(next(u for u in updates.values() if u.modality == m)) for m in ("accel", "gyro"))
-    chance = math.log(2 * min(config.train.batch_size, accel.n_samples) - 1)
-
-    def reporting(site: str, nats: float, seed: int) -> SiteUpdate:
-        update = variant(accel, state, site, seed=seed)
-        return dataclasses.replace(update, metrics={**update.metrics, "loss/private": chance - nats})
 
     def merged(check: bool, nats: dict[str, float]) -> tuple[GlobalState, FederatedServer]:
         server = FederatedServer(with_overrides(config, {"precision.information_check": check}),
@@ -356,7 +359,7 @@ def test_with_the_information_check_the_round_is_held_to_its_end_and_merges_exac
         server.resume(state)
         server.start_round()
         for k, (site, value) in enumerate(nats.items()):
-            server.accept(reporting(site, value, seed=k))
+            server.accept(sharing(config, accel, state, site, value, seed=k))
         server.accept(gyro)
         assert (len(server._held), len(server._merges)) == ((len(nats) + 1, 0) if check else (0, 2))
         new = server.finish_round()
@@ -574,13 +577,8 @@ def test_the_information_check_weighs_sites_by_what_their_views_share_and_the_me
     a site reporting 0.3 of its uncertainty scalar does."""
     config, _, server, _, state, updates = setup
     accel, gyro = (without_codebook(next(u for u in updates.values() if u.modality == m)) for m in ("accel", "gyro"))
-    chance = math.log(2 * min(config.train.batch_size, accel.n_samples) - 1)
-
-    def reporting(site: str, nats: float, move: float) -> SiteUpdate:
-        update = variant(accel, state, site, move=move)
-        return dataclasses.replace(update, metrics={**update.metrics, "loss/private": chance - nats})
-
-    sent = [reporting("a1", 1.0, 1.0), reporting("a2", 1.2, 1.4), reporting("a3", 0.3, 1.8), gyro]
+    sent = [sharing(config, accel, state, "a1", 1.0, move=1.0), sharing(config, accel, state, "a2", 1.2, move=1.4),
+            sharing(config, accel, state, "a3", 0.3, move=1.8), gyro]
     run_round(server, state, sent)
     assert server.information_factors == pytest.approx({"a1": 1.0, "a2": 1.0, "a3": 0.3}), server.information_factors
     assert server.report.site_metrics["a3"]["information_check/nats"] == pytest.approx(0.3)
