@@ -403,6 +403,7 @@ BAD_UPDATES = [
     ("round", lambda u: setattr(u, "round", 7), "for round 7"),
     ("gram", lambda u: setattr(u, "gram_upper", u.gram_upper[:-1]), "upper triangle"),
     ("uncertainty", lambda u: setattr(u, "uncertainty", -1.0), "uncertainty"),
+    ("private loss", lambda u: setattr(u, "metrics", {**u.metrics, "loss/private": float("nan")}), "private loss is nan"),
     ("int dtype", lambda u: u.params.update({k: v.long() for k, v in u.params.items() if k.endswith("/S")}), "dtype"),
     ("codebook centroid of too few items", lambda u: setattr(u, "codebook_counts", torch.full_like(u.codebook_counts, 2.0)),
      "at least alignment.codebook_min_cluster"),

@@ -279,6 +279,9 @@ class FederatedServer:
             refuse(f"n_samples={update.n_samples}")
         if not (math.isfinite(update.uncertainty) and update.uncertainty > 0):
             refuse(f"uncertainty scalar {update.uncertainty} is not a positive finite number")
+        if self.information_check_enabled() and not math.isfinite(update.metrics.get("loss/private", 0.0)):
+            refuse(f"its reported private loss is {update.metrics['loss/private']}; the information check weighs a site "
+                   "by it, so it must be finite")
         self._check_merge_weights(update, refuse)
         cfg = self.config.server
         change = self.update_change(update)
