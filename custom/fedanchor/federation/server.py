@@ -232,7 +232,6 @@ class FederatedServer:
         self._consensus = GramConsensus(self.config.alignment.modality_weights, ema=self.config.alignment.consensus_ema)
         self._checked_updates: dict[str, tuple[str, dict[str, torch.Tensor]]] = {}  # site -> (modality, shared params)
         self._anchor_views: dict[str, tuple] = {}  # modality -> (items, view 1, view 2): the same for every site
-        self._view_information: dict[str, tuple[str, float, float]] = {}  # site -> (modality, nats, chance's nats)
         self._held: list[SiteUpdate] = []  # accepted, folded at the round's end (holds_round)
 
     def check(self, update: SiteUpdate) -> float:
@@ -399,10 +398,6 @@ class FederatedServer:
             self._held.append(update)
         else:
             self._fold(update)
-        if self.information_check_enabled() and "loss/private" in update.metrics:
-            batch = min(self.config.train.batch_size, update.n_samples)
-            self._view_information[update.site] = (update.modality, view_information(update.metrics["loss/private"], batch),
-                                                   math.log(2 * batch - 1))
         if self.anchor_check_enabled():  # scored at the end of the round, once the sites of each modality are known
             self._checked_updates[update.site] = (update.modality, {k: v for k, v in update.params.items() if k in self._shapes})
         self.report.bytes_up[update.site] = update.nbytes()
@@ -534,7 +529,8 @@ class FederatedServer:
 
     def _run_anchor_check(self) -> None:
         """Score the round's updates of every modality with enough sites on its anchors; the factors weigh this round
-        when its updates are held (holds_round), else the next. A modality with fewer sites is not scored: no odd one out can be told there."""
+        when its updates are held (holds_round), else the next. A modality with fewer sites is not scored: no odd one
+        out can be told there."""
         if not self._checked_updates:
             return
         least = self.config.precision.anchor_check_min_sites
@@ -589,17 +585,18 @@ class FederatedServer:
                  {s: round(f, 3) for s, f in self.data_factors.items()})
 
     def _run_information_check(self) -> None:
-        """From the round's reported private losses: how much each site's two views share (precision.view_information),
-        against the median of its modality (precision.information_factors); the factors weigh this round's updates, held
-        until now (holds_round). A site
-        that sent no private loss (under DP), or alone with fewer than anchor_check_min_sites sites of its modality, is
-        not judged and keeps its say."""
-        if not self._view_information:
+        """From the private losses the round's held updates report: how much each site's two views share
+        (precision.view_information), against the median of its modality (precision.information_factors); the factors
+        weigh these updates (holds_round). A site that sent no private loss (under DP), whose batches hold fewer than 2
+        items, or alone with fewer than anchor_check_min_sites sites of its modality, is not judged and keeps its say."""
+        batches = {u.site: min(self.config.train.batch_size, u.n_samples) for u in self._held
+                   if "loss/private" in u.metrics and u.n_samples >= 2}
+        if not batches:
             return
-        nats = {site: value for site, (_, value, _) in self._view_information.items()}
-        chance = {site: value for site, (_, _, value) in self._view_information.items()}
-        modality_of = {site: modality for site, (modality, _, _) in self._view_information.items()}
-        self._view_information = {}
+        reported = [u for u in self._held if u.site in batches]
+        nats = {u.site: view_information(u.metrics["loss/private"], batches[u.site]) for u in reported}
+        chance = {site: math.log(2 * batch - 1) for site, batch in batches.items()}
+        modality_of = {u.site: u.modality for u in reported}
         least = self.config.precision.anchor_check_min_sites
         sites_of = Counter(modality_of.values())
         factors = information_factors(nats, chance, modality_of, least)
