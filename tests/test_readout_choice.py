@@ -118,3 +118,28 @@ def test_few_anchors_repeat_the_k_fold_split_on_fresh_shuffles(anchors, repeats)
     x, y = views(anchors, seed=8)
     _, choice = choose_readout(split_blocks(x, y), truncations=(0,), regs=(0.1,))
     assert choice.repeats == repeats
+
+
+@pytest.mark.parametrize("n, p, q", [(16, 12, 9), (40, 60, 9), (30, 5, 80)])  # narrow, wide and mixed blocks
+def test_one_decomposition_per_fold_scores_every_ridge_as_its_own_fit_would(n, p, q):
+    """The search scores all ridges of a fold from one eigendecomposition per modality; each must equal fitting
+    ``fit_anchor_readout`` at that ridge and ranking the held-out items in its space."""
+    from fedanchor.alignment.readout import fit_anchor_readout
+    from fedanchor.alignment.readout_choice import _fold_spectra, _mean_reciprocal_rank, _score_regs
+
+    rng = np.random.default_rng(n)
+    z = rng.normal(size=(n, 3))
+    inputs = {"a": z @ rng.normal(size=(3, p)) + rng.normal(size=(n, p)),
+              "b": z @ rng.normal(size=(3, q)) + rng.normal(size=(n, q))}
+    maps = {m: (x.mean(0) + 0.1, np.eye(x.shape[1]) * 0.5) for m, x in inputs.items()}
+    train, test = np.arange(n)[: n - n // 4], np.arange(n)[n - n // 4:]
+    regs, dims = (0.01, 0.3, 1.0), (1, 2, 5)
+    fast = _score_regs(_fold_spectra(inputs, maps, train, test), regs, dims)
+    for reg in regs:
+        readout = fit_anchor_readout({m: torch.from_numpy((x[train] - maps[m][0]) @ maps[m][1]) for m, x in inputs.items()},
+                                     reg, max(dims))
+        full = {m: ((x[test] - maps[m][0]) @ maps[m][1] - readout.means[m].double().numpy())
+                @ readout.projections[m].double().numpy() for m, x in inputs.items()}
+        for d in dims:
+            unit = {m: v[:, :d] / np.maximum(np.linalg.norm(v[:, :d], axis=1, keepdims=True), 1e-12) for m, v in full.items()}
+            assert fast[reg][d] == pytest.approx(_mean_reciprocal_rank(unit), abs=1e-9), (reg, d)

@@ -39,6 +39,7 @@ from typing import Mapping, NamedTuple, Sequence
 
 import numpy as np
 import torch
+from threadpoolctl import threadpool_limits
 
 from .readout import AnchorReadout, fit_anchor_readout
 
@@ -162,10 +163,15 @@ def concatenated(blocks: Mapping[str, Mapping[str, object]]) -> dict[str, np.nda
     return {m: np.concatenate([_as_numpy(x) for x in b.values()], axis=1) for m, b in blocks.items()}
 
 
-def _mean_reciprocal_rank(z: Mapping[str, torch.Tensor]) -> list[float]:
+def _unit_rows(x: np.ndarray) -> np.ndarray:
+    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+
+
+def _mean_reciprocal_rank(z: Mapping[str, np.ndarray]) -> list[float]:
+    """Per direction and held-out item, 1 / (1 + the rank of its true partner) among the other modality's items."""
     out: list[float] = []
     for a, b in itertools.permutations(z, 2):
-        sims = (z[a].double() @ z[b].double().T).numpy()
+        sims = z[a] @ z[b].T
         own = sims.diagonal()[:, None]
         rank = (sims > own + 1e-9).sum(1) + 0.5 * ((np.abs(sims - own) <= 1e-9).sum(1) - 1)
         out += (1.0 / (1.0 + rank)).tolist()
@@ -178,25 +184,65 @@ def _fit(inputs: Mapping[str, np.ndarray], maps: Mapping[str, tuple[np.ndarray, 
     return fit_anchor_readout(features, reg, dims)
 
 
-def _score_dims(inputs, maps, train, test, reg: float, dims: Sequence[int]) -> dict[int, list[float]]:
-    readout = _fit(inputs, maps, train, reg, max(dims))
-    full = {m: torch.from_numpy((inputs[m][test] - maps[m][0]) @ maps[m][1] - readout.means[m].double().numpy())
-            @ readout.projections[m].double() for m in inputs}
+class _FoldSpectra(NamedTuple):
+    """One fold's training anchors, decomposed once for every ridge: per modality the eigenpairs of the centred
+    Gram matrix and the held-out items' kernel against the training anchors, and the trace behind the ridge."""
+
+    values: dict[str, np.ndarray]  # train
+    vectors: dict[str, np.ndarray]  # train x train
+    test_kernel: dict[str, np.ndarray]  # test x train
+    ridge_scale: dict[str, float]  # what ``fit_anchor_readout`` multiplies its reg by
+
+
+def _fold_spectra(inputs, maps, train, test) -> _FoldSpectra:
+    values, vectors, kernels, scales = {}, {}, {}, {}
+    for m in inputs:
+        x = (inputs[m][train] - maps[m][0]) @ maps[m][1]
+        mean = x.mean(0)
+        xc = x - mean
+        n, p = xc.shape
+        values[m], vectors[m] = np.linalg.eigh(xc @ xc.T / n)
+        kernels[m] = ((inputs[m][test] - maps[m][0]) @ maps[m][1] - mean) @ xc.T / n
+        # fit_anchor_readout scales its ridge by the mean eigenvalue of the smaller of covariance and Gram.
+        scales[m] = max(float(np.trace(xc @ xc.T)) / n / min(p, n), 1e-12)
+    return _FoldSpectra(values, vectors, kernels, scales)
+
+
+def _score_regs(spectra: _FoldSpectra, regs: Sequence[float], dims: Sequence[int]) -> dict[float, dict[int, list[float]]]:
+    """Held-out scores of ``fit_anchor_readout`` for every ridge in ``regs`` and every number of directions in
+    ``dims``, from one decomposition per modality: the ridge hat matrix is V diag(s / (s + r)) V^T on the Gram's
+    eigenpairs (s, V), and a held-out item's projection is its kernel row times V diag(1 / (s + r)) V^T, so no
+    ridge needs a solve of its own."""
+    modalities = list(spectra.values)
+    n = len(next(iter(spectra.values.values())))
+    k = len(modalities)
     out = {}
-    for d in dims:
-        z = {m: torch.nn.functional.normalize(x[:, :d], dim=-1) for m, x in full.items()}
-        out[d] = _mean_reciprocal_rank(z)
+    for reg in regs:
+        hat = np.zeros((n, n))
+        inverse = {}
+        for m in modalities:
+            s, v = spectra.values[m], spectra.vectors[m]
+            shrink = 1.0 / (s + reg * spectra.ridge_scale[m])
+            inverse[m] = (v * shrink) @ v.T
+            hat += (v * (s * shrink)) @ v.T
+        values, vectors = np.linalg.eigh((hat + hat.T) / 2)
+        d = int(min(max(dims), n - 1))
+        order = np.argsort(-values, kind="stable")[:d]
+        weight = np.sqrt(np.clip((values[order] - 1) / (k - 1), 0.0, None))
+        full = {m: spectra.test_kernel[m] @ inverse[m] @ vectors[:, order] * weight for m in modalities}
+        out[reg] = {dd: _mean_reciprocal_rank({m: _unit_rows(x[:, :dd]) for m, x in full.items()}) for dd in dims}
     return out
 
 
 @contextlib.contextmanager
 def _one_thread():
     """The search fits hundreds of small (anchors x anchors) problems: one thread is faster than several, which
-    only contend with the training threads beside them."""
+    only contend with the training threads beside them (torch's and numpy's BLAS alike)."""
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        yield
+        with threadpool_limits(1):
+            yield
     finally:
         torch.set_num_threads(before)
 
@@ -259,11 +305,12 @@ def _choose(blocks, folds, seed, fixed_reg, fixed_dims, weights, truncations, re
         for ts in itertools.product(*(block_truncations[k] if w[k] > 0 else [0] for k in names)):
             t = dict(zip(names, ts))
             maps = compose(data, stats, w, t)
-            for reg in regs:
-                scores: dict[int, list[float]] = {d: [] for d in dims_grid}
-                for train, test in splits:
-                    for d, s in _score_dims(inputs, maps, train, test, reg, dims_grid).items():
-                        scores[d] += s
+            by_reg: dict[float, dict[int, list[float]]] = {reg: {d: [] for d in dims_grid} for reg in regs}
+            for train, test in splits:
+                for reg, per_dims in _score_regs(_fold_spectra(inputs, maps, train, test), regs, dims_grid).items():
+                    for d, s in per_dims.items():
+                        by_reg[reg][d] += s
+            for reg, scores in by_reg.items():
                 for d, s in scores.items():
                     mrr = float(np.mean(s))
                     table.append({**{f"weight/{k}": v for k, v in w.items()}, **{f"truncation/{k}": v for k, v in t.items()},
