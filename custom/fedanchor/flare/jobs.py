@@ -99,7 +99,7 @@ DEMO_JOBS: dict[str, dict[str, Any]] = {
         "config": {
             "trunk": {"name": "tiny", "embed_dim": 32},
             "adapter": {"rank": 4},
-            "alignment": {"readout_repeats": 1, "anchor_batch": 16},
+            "alignment": {"readout_repeats": 1, "anchor_batch": 16, "codebook_temperature": 0.2},
             "data": {"scenario": "digits", "n_anchors": 100, "n_test": 200, "max_private_per_site": 60,
                      "sites": {f"hospital-{i:02d}": ("pixels" if i % 2 else "zernike") for i in range(1, 17)}},
             "train": {"local_steps": 8, "batch_size": 16},
