@@ -125,7 +125,7 @@ def test_one_decomposition_per_fold_scores_every_ridge_as_its_own_fit_would(n, p
     """The search scores all ridges of a fold from one eigendecomposition per modality; each must equal fitting
     ``fit_anchor_readout`` at that ridge and ranking the held-out items in its space."""
     from fedanchor.alignment.readout import fit_anchor_readout
-    from fedanchor.alignment.readout_choice import _fold_spectra, _mean_reciprocal_rank, _score_regs
+    from fedanchor.alignment.readout_choice import _fold_spectra, _mean_reciprocal_rank, _score_regs, _unit_rows
 
     rng = np.random.default_rng(n)
     z = rng.normal(size=(n, 3))
@@ -141,5 +141,5 @@ def test_one_decomposition_per_fold_scores_every_ridge_as_its_own_fit_would(n, p
         full = {m: ((x[test] - maps[m][0]) @ maps[m][1] - readout.means[m].double().numpy())
                 @ readout.projections[m].double().numpy() for m, x in inputs.items()}
         for d in dims:
-            unit = {m: v[:, :d] / np.maximum(np.linalg.norm(v[:, :d], axis=1, keepdims=True), 1e-12) for m, v in full.items()}
+            unit = {m: _unit_rows(v[:, :d]) for m, v in full.items()}
             assert fast[reg][d] == pytest.approx(_mean_reciprocal_rank(unit), abs=1e-9), (reg, d)

@@ -201,10 +201,11 @@ def _fold_spectra(inputs, maps, train, test) -> _FoldSpectra:
         mean = x.mean(0)
         xc = x - mean
         n, p = xc.shape
-        values[m], vectors[m] = np.linalg.eigh(xc @ xc.T / n)
+        gram = xc @ xc.T / n
+        values[m], vectors[m] = np.linalg.eigh(gram)
         kernels[m] = ((inputs[m][test] - maps[m][0]) @ maps[m][1] - mean) @ xc.T / n
         # fit_anchor_readout scales its ridge by the mean eigenvalue of the smaller of covariance and Gram.
-        scales[m] = max(float(np.trace(xc @ xc.T)) / n / min(p, n), 1e-12)
+        scales[m] = max(float(np.trace(gram)) / min(p, n), 1e-12)
     return _FoldSpectra(values, vectors, kernels, scales)
 
 
@@ -216,6 +217,7 @@ def _score_regs(spectra: _FoldSpectra, regs: Sequence[float], dims: Sequence[int
     modalities = list(spectra.values)
     n = len(next(iter(spectra.values.values())))
     k = len(modalities)
+    d = int(min(max(dims), n - 1))
     out = {}
     for reg in regs:
         hat = np.zeros((n, n))
@@ -226,7 +228,6 @@ def _score_regs(spectra: _FoldSpectra, regs: Sequence[float], dims: Sequence[int
             inverse[m] = (v * shrink) @ v.T
             hat += (v * (s * shrink)) @ v.T
         values, vectors = np.linalg.eigh((hat + hat.T) / 2)
-        d = int(min(max(dims), n - 1))
         order = np.argsort(-values, kind="stable")[:d]
         weight = np.sqrt(np.clip((values[order] - 1) / (k - 1), 0.0, None))
         full = {m: spectra.test_kernel[m] @ inverse[m] @ vectors[:, order] * weight for m in modalities}
