@@ -51,8 +51,10 @@ def test_more_noise_or_fewer_rounds_spend_less():
     assert privacy_spent(1.0, 2, 1e-5).epsilon < privacy_spent(1.0, 5, 1e-5).epsilon
 
 
-def test_a_dp_site_sends_noised_cores_uniform_precision_and_only_public_metrics():
-    config = tiny_config(rounds=2, privacy={"dp": True, "noise_multiplier": 2.0, "clip_update": 0.1})
+@pytest.mark.parametrize("reading", ["training", "received"])
+def test_a_dp_site_sends_noised_cores_uniform_precision_and_only_public_metrics(reading):
+    config = tiny_config(rounds=2, privacy={"dp": True, "noise_multiplier": 2.0, "clip_update": 0.1},
+                         precision={"information_reading": reading})
     result = run_in_process(config, progress=None)
     assert len(result.rounds) == 2 and not result.rounds[-1].rejected
     epsilons = []

@@ -503,6 +503,8 @@ def test_in_process_loop_reports_every_round():
     ({"precision": {"method": "magic"}}, "precision.method"),
     ({"rounds": 0}, "rounds=0"),
     ({"train": {"local_steps": 2}, "precision": {"window": 8}}, "raise local_steps"),
+    ({"precision": {"information_reading": "first_step"}}, "information_reading='first_step' is unknown; use 'received'"),
+    ({"precision": {"information_draws": 0}}, "information_draws=0 must be at least 1"),
 ])
 def test_config_errors_name_the_key_and_the_fix(values, match):
     with pytest.raises(ValueError, match=match):
@@ -593,6 +595,55 @@ def test_the_information_check_weighs_sites_by_what_their_views_share_and_the_me
     server.config = config
     for key in [k for k in state.tensors if is_core_or_magnitude(k)]:
         torch.testing.assert_close(with_factor.tensors[key], with_scaled_uncertainty.tensors[key], rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize("reading", ["received", "training"])
+def test_the_information_check_reads_the_loss_its_reading_names(setup, reading):
+    """Sites report two private losses: the received model's (loss/private_received) and the round's mean
+    (loss/private). Site a3's views share nothing under the model it received but much after its own steps (a site
+    that learned its own noise). The check reads the one precision.information_reading names: with "received" a3
+    keeps 0.1 of its say, with "training" all of it."""
+    config, _, server, _, state, updates = setup
+    accel, gyro = (without_codebook(next(u for u in updates.values() if u.modality == m)) for m in ("accel", "gyro"))
+    chance = math.log(2 * min(config.train.batch_size, accel.n_samples) - 1)
+
+    def reporting(site: str, received_nats: float, training_nats: float, move: float) -> SiteUpdate:
+        sent = variant(accel, state, site, move=move)
+        return dataclasses.replace(sent, metrics={**sent.metrics, "loss/private_received": chance - received_nats,
+                                                  "loss/private": chance - training_nats})
+
+    sent = [reporting("a1", 1.0, 1.0, 1.0), reporting("a2", 1.0, 1.0, 1.4), reporting("a3", 0.1, 1.2, 1.8), gyro]
+    server.config = with_overrides(config, {"precision.information_reading": reading})
+    server.information_factors = {}
+    try:
+        run_round(server, state, sent)
+    finally:
+        server.config = config
+    expected = {"received": {"a1": 1.0, "a2": 1.0, "a3": 0.1}, "training": {"a1": 1.0, "a2": 1.0, "a3": 1.0}}[reading]
+    assert server.information_factors == pytest.approx(expected), server.information_factors
+
+
+def test_the_received_reading_is_one_more_metric_and_leaves_the_round_as_it_was(setup):
+    """With precision.information_reading="received" a site reports its received model's two-view loss, taken before
+    its steps, beside everything a site without it sends, and the rest of its update is the same to the last bit:
+    the reading draws its batches and views from a generator of its own and runs without gradients or dropout."""
+    config, split, _, _, state, _ = setup
+    modalities = {m: d.spec for m, d in split.anchors.items()}
+    site, data = next((s, d) for s, d in split.private.items() if d.spec.name == "accel")
+    sent = {}
+    for reading in ("training", "received"):
+        cfg = with_overrides(config, {"precision.information_reading": reading})
+        trainer = SiteTrainer(cfg, site, data, split.anchors["accel"], split.anchor_fingerprint, modalities, split.feature_stats)
+        sent[reading] = trainer.train_round(state)
+    plain, reading = sent["training"], sent["received"]
+    assert set(reading.metrics) - set(plain.metrics) == {"loss/private_received"}
+    chance = math.log(2 * min(config.train.batch_size, data.__len__()) - 1)
+    assert 0 < reading.metrics["loss/private_received"] < 2 * chance, reading.metrics
+    for key, value in plain.params.items():
+        torch.testing.assert_close(reading.params[key], value, rtol=0, atol=0)
+    for key, value in plain.precision.items():
+        torch.testing.assert_close(reading.precision[key], value, rtol=0, atol=0)
+    assert reading.metrics["loss/private"] == plain.metrics["loss/private"]
 
 
 def test_the_information_check_keeps_the_centroids_of_a_site_whose_views_share_nothing_out_of_the_codebook(setup):

@@ -104,6 +104,12 @@ class PrecisionConfig:
     # number of local steps. Needs anchor_check_min_sites sites of the modality; nothing under DP (the loss is not
     # released).
     information_check: bool = True
+    # What the information check reads: "received", the two-view loss of the model the site received, before its
+    # local steps, averaged over information_draws batches (one more forward per draw, no gradients); or "training",
+    # the mean loss of the round's own steps, which a noisy or shuffled site drives down as its encoder adapts to its
+    # own data, so the check loses it after a round or two (docs/results/README.md, "Precision").
+    information_reading: str = "training"
+    information_draws: int = 8  # batches of train.batch_size private items, each in two fresh views
     eps: float = 1e-12  # floor of a precision
 
 
@@ -194,6 +200,10 @@ class FedAnchorConfig:
             (self.precision.method in ("iterate_variance", "gradient_variance", "fisher", "uniform"),
              f"precision.method={self.precision.method!r} is unknown; use 'iterate_variance', 'gradient_variance', 'fisher' or 'uniform'"),
             (self.precision.window >= 2, f"precision.window={self.precision.window} must be at least 2"),
+            (self.precision.information_reading in ("received", "training"),
+             f"precision.information_reading={self.precision.information_reading!r} is unknown; use 'received' or 'training'"),
+            (self.precision.information_draws >= 1,
+             f"precision.information_draws={self.precision.information_draws} must be at least 1"),
             (self.train.local_steps >= self.precision.window or self.precision.method == "uniform",
              f"train.local_steps={self.train.local_steps} is below precision.window={self.precision.window}; "
              "raise local_steps or lower the window"),

@@ -278,8 +278,8 @@ class FederatedServer:
             refuse(f"n_samples={update.n_samples}")
         if not (math.isfinite(update.uncertainty) and update.uncertainty > 0):
             refuse(f"uncertainty scalar {update.uncertainty} is not a positive finite number")
-        if self.information_check_enabled() and not math.isfinite(update.metrics.get("loss/private", 0.0)):
-            refuse(f"its reported private loss is {update.metrics['loss/private']}; the information check weighs a site "
+        if self.information_check_enabled() and not math.isfinite(update.metrics.get(self.information_metric(), 0.0)):
+            refuse(f"its reported private loss is {update.metrics[self.information_metric()]}; the information check weighs a site "
                    "by it, so it must be finite")
         self._check_merge_weights(update, refuse)
         cfg = self.config.server
@@ -524,6 +524,10 @@ class FederatedServer:
     def information_check_enabled(self) -> bool:
         return self.config.precision.information_check and self.config.precision.method != "uniform"
 
+    def information_metric(self) -> str:
+        """The site metric the information check reads (precision.information_reading)."""
+        return "loss/private_received" if self.config.precision.information_reading == "received" else "loss/private"
+
     def data_check_enabled(self) -> bool:
         return self.config.precision.data_check and self.config.precision.method != "uniform" and self.codebook_enabled()
 
@@ -589,12 +593,13 @@ class FederatedServer:
         (precision.view_information), against the median of its modality (precision.information_factors); the factors
         weigh these updates (holds_round). A site that sent no private loss (under DP), whose batches hold fewer than 2
         items, or alone with fewer than anchor_check_min_sites sites of its modality, is not judged and keeps its say."""
+        reading = self.information_metric()
         batches = {u.site: min(self.config.train.batch_size, u.n_samples) for u in self._held
-                   if "loss/private" in u.metrics and u.n_samples >= 2}
+                   if reading in u.metrics and u.n_samples >= 2}
         if not batches:
             return
         reported = [u for u in self._held if u.site in batches]
-        nats = {u.site: view_information(u.metrics["loss/private"], batches[u.site]) for u in reported}
+        nats = {u.site: view_information(u.metrics[reading], batches[u.site]) for u in reported}
         chance = {site: math.log(2 * batch - 1) for site, batch in batches.items()}
         modality_of = {u.site: u.modality for u in reported}
         least = self.config.precision.anchor_check_min_sites

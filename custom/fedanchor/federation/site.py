@@ -195,6 +195,7 @@ class SiteTrainer:
         """One round, in named steps: install the state, take the local steps, then measure and package the update."""
         started = time.perf_counter()
         self.install(state)
+        received = self.received_information_reading(state)
         local = self.start_round(state)
         # Dropout draws from torch's global generator: seed a private copy of it by site and round, so that a round
         # is a function of the state it starts from (a resumed job reproduces the uninterrupted one).
@@ -206,7 +207,23 @@ class SiteTrainer:
                 loss = self.local_step(local, step)
                 if progress is not None:
                     progress(step + 1, self.config.train.local_steps, loss)
-        return self.finish_round(state, local, started)
+        update = self.finish_round(state, local, started)
+        if received is not None and not self.config.privacy.dp:  # under DP only seconds and dp/* leave
+            update.metrics["loss/private_received"] = received
+        return update
+
+    def received_information_reading(self, state: GlobalState) -> float | None:
+        """The two-view loss of the received model on this site's private items (precision.information_reading
+        "received"), or None when the information check does not read it. Its own generator: the round's batches and
+        views stay those of a run without it."""
+        cfg = self.config.precision
+        if not (cfg.information_check and cfg.method != "uniform" and cfg.information_reading == "received"):
+            return None
+        rng = np.random.default_rng([self._seed, state.round, 29])
+        with autocast_to(self.device, self.autocast):
+            return received_view_loss(self.model, self.spec, self.private, min(self.config.train.batch_size, len(self.private)),
+                                      cfg.information_draws, self.config.private.augment_strength,
+                                      self.config.private.temperature, rng)
 
     def start_round(self, state: GlobalState) -> "LocalRound":
         """What the round's steps share: the state's consensus and targets on this device, a fresh optimiser with a
@@ -379,6 +396,25 @@ def _concat(parts: list) -> object:
     if isinstance(parts[0], np.ndarray):
         return np.concatenate(parts)
     return [item for part in parts for item in part]
+
+
+@torch.no_grad()
+def received_view_loss(model: HomogeneousTransformer, spec: ModalitySpec, private: ModalityData, batch: int, draws: int,
+                       strength: float, temperature: float, rng: np.random.Generator) -> float:
+    """The mean two-view loss of ``draws`` batches of ``batch`` private items under the model as it is (in eval mode:
+    no dropout, no gradients): what the information check reads before the site's steps adapt its encoder to its own
+    data. Only this one number leaves the site."""
+    was_training = model.training
+    model.eval()
+    try:
+        total = 0.0
+        for _ in range(draws):
+            items = take_items(private.items, rng.choice(len(private), size=batch, replace=False))
+            z = model.embed(spec.name, _concat([augment(spec, items, rng, strength) for _ in range(2)]))
+            total += float(two_view_contrastive(z[:batch].float(), z[batch:].float(), temperature, same_items(items)))
+    finally:
+        model.train(was_training)
+    return total / draws
 
 
 @torch.no_grad()
