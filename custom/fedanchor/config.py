@@ -104,10 +104,11 @@ class PrecisionConfig:
     # number of local steps. Needs anchor_check_min_sites sites of the modality; nothing under DP (the loss is not
     # released).
     information_check: bool = True
-    # What the information check reads: "received", the two-view loss of the model the site received, before its
-    # local steps, averaged over information_draws batches (one more forward per draw, no gradients); or "training",
-    # the mean loss of the round's own steps, which a noisy or shuffled site drives down as its encoder adapts to its
-    # own data, so the check loses it after a round or two (docs/results/README.md, "Precision").
+    # What the information check reads: "training", the mean loss of the round's own steps; or "received", the
+    # two-view loss of the model the site received, before its local steps, averaged over information_draws batches
+    # (one more forward per draw, no gradients). On motion (3 splits) "received" left a garbage site 0.15 of a clean
+    # site's weight (0.37 with "training") but a noisy one 0.83 (0.75): the received model learns the noisy site's
+    # recordings too (docs/results/README.md, "Precision").
     information_reading: str = "training"
     information_draws: int = 8  # batches of train.batch_size private items, each in two fresh views
     eps: float = 1e-12  # floor of a precision
