@@ -176,6 +176,24 @@ def test_several_seeds_write_the_scenario_summary_with_each_split_s_sign(tmp_pat
     with pytest.raises(ValueError, match="data.n_test"):
         load_splits([tmp_path / "seed-0", other])
 
+    # A split's methods run apart (a rival added later) merge into that split: the same summary as one run of all.
+    for seed in (0, 1):
+        whole = json.loads((tmp_path / f"seed-{seed}" / "results.json").read_text())
+        for part, names in (("rivals", ["anchors-only CCA", "ceiling CCA (all true pairs)"]), ("ours", ["fedanchor"])):
+            folder = tmp_path / "parts" / f"{part}-{seed}"
+            folder.mkdir(parents=True)
+            (folder / "results.json").write_text(json.dumps({**whole, "methods": {n: whole["methods"][n] for n in names}}))
+    merged_parts = tmp_path / "merged-parts"
+    assert splits_main([str(f) for f in sorted((tmp_path / "parts").iterdir())] + ["--out", str(merged_parts)]) == 0
+    assert json.loads((merged_parts / "summary.json").read_text()) == json.loads((tmp_path / "summary.json").read_text())
+    merged_methods = json.loads((merged_parts / "seed-0" / "results.json").read_text())["methods"]
+    assert list(merged_methods) == ["ceiling CCA (all true pairs)", "anchors-only CCA", "fedanchor"]  # the bench's order
+    results = json.loads((tmp_path / "parts" / "ours-1" / "results.json").read_text())
+    results["config"]["train"]["lr"] *= 2  # the same split with other settings: not merged
+    (tmp_path / "parts" / "ours-1" / "results.json").write_text(json.dumps(results))
+    with pytest.raises(ValueError, match="split seed 1 with other settings.*train.lr"):
+        load_splits([tmp_path / "parts" / "rivals-1", tmp_path / "parts" / "ours-1"])
+
 
 @pytest.mark.parametrize("rival,ours,expected", [
     ([0.2, 0.4, 0.6], [0.4, 0.5, 0.6], {"25": pytest.approx(50.0), "50": pytest.approx(70.71, rel=1e-3), "100": pytest.approx(100.0)}),

@@ -6,6 +6,11 @@ several machines, read back as one multi-split bench.
 Each folder holds seed-N/results.json (a multi-seed run) or results.json (a single
 seed). The summary is what one ``--seeds`` run over every split writes: spread.md,
 spread.json and summary.json, with each split's folder copied to seed-N/.
+
+Runs of one split with other methods (a rival added later, ``--method`` by
+``--method`` on several machines) are merged into that split, provided they ran the
+same settings and no method twice; the merged split's results are written afresh
+to seed-N/.
 """
 from __future__ import annotations
 
@@ -16,7 +21,7 @@ from pathlib import Path
 from typing import Sequence
 
 from ..config import config_to_dict
-from .runner import BenchResult, spread, spread_markdown
+from .runner import METHODS, BenchResult, spread, spread_markdown, write_bench
 from .summary import scenario_summary
 
 SEED_KEYS = ("data.seed", "train.seed", "adapter.seed")  # what differs between the splits of one bench
@@ -32,12 +37,14 @@ def result_files(folders: Sequence[Path]) -> list[Path]:
     return paths
 
 
-def load_splits(folders: Sequence[Path]) -> list[tuple[Path, BenchResult]]:
-    """Every split's bench under ``folders``, by seed; refuses repeated seeds and unlike benches."""
-    benches = sorted(((p.parent, _read(p)) for p in result_files(folders)), key=lambda pb: pb[1].config.data.seed)
-    seeds = [b.config.data.seed for _, b in benches]
-    if len(set(seeds)) != len(seeds):
-        raise ValueError(f"split seeds {seeds} repeat: give each split once")
+def load_splits(folders: Sequence[Path]) -> list[tuple[Path | None, BenchResult]]:
+    """Every split's bench under ``folders``, by seed (None for the folder of a split merged from several runs);
+    refuses a method run twice on one split and unlike benches."""
+    by_seed: dict[int, list[tuple[Path, BenchResult]]] = {}
+    for path in result_files(folders):
+        bench = _read(path)
+        by_seed.setdefault(bench.config.data.seed, []).append((path.parent, bench))
+    benches = [runs[0] if len(runs) == 1 else (None, merge_runs(runs)) for _, runs in sorted(by_seed.items())]
     first_folder, first = benches[0]
     expected = _settings(first)
     for folder, bench in benches[1:]:
@@ -48,6 +55,26 @@ def load_splits(folders: Sequence[Path]) -> list[tuple[Path, BenchResult]]:
     return benches
 
 
+def merge_runs(runs: Sequence[tuple[Path, BenchResult]]) -> BenchResult:
+    """One split's runs with other methods, as one bench: the methods in the bench's order, the seconds added up."""
+    (first_folder, first), seed = runs[0], runs[0][1].config.data.seed
+    methods: dict[str, tuple[Path, object]] = {}
+    for folder, bench in runs:
+        differ = sorted(k for k, v in _settings(bench, with_seeds=True).items() if _settings(first, with_seeds=True).get(k) != v)
+        if differ:
+            raise ValueError(f"{folder} and {first_folder} both ran split seed {seed} with other settings ({differ}); "
+                             "only runs of the same split and settings can be merged")
+        for name, result in bench.methods.items():
+            if name in methods:
+                raise ValueError(f"split seed {seed} ran method {name!r} twice, in {methods[name][0]} and {folder}; "
+                                 "give each split's method once")
+            methods[name] = (folder, result)
+    order = {name: i for i, name in enumerate(METHODS)}
+    merged = {name: methods[name][1] for name in sorted(methods, key=lambda n: order.get(n, len(order)))}
+    return BenchResult(first.scenario, first.config, merged, sum(b.seconds for _, b in runs),
+                       next((b.full_finetune_bytes for _, b in runs if b.full_finetune_bytes is not None), None))
+
+
 def _read(path: Path) -> BenchResult:
     try:
         return BenchResult.from_dict(json.loads(path.read_text()))
@@ -55,13 +82,13 @@ def _read(path: Path) -> BenchResult:
         raise ValueError(f"{path} is not a results.json that `fedanchor bench` writes ({type(err).__name__}: {err})") from err
 
 
-def _settings(bench: BenchResult) -> dict[str, object]:
-    """The bench's flattened config and scenario, without the split's seeds."""
+def _settings(bench: BenchResult, with_seeds: bool = False) -> dict[str, object]:
+    """The bench's flattened config and scenario, without the split's seeds unless asked."""
     flat: dict[str, object] = {"scenario": bench.scenario}
     for section, values in config_to_dict(bench.config).items():
         for key, value in (values.items() if isinstance(values, dict) else [("", values)]):
             flat[f"{section}.{key}" if key else section] = value
-    return {k: v for k, v in flat.items() if k not in SEED_KEYS}
+    return {k: v for k, v in flat.items() if with_seeds or k not in SEED_KEYS}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -81,7 +108,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     for folder, bench in loaded:
         target = args.out / f"seed-{bench.config.data.seed}"
-        if folder.resolve() != target.resolve():
+        if folder is None:
+            write_bench(bench, target, f"merged by python -m fedanchor.bench.splits from runs of split seed "
+                                       f"{bench.config.data.seed} with other methods")
+        elif folder.resolve() != target.resolve():
             shutil.copytree(folder, target, dirs_exist_ok=True, ignore=shutil.ignore_patterns("seed-*", "spread.*", "summary.json"))
     benches = [b for _, b in loaded]
     command = f"python -m fedanchor.bench.splits {' '.join(str(f) for f in args.folders)} --out {args.out}"
