@@ -208,16 +208,17 @@ class SiteTrainer:
                 if progress is not None:
                     progress(step + 1, self.config.train.local_steps, loss)
         update = self.finish_round(state, local, started)
-        if received is not None and not self.config.privacy.dp:  # under DP only seconds and dp/* leave
+        if received is not None:
             update.metrics["loss/private_received"] = received
         return update
 
     def received_information_reading(self, state: GlobalState) -> float | None:
         """The two-view loss of the received model on this site's private items (precision.information_reading
-        "received"), or None when the information check does not read it. Its own generator: the round's batches and
-        views stay those of a run without it."""
+        "received"), or None when the information check does not read it, and under DP, where only seconds and dp/*
+        leave. Its own generator: the round's batches and views stay those of a run without it."""
         cfg = self.config.precision
-        if not (cfg.information_check and cfg.method != "uniform" and cfg.information_reading == "received"):
+        if not (cfg.information_check and cfg.method != "uniform" and cfg.information_reading == "received"
+                and not self.config.privacy.dp):
             return None
         rng = np.random.default_rng([self._seed, state.round, 29])
         with autocast_to(self.device, self.autocast):
