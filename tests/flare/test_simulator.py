@@ -322,6 +322,8 @@ def test_a_simulation_past_its_timeout_is_stopped_with_every_process_it_started(
     would not return.)"""
     from fedanchor.simulate import simulate
 
+    # The motion job itself can end in about as long as the timeout on a quiet machine: 200 rounds of it cannot.
+    job = jobs.write_job(tmp_path / "job", "fedanchor-long", jobs.read_job_config(JOBS / "motion"), num_rounds=200)
     out = tmp_path / "stopped"
     seen: list[list[str]] = []  # the simulation's processes while it ran: the timeout must have had something to stop
 
@@ -339,7 +341,7 @@ def test_a_simulation_past_its_timeout_is_stopped_with_every_process_it_started(
     watcher.start()
     try:
         with pytest.raises(TimeoutError, match="did not end within 25s"):
-            simulate(JOBS / "motion", out, echo=lambda _line: None, timeout=25)
+            simulate(job, out, echo=lambda _line: None, timeout=25)
     finally:
         stop_watching.set()
         watcher.join()
