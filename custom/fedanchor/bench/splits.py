@@ -58,9 +58,10 @@ def load_splits(folders: Sequence[Path]) -> list[tuple[Path | None, BenchResult]
 def merge_runs(runs: Sequence[tuple[Path, BenchResult]]) -> BenchResult:
     """One split's runs with other methods, as one bench: the methods in the bench's order, the seconds added up."""
     (first_folder, first), seed = runs[0], runs[0][1].config.data.seed
+    expected = _settings(first, with_seeds=True)
     methods: dict[str, tuple[Path, object]] = {}
     for folder, bench in runs:
-        differ = sorted(k for k, v in _settings(bench, with_seeds=True).items() if _settings(first, with_seeds=True).get(k) != v)
+        differ = sorted(k for k, v in _settings(bench, with_seeds=True).items() if expected.get(k) != v)
         if differ:
             raise ValueError(f"{folder} and {first_folder} both ran split seed {seed} with other settings ({differ}); "
                              "only runs of the same split and settings can be merged")
