@@ -637,7 +637,7 @@ def test_the_received_reading_is_one_more_metric_and_leaves_the_round_as_it_was(
         sent[reading] = trainer.train_round(state)
     plain, reading = sent["training"], sent["received"]
     assert set(reading.metrics) - set(plain.metrics) == {"loss/private_received"}
-    chance = math.log(2 * min(config.train.batch_size, data.__len__()) - 1)
+    chance = math.log(2 * min(config.train.batch_size, len(data)) - 1)
     assert 0 < reading.metrics["loss/private_received"] < 2 * chance, reading.metrics
     for key, value in plain.params.items():
         torch.testing.assert_close(reading.params[key], value, rtol=0, atol=0)
