@@ -409,6 +409,13 @@ BAD_UPDATES = [
      "at least alignment.codebook_min_cluster"),
     ("codebook centroids of another width", lambda u: setattr(u, "codebook_centroids", u.codebook_centroids[:, :-1]),
      "codebook centroids have shape"),
+    ("typicality mean without its spread", lambda u: setattr(u, "metrics", {k: v for k, v in u.metrics.items()
+                                                                           if k != "typicality/energy/sd"}),
+     "mean/sd pairs"),
+    ("typicality not finite", lambda u: setattr(u, "metrics", {**u.metrics, "typicality/energy/mean": float("inf")}),
+     "typicality numbers .* must be finite"),
+    ("typicality spread negative", lambda u: setattr(u, "metrics", {**u.metrics, "typicality/energy/sd": -1.0}),
+     "spreads >= 0"),
 ]
 
 
@@ -730,7 +737,8 @@ def test_the_data_check_takes_a_garbage_sites_say_and_keeps_its_centroids_out_of
     assert server.report.site_metrics["garbage"]["data_check/distance"] == distances["garbage"]
     assert len(state.codebooks()["pixels"].centres) == sent["clean-1"] + sent["clean-2"], sent
     assert server.check_factor("garbage") == pytest.approx(server.anchor_factors.get("garbage", 1.0) * factors["garbage"]
-                                                           * server.information_factors.get("garbage", 1.0))
+                                                           * server.information_factors.get("garbage", 1.0)
+                                                           * server.typicality_factors.get("garbage", 1.0))
 
 
 @pytest.mark.parametrize("metrics, shown", [
@@ -740,6 +748,7 @@ def test_the_data_check_takes_a_garbage_sites_say_and_keeps_its_centroids_out_of
     ({"anchor_check/factor": 1.0, "data_check/factor": 0.0123}, "a:0.50 (data check 0.012) b:0.50"),
     ({"anchor_check/factor": 0.5, "data_check/factor": 0.1}, "a:0.50 (anchor check 0.5, data check 0.1) b:0.50"),
     ({"information_check/factor": 0.3, "data_check/factor": 1.0}, "a:0.50 (information check 0.3) b:0.50"),
+    ({"typicality_check/factor": 0.002, "typicality_check/z": 8.2}, "a:0.50 (typicality check 0.002) b:0.50"),
 ])
 def test_the_round_line_says_which_check_took_say_from_a_site(metrics, shown):
     from fedanchor.federation.loop import RoundRecord, format_round

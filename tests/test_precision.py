@@ -84,13 +84,14 @@ def test_a_site_with_noisy_data_gets_a_lower_weight_than_clean_sites(seed):
 @pytest.mark.slow
 @pytest.mark.parametrize("seed", [0, 1])
 def test_with_the_default_weighting_the_information_check_finds_a_garbage_site_and_takes_its_say(seed):
-    """Defaults (information check on, anchor check and site scalar off): an accel site whose recordings are random
+    """Defaults but the typicality check (information check on, anchor check and site scalar off): an accel site whose recordings are random
     values of the right shape shares the least information between its two views of the accel sites in every round,
     and the server, holding each round's updates to its end, weighs it by that round's factor from the first round
     on: its weight over a clean site's is its factor, below 1 in every round and below 0.75 on average, while the
     clean accel sites keep equal weights. (That the factors enter the merge exactly is test_federation's.)"""
     config = tiny_config(data={"seed": seed, "sites": {"clean-1": "accel", "clean-2": "accel", "garbage": "accel",
-                                                       "gyro": "gyro"}}, train={"seed": seed}, rounds=3)
+                                                       "gyro": "gyro"}}, train={"seed": seed},
+                         precision={"typicality_check": False}, rounds=3)  # this check alone (test_typicality: both)
     assert config.precision.information_check and not config.precision.anchor_check and not config.precision.site_scalar
     result = run_in_process(config, progress=None, corruptions={"garbage": ("garbage", 1.0)})
     ratios = []

@@ -44,7 +44,7 @@ from .runner import json_default, mean_recall
 PRECISION = "precision"
 UNIFORM = "uniform"
 RATIO_TARGET = 0.5  # the noisy site's final weight must be at most half a clean site's
-CHECK_PREFIXES = ("anchor_check/", "data_check/", "information_check/")  # the server's figures behind a site's weight
+CHECK_PREFIXES = ("anchor_check/", "data_check/", "information_check/", "typicality_check/")  # the server's figures behind a site's weight
 
 
 @dataclass(frozen=True)

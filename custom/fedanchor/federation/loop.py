@@ -141,7 +141,7 @@ def run_in_process(config: FedAnchorConfig, progress: Callable[[str], None] | No
 
 
 CHECK_FACTORS = {"anchor_check/factor": "anchor check", "data_check/factor": "data check",
-                 "information_check/factor": "information check"}
+                 "information_check/factor": "information check", "typicality_check/factor": "typicality check"}
 
 
 def _checked(metrics: Mapping[str, float]) -> str:

@@ -30,6 +30,7 @@ from ..model.base_features import base_features
 from ..model.homogeneous import HomogeneousTransformer, build_model, take_items
 from ..precision import (PrecisionWeightedMerge, data_distance, information_factors, peer_factors, sample_weight,
                          view_information)
+from ..typicality import Summary, anchor_summary, typicality_factors
 from ..adapters.refresh import augment_basis, refresh_phase, truncate
 from .messages import (CODEBOOK_PREFIX, CONSENSUS_KEY, READOUT_PREFIX, TARGET_PREFIX, WIRE_STATISTICS, GlobalState, SiteUpdate,
                        adapter_key, is_core_or_magnitude)
@@ -167,6 +168,11 @@ class FederatedServer:
         self.data_modality: dict[str, str] = {}  # site -> modality of the sites the data check has measured
         # The information check (precision.information_check): each site's factor for this round (held to its end).
         self.information_factors: dict[str, float] = {}
+        # The typicality check (precision.typicality_check): each site's factor from its latest report.
+        self.typicality_factors: dict[str, float] = {}
+        self.typicality_z: dict[str, float] = {}
+        self._typicality_reports: dict[str, tuple[str, Summary]] = {}  # site -> (modality, summary), this round's
+        self._typicality_references: dict[str, Summary] = {}  # modality -> the anchors as a peer, made once
 
     # -- where the server is ---------------------------------------------------
     def _open_round(self) -> tuple[GlobalState, RoundReport]:
@@ -281,6 +287,7 @@ class FederatedServer:
         if self.information_check_enabled() and not math.isfinite(update.metrics.get(self.information_metric(), 0.0)):
             refuse(f"its reported private loss is {update.metrics[self.information_metric()]}; the information check weighs a site "
                    "by it, so it must be finite")
+        self._check_typicality(update, refuse)
         self._check_merge_weights(update, refuse)
         cfg = self.config.server
         change = self.update_change(update)
@@ -403,6 +410,10 @@ class FederatedServer:
         self.report.bytes_up[update.site] = update.nbytes()
         if update.basis_digest:
             self.site_bases[update.site] = update.basis_digest
+        if self.typicality_check_enabled():
+            summary = Summary.from_metrics(update.metrics, update.n_samples)
+            if summary is not None:
+                self._typicality_reports[update.site] = (update.modality, summary)
         if update.codebook_counts.numel() and not self.state.has_codebook():
             # Keyed by site: a site sends again each round until the codebook is built, and counts once.
             self._codebook_parts.setdefault(update.modality, {})[update.site] = (
@@ -439,6 +450,7 @@ class FederatedServer:
         self._run_anchor_check()
         self._run_data_check()
         self._run_information_check()
+        self._run_typicality_check()
         held, self._held = self._held, []
         for update in held:
             self._fold(update)
@@ -504,8 +516,9 @@ class FederatedServer:
 
     # -- the checks that weigh sites against their peers ---------------------------
     def check_factor(self, site: str) -> float:
-        """What the anchor, data and information checks leave of a site's say (1: all of it)."""
-        return self.anchor_factors.get(site, 1.0) * self.data_factors.get(site, 1.0) * self.information_factors.get(site, 1.0)
+        """What the anchor, data, information and typicality checks leave of a site's say (1: all of it)."""
+        return (self.anchor_factors.get(site, 1.0) * self.data_factors.get(site, 1.0)
+                * self.information_factors.get(site, 1.0) * self.typicality_factors.get(site, 1.0))
 
     def _factor_metrics(self, site: str) -> dict[str, float]:
         """The checks' figures behind a site's weight this round, for the round report and the trackers."""
@@ -516,6 +529,8 @@ class FederatedServer:
             out.update({"data_check/distance": self.data_distances[site], "data_check/factor": self.data_factors.get(site, 1.0)})
         if site in self.information_factors:
             out["information_check/factor"] = self.information_factors[site]
+        if site in self.typicality_factors:
+            out.update({"typicality_check/z": self.typicality_z[site], "typicality_check/factor": self.typicality_factors[site]})
         return out
 
     def anchor_check_enabled(self) -> bool:
@@ -527,6 +542,9 @@ class FederatedServer:
     def information_metric(self) -> str:
         """The site metric the information check reads (precision.information_reading)."""
         return "loss/private_received" if self.config.precision.information_reading == "received" else "loss/private"
+
+    def typicality_check_enabled(self) -> bool:
+        return self.config.precision.typicality_check and self.config.precision.method != "uniform"
 
     def data_check_enabled(self) -> bool:
         return self.config.precision.data_check and self.config.precision.method != "uniform" and self.codebook_enabled()
@@ -587,6 +605,44 @@ class FederatedServer:
         log.info("round %d data check: distance of the sites' centroids from the anchors %s -> factors from now "
                  "on %s", self.report.round, {s: round(v, 3) for s, v in self.data_distances.items()},
                  {s: round(f, 3) for s, f in self.data_factors.items()})
+
+    def _check_typicality(self, update: SiteUpdate, refuse) -> None:
+        """A site's typicality numbers, when it sends them, come in mean/sd pairs of finite numbers (sd >= 0)."""
+        try:
+            summary = Summary.from_metrics(update.metrics, update.n_samples)
+        except ValueError as err:
+            refuse(str(err))
+        if summary is None:
+            return
+        values = list(summary.mean.values()) + list(summary.sd.values())
+        if not all(math.isfinite(v) for v in values) or min(summary.sd.values()) < 0:
+            refuse(f"its typicality numbers {summary.metrics()} must be finite, with spreads >= 0")
+
+    def _run_typicality_check(self) -> None:
+        """From this round's typicality reports (typicality.py): each site against the other sites of its modality and
+        the modality's anchors. The factors weigh this round's updates when the server holds them (holds_round), and
+        every later round's until the site reports again; a modality with fewer than anchor_check_min_sites reporting
+        sites is not judged."""
+        reports, self._typicality_reports = self._typicality_reports, {}
+        if not reports:
+            return
+        modality_of = {site: modality for site, (modality, _) in reports.items()}
+        references = {m: self._typicality_reference(m) for m in set(modality_of.values())}
+        factors, zs = typicality_factors({s: summary for s, (_, summary) in reports.items()}, modality_of, references,
+                                         self.config.precision.anchor_check_min_sites)
+        self.typicality_factors.update({s: max(f, FACTOR_FLOOR) for s, f in factors.items()})
+        self.typicality_z.update(zs)
+        if factors:
+            log.info("round %d typicality check: how far each site's data lie from its peers' and the anchors' (robust "
+                     "z) %s -> factors %s", self.report.round, {s: round(z, 2) for s, z in zs.items()},
+                     {s: round(self.typicality_factors[s], 3) for s in factors})
+
+    def _typicality_reference(self, modality: str) -> Summary:
+        """The modality's anchors as one more peer of the typicality check: public, so computed here, once."""
+        if modality not in self._typicality_references:
+            self._typicality_references[modality] = anchor_summary(
+                self.modalities[modality].kind, self.anchors[modality].items, self.base_of("anchors")[modality])
+        return self._typicality_references[modality]
 
     def _run_information_check(self) -> None:
         """From the private losses the round's held updates report: how much each site's two views share
@@ -656,7 +712,8 @@ class FederatedServer:
         projections = self.state.codebook_projections()  # sent from round 0 on, unchanged
         anchors = self.base_of("anchors")
         projected = {m: projections[m](anchors[m]) for m in self._codebook_parts}
-        judged = {"data check": self.data_factors, "information check": self.information_factors}
+        judged = {"data check": self.data_factors, "information check": self.information_factors,
+                  "typicality check": self.typicality_factors}
         reasons = {s: [check for check, factors in judged.items() if factors.get(s, 1.0) < CODEBOOK_FACTOR_FLOOR]
                    for parts in self._codebook_parts.values() for s in parts}
         left_out = sorted(s for s, checks in reasons.items() if checks)

@@ -28,6 +28,7 @@ from ..model.base_features import base_features
 from ..model.homogeneous import HomogeneousTransformer, build_model, take_items
 from ..dp import fresh_generator, gaussian_release, privacy_spent, privatize_change
 from ..precision import PrecisionTracker
+from ..typicality import site_summary
 from .messages import GlobalState, SiteUpdate, adapter_key, basis_digest, is_basis, is_core_or_magnitude
 from ..adapters.refresh import refresh_phase
 from .state import (core_params, load_local, load_shared, local_tensors, projected_gradients, projector_params,
@@ -143,6 +144,8 @@ class SiteTrainer:
         self.basis_digest: str | None = None  # the shared bases installed in the model: a state may leave them out
         self._anchor_base: np.ndarray | None = None  # base features of the anchors, made on first use
         self._codebook_upload: tuple[torch.Tensor, torch.Tensor] | None = None  # (centroids, counts), made on first use
+        self._private_base: np.ndarray | None = None  # base features of the private items, made on first use
+        self._typicality: dict[str, float] | None = None  # the typicality check's numbers, made on first use
 
     def anchor_base_features(self) -> np.ndarray:
         """Base features (model/base_features.py) of this site's anchors: fixed, so computed once."""
@@ -150,6 +153,30 @@ class SiteTrainer:
             self._anchor_base = base_features(self.model, self.modality, self.anchors.items,
                                               self.config.alignment.readout_text_tokens)
         return self._anchor_base
+
+    def private_base_features(self) -> np.ndarray:
+        """Base features of this site's private items: fixed, so computed once (the codebook and the typicality
+        check both read them)."""
+        if self._private_base is None:
+            self._private_base = base_features(self.model, self.modality, self.private.items,
+                                               self.config.alignment.readout_text_tokens)
+        return self._private_base
+
+    def typicality_metrics(self) -> dict[str, float]:
+        """The typicality check's numbers (typicality.py): the mean and spread over this site's private items of each
+        statistic, against its anchors. Empty under DP, with the check off, or with fewer private items than
+        alignment.codebook_min_cluster (a mean over fewer items says too much about each)."""
+        cfg = self.config
+        if not (cfg.precision.typicality_check and cfg.precision.method != "uniform" and not cfg.privacy.dp
+                and len(self.private) >= cfg.alignment.codebook_min_cluster):
+            return {}
+        if self._typicality is None:  # the items and the anchors are fixed: measure once
+            summary = site_summary(self.spec.kind, self.private.items, self.private_base_features(),
+                                   self.anchor_base_features())
+            self._typicality = summary.metrics()
+            log.info("site %s: typicality of its %d private items against the anchors %s", self.site, summary.items,
+                     {k: round(v, 3) for k, v in self._typicality.items()})
+        return dict(self._typicality)
 
     def local_state(self) -> dict[str, torch.Tensor]:
         return local_tensors(self.model)
@@ -287,6 +314,7 @@ class SiteTrainer:
         metrics["seconds"] = time.perf_counter() - started  # ``started``: when train_round began
         if local.kernel is not None:
             metrics["cka_to_consensus"] = consensus_agreement(gram, local.kernel)
+        metrics.update(self.typicality_metrics())
         params = {k: v.detach().cpu().clone() for k, v in core_params(model).items()}
         params.update({k: v.detach().cpu().clone() for k, v in projector_params(model, self.modality).items()})
         gram_upper = upper_triangle(gram).float()
@@ -332,10 +360,9 @@ class SiteTrainer:
             return empty
         if self._codebook_upload is None:  # the private items and the projection are fixed: cluster once
             cfg = self.config.alignment
-            private = base_features(self.model, self.modality, self.private.items, cfg.readout_text_tokens)
-            centroids, counts = site_centroids(projection(private), cfg.codebook_size, cfg.codebook_min_cluster, self._seed)
+            centroids, counts = site_centroids(projection(self.private_base_features()), cfg.codebook_size, cfg.codebook_min_cluster, self._seed)
             log.info("site %s round %d: %d codebook centroids of clusters of %s+ private items (of %d)", self.site,
-                     state.round, len(counts), cfg.codebook_min_cluster, len(private))
+                     state.round, len(counts), cfg.codebook_min_cluster, len(self.private))
             self._codebook_upload = (torch.from_numpy(centroids).float(), torch.from_numpy(counts).float()) if len(counts) else empty
         return self._codebook_upload
 

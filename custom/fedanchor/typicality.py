@@ -1,0 +1,185 @@
+"""The typicality check: is a site's data as typical of its modality as its peers' data are?
+
+Every estimate a site builds from its own training fades as its self-supervision
+learns its noise. What a site's raw items look like does not fade. Each site
+computes, once, two statistics of every private item and sends their mean and
+standard deviation over its items (four numbers; only with at least
+``alignment.codebook_min_cluster`` items, never under differential privacy):
+
+- **energy**, log of the item's mean squared deviation from its modality's public
+  anchors, feature by feature in the anchors' own units (standardised on the
+  anchors' mean and spread, base features as the readout sees them). Noise, a gain
+  or offset shift, random items move it or its spread over items.
+- **roughness**, for images and signals: log of the von Neumann ratio along the last
+  axis, the mean squared difference of neighbouring values over their variance. It
+  tells structure from its absence: shuffled, noisy or random values are rough,
+  blurred ones smooth; no rescaling moves it.
+
+The server weighs each site against the other sites of its modality and against the
+public anchors themselves (one more peer, each anchor's energy taken against the
+other anchors): a robust z-score of every mean (its spread at least the standard
+error of a mean of that many items) and of every log standard deviation (at least
+its own standard error), the largest of them is the site's z, and its factor is
+exp(-max(0, z - ``ALLOWED_Z``)). On motion (3 accelerometer sites of 10 recordings, 6
+splits) clean sites reached z 1.1-1.9; noisy, shuffled, blurred and random sites
+4.4-11.7, gain-shifted ones 2.4-4.7.
+
+Pure numpy: no model, no FLARE.
+"""
+from __future__ import annotations
+
+import math
+import statistics
+from dataclasses import dataclass
+from typing import Mapping, Sequence
+
+import numpy as np
+
+ROUGH_KINDS = ("image", "signal")  # kinds whose items have an ordered last axis
+ALLOWED_Z = 2.0  # clean sites' largest z over the check's statistics: 1.1-2.0 on motion and digits
+METRIC_PREFIX = "typicality/"
+SCALE_FLOOR = 1e-6  # a feature the anchors hold constant carries nothing: unit scale, as the readout's blocks
+LOG_FLOOR = 1e-12
+
+
+@dataclass(frozen=True)
+class Summary:
+    """One site's (or the anchors') statistics: mean and standard deviation over items, by statistic name."""
+
+    mean: Mapping[str, float]
+    sd: Mapping[str, float]
+    items: int
+
+    def metrics(self) -> dict[str, float]:
+        """The numbers a site sends, as site metrics."""
+        out = {}
+        for name in sorted(self.mean):
+            out[f"{METRIC_PREFIX}{name}/mean"] = float(self.mean[name])
+            out[f"{METRIC_PREFIX}{name}/sd"] = float(self.sd[name])
+        return out
+
+    @classmethod
+    def from_metrics(cls, metrics: Mapping[str, float], items: int) -> "Summary | None":
+        """A site's summary back from its reported metrics; None when it sent none."""
+        names = sorted({k[len(METRIC_PREFIX):].rsplit("/", 1)[0] for k in metrics if k.startswith(METRIC_PREFIX)})
+        if not names:
+            return None
+        missing = [f"{METRIC_PREFIX}{n}/{part}" for n in names for part in ("mean", "sd")
+                   if f"{METRIC_PREFIX}{n}/{part}" not in metrics]
+        if missing:
+            raise ValueError(f"typicality metrics come in mean/sd pairs; missing {missing}")
+        return cls({n: float(metrics[f"{METRIC_PREFIX}{n}/mean"]) for n in names},
+                   {n: float(metrics[f"{METRIC_PREFIX}{n}/sd"]) for n in names}, items)
+
+
+def anchor_units(anchor_base: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(mean, scale) of the anchors' base features, feature by feature."""
+    anchors = _matrix(anchor_base, "anchor base features")
+    scale = anchors.std(0)
+    scale[scale < SCALE_FLOOR] = 1.0
+    return anchors.mean(0), scale
+
+
+def energy(base: np.ndarray, mean: np.ndarray, scale: np.ndarray) -> np.ndarray:
+    """Per item: log of its mean squared deviation from ``mean`` in units of ``scale``."""
+    z = (_matrix(base, "base features") - mean) / scale
+    return np.log(np.maximum((z ** 2).mean(1), LOG_FLOOR))
+
+
+def roughness(items: np.ndarray) -> np.ndarray:
+    """Per item: log of the von Neumann ratio along the last axis (mean squared successive difference over the
+    variance about the item's own mean along that axis), averaged over the other axes."""
+    x = np.asarray(items, dtype=np.float64)
+    if x.ndim < 2 or x.shape[-1] < 2:
+        raise ValueError(f"roughness needs items with a last axis of 2+ values, got shape {x.shape}")
+    steps = (np.diff(x, axis=-1) ** 2).reshape(len(x), -1).mean(1)
+    spread = ((x - x.mean(-1, keepdims=True)) ** 2).reshape(len(x), -1).mean(1)
+    return np.log(np.maximum(steps, LOG_FLOOR) / np.maximum(spread, LOG_FLOOR))
+
+
+def item_statistics(kind: str, items, base: np.ndarray, anchor_base: np.ndarray) -> dict[str, np.ndarray]:
+    """Every statistic that applies to ``kind``, per item."""
+    out = {"energy": energy(base, *anchor_units(anchor_base))}
+    if kind in ROUGH_KINDS:
+        out["roughness"] = roughness(items)
+    return out
+
+
+def summarize(per_item: Mapping[str, np.ndarray]) -> Summary:
+    sizes = {len(v) for v in per_item.values()}
+    if len(sizes) != 1 or min(sizes) < 2:
+        raise ValueError(f"a typicality summary needs the same 2+ items under every statistic, got sizes {sorted(sizes)}")
+    return Summary({k: float(np.mean(v)) for k, v in per_item.items()},
+                   {k: float(np.std(v, ddof=1)) for k, v in per_item.items()}, sizes.pop())
+
+
+def site_summary(kind: str, items, base: np.ndarray, anchor_base: np.ndarray) -> Summary:
+    """What a site sends: its items' statistics against its modality's anchors, summarised."""
+    return summarize(item_statistics(kind, items, base, anchor_base))
+
+
+def anchor_summary(kind: str, anchor_items, anchor_base: np.ndarray) -> Summary:
+    """The anchors as one more peer: each anchor's energy against the other anchors' units (an anchor is not
+    measured by the units it helped set), its roughness as any item's."""
+    anchors = _matrix(anchor_base, "anchor base features")
+    n = len(anchors)
+    if n < 3:
+        raise ValueError(f"the typicality reference needs at least 3 anchors, got {n}")
+    total, squares = anchors.sum(0), (anchors ** 2).sum(0)
+    mean_without = (total - anchors) / (n - 1)
+    var_without = np.maximum((squares - anchors ** 2) / (n - 1) - mean_without ** 2, 0.0)
+    scale_without = np.sqrt(var_without)
+    scale_without[scale_without < SCALE_FLOOR] = 1.0
+    per_item = {"energy": np.log(np.maximum((((anchors - mean_without) / scale_without) ** 2).mean(1), LOG_FLOOR))}
+    if kind in ROUGH_KINDS:
+        per_item["roughness"] = roughness(anchor_items)
+    return summarize(per_item)
+
+
+def typicality_z(sites: Mapping[str, Summary], reference: Summary) -> dict[str, float]:
+    """Each site's largest robust z-score, over the statistics they all report, among the sites and the reference."""
+    peers = {**sites, _REFERENCE: reference}
+    names = sorted(set.intersection(*(set(s.mean) for s in peers.values())))
+    if not names:
+        raise ValueError("the sites and the anchors share no typicality statistic to compare")
+    typical_sd = {n: statistics.median(s.sd[n] for s in peers.values()) for n in names}
+    z = dict.fromkeys(sites, 0.0)
+    for name in names:
+        means = _robust_z({p: s.mean[name] for p, s in peers.items()},
+                          {p: typical_sd[name] / math.sqrt(s.items) for p, s in peers.items()})
+        spreads = _robust_z({p: math.log(max(s.sd[name], LOG_FLOOR)) for p, s in peers.items()},
+                            {p: 1.0 / math.sqrt(2 * (s.items - 1)) for p, s in peers.items()})
+        z = {site: max(z[site], means[site], spreads[site]) for site in sites}
+    return z
+
+
+def typicality_factors(summaries: Mapping[str, Summary], modality_of: Mapping[str, str],
+                       references: Mapping[str, Summary], min_sites: int = 3,
+                       allowed: float = ALLOWED_Z) -> tuple[dict[str, float], dict[str, float]]:
+    """(factor, z) of every site of a modality with at least ``min_sites`` reporting sites and a reference; sites of
+    other modalities are left out (they keep their say)."""
+    factors, zs = {}, {}
+    for modality in sorted(set(modality_of[s] for s in summaries)):
+        sites = {s: summaries[s] for s in sorted(summaries) if modality_of[s] == modality}
+        if len(sites) < min_sites or modality not in references:
+            continue
+        for site, z in typicality_z(sites, references[modality]).items():
+            zs[site] = z
+            factors[site] = math.exp(-max(0.0, z - allowed))
+    return factors, zs
+
+
+_REFERENCE = "\0anchors"  # the reference's key among the peers: no site can be named so
+
+
+def _robust_z(values: Mapping[str, float], floors: Mapping[str, float]) -> dict[str, float]:
+    median = statistics.median(values.values())
+    spread = 1.4826 * statistics.median(abs(v - median) for v in values.values())
+    return {p: abs(v - median) / max(spread, floors[p], 1e-12) for p, v in values.items()}
+
+
+def _matrix(x: np.ndarray, what: str) -> np.ndarray:
+    out = np.asarray(x, dtype=np.float64)
+    if out.ndim != 2 or not len(out):
+        raise ValueError(f"{what} must be items x features, got shape {out.shape}")
+    return out
