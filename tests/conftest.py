@@ -41,16 +41,17 @@ def _seeded():
     yield
 
 
-def merge_coefficients(updates, sample_exponent: float) -> dict[str, dict[str, torch.Tensor]]:
+def merge_coefficients(updates, sample_exponent: float, factors=None) -> dict[str, dict[str, torch.Tensor]]:
     """Site -> S/m key -> the coefficient of that site's value in the server's merge, written out from the design
     (FederatedServer.accept and finish_round), not computed by PrecisionWeightedMerge:
 
-    within a modality a site weighs pi_k n_k**gamma Lambda_k / mean(Lambda_k) per coefficient; each modality's
-    precision-weighted mean then enters with its share of the sample mass sum_k n_k**gamma. The coefficients of one
-    entry sum to one over the sites.
+    within a modality a site weighs a_k pi_k n_k**gamma Lambda_k / mean(Lambda_k) per coefficient, a_k its checks'
+    factors (``factors``, 1 for a site not named); each modality's precision-weighted mean then enters with its share
+    of the mass sum_k a_k n_k**gamma. The coefficients of one entry sum to one over the sites.
     """
     updates = list(updates)
-    mass = {u.site: float(u.n_samples) ** sample_exponent for u in updates}
+    factors = factors or {}
+    mass = {u.site: factors.get(u.site, 1.0) * float(u.n_samples) ** sample_exponent for u in updates}
     modality_mass: dict[str, float] = {}
     for u in updates:
         modality_mass[u.modality] = modality_mass.get(u.modality, 0.0) + mass[u.site]

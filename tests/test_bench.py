@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import time
 
@@ -256,3 +257,21 @@ def test_bench_precision_writes_the_cases_in_the_documented_shape(tmp_path):
         assert set(noisy["clean_only"]["site_weights"][-1]) == {"site-a2", "site-a3", "site-g1"}  # without the bad site
         assert noisy["reference_uniform"]["method"] == "uniform"
     assert "| garbage (s=1) | site-a1 |" in (tmp_path / "precision.md").read_text()
+
+
+def test_the_typicality_study_reads_each_corruptions_verdict_without_training(tmp_path):
+    """On motion's precision-study sites: random recordings put the bad site far past the allowed z (factor under
+    0.05) while the clean sites keep their say; a site of 2 recordings sends nothing and is not judged. The study
+    writes its table and picture."""
+    from fedanchor.bench.typicality_study import typicality_study, write_typicality
+
+    study = typicality_study("motion", [0], ["garbage", "small"], say=lambda line: None)
+    garbage, small, clean = study["cases"]["garbage"], study["cases"]["small"], study["cases"]["clean"]
+    assert garbage["bad_z"][0] > 5 and garbage["bad_factor"][0] < 0.05 and garbage["clean_min_factor"][0] == 1.0
+    assert math.isnan(small["bad_z"][0]) and small["bad_factor"][0] == 1.0
+    assert clean["clean_max_z"][0] < study["allowed_z"] and clean["clean_min_factor"][0] == 1.0
+    paths = write_typicality(study, tmp_path, "the command")
+    table = paths["md"].read_text()
+    assert "| small | not judged" in table and "| garbage | " in table and "the command" in table
+    assert json.loads(paths["json"].read_text())["bad_site"] == "site-a1"
+    assert_png_drawn(paths["png"], (7, 3.6))

@@ -562,29 +562,31 @@ def test_a_bf16_autocast_round_trains_and_sends_float32():
         with_overrides(config, {"train.autocast": "fp16"})
 
 
-def test_an_anchor_check_factor_weighs_like_a_scaled_uncertainty_and_the_merge_stays_exact(setup):
-    """The anchor check's factor a_k enters the merge exactly as pi_k does: a round with a_k = 0.25 for one site equals
-    the round where that site reported a quarter of its uncertainty scalar."""
+def test_a_check_factor_weighs_a_site_within_its_modality_and_its_modalitys_share_and_the_merge_stays_exact(setup):
+    """A check's factor a_k (here the anchor check's, 0.25 for one site) multiplies the site's weight within its
+    modality and its part of its modality's mass: the merge equals the design's coefficients with a_k, and a factor
+    near 0 gives the merge of the federation without that site."""
     config, _, server, _, state, updates = setup
     accel, gyro = (without_codebook(next(u for u in updates.values() if u.modality == m)) for m in ("accel", "gyro"))
     sent = [accel, variant(accel, state, "accel-b", move=1.8), gyro]
-    server.anchor_factors = {"accel-b": 0.25}
-    with_factor = run_round(server, state, sent)
-    weights_with_factor = dict(server.report.site_weights)
+    gamma = config.precision.sample_exponent
+    for factor, expected_sites in ((0.25, sent), (1e-12, [accel, gyro])):
+        server.anchor_factors = {"accel-b": factor}
+        merged = run_round(server, state, sent)
+        expected = weighted_cores(expected_sites, merge_coefficients(expected_sites, gamma, {"accel-b": factor}))
+        for key in [k for k in state.tensors if is_core_or_magnitude(k)]:
+            torch.testing.assert_close(merged.tensors[key].double(), expected[key], rtol=1e-5, atol=1e-6)
+        assert server.report.site_weights["accel-b"] < server.report.site_weights[accel.site]
+    accel_mass, gyro_mass = (float(u.n_samples) ** gamma for u in (accel, gyro))
+    assert server.report.site_weights[gyro.site] == pytest.approx(gyro_mass / (accel_mass + gyro_mass))  # one accel site
     server.anchor_factors = {}
-    scaled = [accel, dataclasses.replace(sent[1], uncertainty=0.25 * sent[1].uncertainty), gyro]
-    with_scaled_uncertainty = run_round(server, state, scaled)
-    for key in [k for k in state.tensors if is_core_or_magnitude(k)]:
-        torch.testing.assert_close(with_factor.tensors[key], with_scaled_uncertainty.tensors[key], rtol=0, atol=0)
-    assert weights_with_factor == pytest.approx(server.report.site_weights, rel=1e-12)
-    assert weights_with_factor["accel-b"] < weights_with_factor[accel.site]
 
 
 def test_the_information_check_weighs_sites_by_what_their_views_share_and_the_merge_stays_exact(setup):
     """Three accel sites report their private two-view loss. The information their views share (log(2B - 1) - loss)
     sets each one's factor for the round: the median site and a better one keep 1, a site sharing 0.3 of the
-    median keeps 0.3 of its say; gyro, alone in its modality, is not judged. The factor enters the merge exactly as
-    a site reporting 0.3 of its uncertainty scalar does."""
+    median keeps 0.3 of its say; gyro, alone in its modality, is not judged. The factor enters the merge as the
+    design's a_k: the merge equals its coefficients."""
     config, _, server, _, state, updates = setup
     accel, gyro = (without_codebook(next(u for u in updates.values() if u.modality == m)) for m in ("accel", "gyro"))
     sent = [sharing(config, accel, state, "a1", 1.0, move=1.0), sharing(config, accel, state, "a2", 1.2, move=1.4),
@@ -595,13 +597,10 @@ def test_the_information_check_weighs_sites_by_what_their_views_share_and_the_me
     assert server.check_factor(gyro.site) == 1.0
     with_factor = run_round(server, state, sent)
     assert server.report.site_metrics["a3"]["information_check/factor"] == pytest.approx(0.3)
-    server.config = with_overrides(config, {"precision.information_check": False})
-    scaled = [*sent[:2], dataclasses.replace(sent[2], uncertainty=0.3 * sent[2].uncertainty), gyro]
-    server.information_factors = {}
-    with_scaled_uncertainty = run_round(server, state, scaled)
-    server.config = config
+    expected = weighted_cores(sent, merge_coefficients(sent, config.precision.sample_exponent, server.information_factors))
     for key in [k for k in state.tensors if is_core_or_magnitude(k)]:
-        torch.testing.assert_close(with_factor.tensors[key], with_scaled_uncertainty.tensors[key], rtol=1e-12, atol=0)
+        torch.testing.assert_close(with_factor.tensors[key].double(), expected[key], rtol=1e-5, atol=1e-6)
+    server.information_factors = {}
 
 
 @pytest.mark.parametrize("reading", ["received", "training"])

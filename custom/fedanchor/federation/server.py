@@ -354,7 +354,8 @@ class FederatedServer:
 
     def _merge_weights(self, update: SiteUpdate) -> tuple[float, float, dict[str, torch.Tensor]]:
         """(n_k ** gamma, a_k pi_k n_k ** gamma, the weight of every core and magnitude coefficient): what accept folds
-        in; a_k is the product of the site's information, data and anchor checks' factors (1 without them).
+        in; a_k is the product of the site's checks' factors (1 without them), and a_k n_k ** gamma its part of its
+        modality's mass.
 
         Lambda's absolute scale follows the optimiser's step size, not the data, so it is not comparable across
         sites: it only distributes a site's weight over its coefficients. pi_k is comparable only between sites of
@@ -430,7 +431,9 @@ class FederatedServer:
         mass, scale, weights = self._merge_weights(update)
         cores = {k: v for k, v in update.params.items() if is_core_or_magnitude(k)}
         self._merges.setdefault(update.modality, PrecisionWeightedMerge()).add(update.site, cores, weights)
-        self._modality_mass[update.modality] = self._modality_mass.get(update.modality, 0.0) + mass
+        # A site the checks take say from counts that much less in its modality's share too: with its say gone the
+        # federation is the one without it, not one whose modality keeps the share of a site that is not heard.
+        self._modality_mass[update.modality] = self._modality_mass.get(update.modality, 0.0) + mass * self.check_factor(update.site)
         projector = {k: v for k, v in update.params.items() if not is_core_or_magnitude(k)}
         if projector:
             self._projector_merges.setdefault(update.modality, PrecisionWeightedMerge()).add(update.site, projector, scale)
