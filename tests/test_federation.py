@@ -414,6 +414,7 @@ BAD_UPDATES = [
      "mean/sd pairs"),
     ("typicality not finite", lambda u: setattr(u, "metrics", {**u.metrics, "typicality/energy/mean": float("inf")}),
      "typicality numbers .* must be finite"),
+    ("typicality of too few items", lambda u: setattr(u, "n_samples", 3), "over 3 private items"),
     ("typicality spread negative", lambda u: setattr(u, "metrics", {**u.metrics, "typicality/energy/sd": -1.0}),
      "spreads >= 0"),
 ]

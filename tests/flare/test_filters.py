@@ -97,6 +97,8 @@ REFUSED = [
      "whole numbers"),
     ("per-sample rows as codebook centroids", with_data(lambda d: d.update({"codebook/centroids": np.zeros((20, 5), np.float32)})),
      "expected (clusters, components)"),
+    ("typicality numbers of too few items", with_meta(lambda m: m.update(
+        n_samples=4, metrics={**m["metrics"], "typicality/energy/mean": 0.1, "typicality/energy/sd": 0.9})), "no fewer than 5"),
     ("Gram of no anchor count", with_data(lambda d: d.update({"gram_upper": np.zeros(11, np.float16)})), "n(n+1)/2"),
     ("an entry outside the DXO", outside_dxo(), "outside its DXO"),
     ("weights instead of a collection", DXO(DataKind.WEIGHTS, data=update_to_dxo(site_update()).data).to_shareable(), "COLLECTION"),
@@ -107,6 +109,8 @@ REFUSED = [
 def test_a_site_update_passes_unchanged():
     result = update_to_dxo(site_update()).to_shareable()
     assert update_violation(result) is None
+    typical = with_meta(lambda m: m.update(metrics={**m["metrics"], "typicality/energy/mean": 0.1, "typicality/energy/sd": 0.9}))
+    assert update_violation(typical) is None  # 20 private items: above the floor
     assert SiteReleaseFilter().process(result, ctx()) is result
 
 

@@ -610,13 +610,18 @@ class FederatedServer:
                  {s: round(f, 3) for s, f in self.data_factors.items()})
 
     def _check_typicality(self, update: SiteUpdate, refuse) -> None:
-        """A site's typicality numbers, when it sends them, come in mean/sd pairs of finite numbers (sd >= 0)."""
+        """A site's typicality numbers, when it sends them, come in mean/sd pairs of finite numbers (sd >= 0), over at
+        least alignment.codebook_min_cluster items."""
         try:
             summary = Summary.from_metrics(update.metrics, update.n_samples)
         except ValueError as err:
             refuse(str(err))
         if summary is None:
             return
+        floor = self.config.alignment.codebook_min_cluster
+        if summary.items < floor:
+            refuse(f"it sends typicality numbers over {summary.items} private items; a site sends them only with at "
+                   f"least alignment.codebook_min_cluster={floor}")
         values = list(summary.mean.values()) + list(summary.sd.values())
         if not all(math.isfinite(v) for v in values) or min(summary.sd.values()) < 0:
             refuse(f"its typicality numbers {summary.metrics()} must be finite, with spreads >= 0")

@@ -15,6 +15,8 @@ whatever the job's own configuration says. It checks every task:
 - until the private codebook is built, ``codebook/centroids`` (clusters x components) with
   ``codebook/counts``: each centroid a mean of at least ``codebook_min_cluster`` private items
   (a whole number, checked here),
+- among the metrics, the typicality check's ``typicality/*`` numbers only from a site of at least
+  ``codebook_min_cluster`` private items (its ``n_samples``),
 
 with meta limited to the SiteUpdate fields (site, modality, round, anchor
 fingerprint, n_samples, uncertainty, numeric metrics, the digest of the global
@@ -51,6 +53,7 @@ from nvflare.apis.shareable import ReservedHeaderKey, Shareable, make_reply
 from ..alignment.codebook import MIN_CLUSTER
 from ..federation.messages import (ARRAY_FIELDS, BASIS_GRADIENT_PREFIX, CODEBOOK_CENTROIDS, CODEBOOK_COUNTS, GRAM_KEY,
                                    PARAM_PREFIX, PRECISION_PREFIX, SiteUpdate)
+from ..typicality import METRIC_PREFIX as TYPICALITY_PREFIX
 
 ADAPTER_PARAM = re.compile(r"^param/adapter/[^/]+/[Sm]$")
 ADAPTER_PRECISION = re.compile(r"^log_precision/adapter/[^/]+/[Sm]$")
@@ -73,7 +76,8 @@ def update_violation(shareable: Shareable, min_cluster: int = MIN_CLUSTER) -> st
     reason = _array_violation(dxo.data or {}) or _codebook_violation(dxo.data or {}, min_cluster)
     if reason:
         return reason
-    return _meta_violation(dxo.get_meta_props() or {}, dxo.data or {})
+    return _meta_violation(dxo.get_meta_props() or {}, dxo.data or {}) or _typicality_violation(dxo.get_meta_props() or {},
+                                                                                                 min_cluster)
 
 
 def _array_violation(data: Mapping[str, Any]) -> str | None:
@@ -159,6 +163,16 @@ def _codebook_violation(data: Mapping[str, Any], min_cluster: int) -> str | None
     if not np.isfinite(counts).all() or (counts < min_cluster).any() or (counts != np.round(counts)).any():
         return (f"{CODEBOOK_COUNTS} must be whole numbers of at least {min_cluster} (a centroid of fewer private "
                 "items is too close to one record)")
+    return None
+
+
+def _typicality_violation(meta: Mapping[str, Any], min_cluster: int) -> str | None:
+    """The typicality check's numbers (means and spreads over a site's items) leave only from a site holding at least
+    min_cluster private items, as any centroid."""
+    sent = sorted(k for k in meta.get("metrics", {}) if k.startswith(TYPICALITY_PREFIX))
+    if sent and meta.get("n_samples", 0) < min_cluster:
+        return (f"typicality numbers {sent[:2]} over {meta.get('n_samples')} private items; they may summarise no "
+                f"fewer than {min_cluster}")
     return None
 
 
