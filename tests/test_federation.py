@@ -323,9 +323,9 @@ def test_the_server_holds_running_sums_not_the_updates(setup, what, held):
     """As bench/scale.py server_peak does: perturbed copies of one real update, each under its own site name; after 2
     and after 8 of them the tensors the round's accumulators hold take the same bytes. (The copies send no codebook
     centroids: the codebook pools every site's centroids once, in the round before it is built, by design. The
-    information check, off here, holds the round's updates instead: the next test.)"""
+    information and typicality checks, off here, hold the round's updates instead: the next test.)"""
     config, split, _, _, state, updates = setup
-    config = with_overrides(config, {"precision.information_check": False})
+    config = with_overrides(config, {"precision.information_check": False, "precision.typicality_check": False})
     modalities = {m: d.spec for m, d in split.anchors.items()}
     server = FederatedServer(config, modalities, split.anchors, split.anchor_fingerprint, split.feature_stats)
     server.resume(state)
@@ -345,15 +345,16 @@ def test_the_server_holds_running_sums_not_the_updates(setup, what, held):
 
 
 def test_with_the_information_check_the_round_is_held_to_its_end_and_merges_exactly_as_folded_on_arrival(setup):
-    """Four accel sites and gyro; with the information check on, accepting folds nothing until the round's end (its
-    factors come from the round's own reports), then the held updates are folded and released. Where the check
-    takes no say (every site reports the same loss) the merged state is the one the server folding each update on
-    arrival (check off) makes, to the last bit; where it takes a site's say, that site's weight falls in this round."""
+    """Four accel sites and gyro; with the information and typicality checks on, accepting folds nothing until the
+    round's end (their factors come from the round's own reports), then the held updates are folded and released.
+    Where no check takes say (every site reports the same) the merged state is the one the server folding each
+    update on arrival (checks off) makes, to the last bit; where one takes a site's say, its weight falls this round."""
     config, split, _, _, state, updates = setup
     accel, gyro = (without_codebook(next(u for u in updates.values() if u.modality == m)) for m in ("accel", "gyro"))
 
     def merged(check: bool, nats: dict[str, float]) -> tuple[GlobalState, FederatedServer]:
-        server = FederatedServer(with_overrides(config, {"precision.information_check": check}),
+        server = FederatedServer(with_overrides(config, {"precision.information_check": check,
+                                                         "precision.typicality_check": check}),
                                  {m: d.spec for m, d in split.anchors.items()}, split.anchors, split.anchor_fingerprint,
                                  split.feature_stats)
         server.resume(state)
@@ -415,6 +416,8 @@ BAD_UPDATES = [
     ("typicality not finite", lambda u: setattr(u, "metrics", {**u.metrics, "typicality/energy/mean": float("inf")}),
      "typicality numbers .* must be finite"),
     ("typicality of too few items", lambda u: setattr(u, "n_samples", 3), "over 3 private items"),
+    ("typicality without a statistic its kind has", lambda u: setattr(u, "metrics", {
+        k: v for k, v in u.metrics.items() if not k.startswith("typicality/roughness/")}), "a signal site sends"),
     ("typicality spread negative", lambda u: setattr(u, "metrics", {**u.metrics, "typicality/energy/sd": -1.0}),
      "spreads >= 0"),
 ]
@@ -755,3 +758,49 @@ def test_the_round_line_says_which_check_took_say_from_a_site(metrics, shown):
 
     record = RoundRecord(0, 1.0, {"a": metrics, "b": {}}, {"a": 0.5, "b": 0.5}, {}, {}, {}, {})
     assert f"| weight {shown} |" in format_round(record)
+
+
+def far_off(update: SiteUpdate, shift: float) -> SiteUpdate:
+    """``update`` reporting items ``shift`` nats more energetic than it holds (the typicality check's reading)."""
+    return dataclasses.replace(update, metrics={**update.metrics, "typicality/energy/mean":
+                                                update.metrics["typicality/energy/mean"] + shift})
+
+
+def test_the_typicality_check_weighs_the_round_it_reads_even_without_the_information_check_and_remembers_sites(setup):
+    """Three accel sites, one reporting items far more energetic than its peers and the anchors. With the
+    information check off the server still holds the round, so the site's factor (under 0.05; its peers keep 1)
+    weighs this very round, exactly as the design's coefficients say. In the next round it sends nothing: it keeps
+    its place among its peers, and its factor."""
+    config, _, server, _, state, updates = setup
+    accel, gyro = (without_codebook(next(u for u in updates.values() if u.modality == m)) for m in ("accel", "gyro"))
+    sent = [variant(accel, state, "a1", move=1.0), variant(accel, state, "a2", move=1.4),
+            far_off(variant(accel, state, "a3", move=1.8), 6.0), gyro]
+    server.config = with_overrides(config, {"precision.information_check": False})
+    server.information_factors, server.typicality_reports = {}, {}
+    try:
+        assert server.holds_round()
+        merged = run_round(server, state, sent)
+        factors = dict(server.typicality_factors)
+        assert factors["a1"] == factors["a2"] == 1.0 and factors["a3"] < 0.05 and gyro.site not in factors, factors
+        expected = weighted_cores(sent, merge_coefficients(sent, config.precision.sample_exponent, factors))
+        for key in [k for k in state.tensors if is_core_or_magnitude(k)]:
+            torch.testing.assert_close(merged.tensors[key].double(), expected[key], rtol=1e-5, atol=1e-6)
+        assert server.report.site_metrics["a3"]["typicality_check/factor"] == factors["a3"]
+        run_round(server, state, [sent[0], sent[1], gyro])
+        assert server.typicality_factors == pytest.approx(factors)
+    finally:
+        server.config, server.typicality_reports, server.typicality_factors = config, {}, {}
+
+
+def test_under_dp_the_server_refuses_typicality_numbers(setup):
+    config, _, server, _, state, updates = setup
+    accel = without_codebook(next(u for u in updates.values() if u.modality == "accel"))
+    assert any(k.startswith("typicality/") for k in accel.metrics)
+    server.config = with_overrides(config, {"privacy.dp": True})
+    try:
+        server.state = state
+        server.start_round()
+        with pytest.raises(ContributionRejected, match="under differential privacy"):
+            server.accept(accel)
+    finally:
+        server.config = config

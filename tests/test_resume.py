@@ -27,6 +27,7 @@ from fedanchor.flare.persistor import (LAST_FILE, RUN_SUMMARY, RUNS_DIR, FedAnch
                                        check_run_key, load_state, save_state)
 from fedanchor.flare.server_state import FedAnchorServerComponent
 from fedanchor.flare.shareable import FedAnchorShareableGenerator, dxo_to_update
+from fedanchor.typicality import Summary
 
 ROUNDS = 3
 
@@ -150,7 +151,9 @@ def test_a_job_resubmitted_under_its_run_key_continues_at_its_last_round(tmp_pat
     server = component.server(ctx)
     server.codebook_temperature, server.codebook_position, server.anchor_factors = 0.3, False, {"site-1": 0.5}  # what the rounds leave in its memory
     server.data_modality, server.data_distances, server.data_factors = {"site-1": "accel"}, {"site-1": 1.7}, {"site-1": 0.01}
-    server.typicality_z, server.typicality_factors = {"site-1": 2.5}, {"site-1": 0.6}
+    typical = server._typicality_reference("accel")  # three sites reporting: two like the anchors, one far off
+    far = Summary({**typical.mean, "energy": typical.mean["energy"] + 9.0}, typical.sd, 12)
+    server.typicality_reports = {"site-1": ("accel", typical), "site-2": ("accel", typical), "site-3": ("accel", far)}
     saved = play(component, persistor, ctx, 2)
     run = tmp_path / RUNS_DIR / "run-a"
     assert (run / "checkpoints" / "round-0002.safetensors").is_file()
@@ -168,8 +171,9 @@ def test_a_job_resubmitted_under_its_run_key_continues_at_its_last_round(tmp_pat
     assert (resumed.codebook_temperature, resumed.codebook_position, resumed.anchor_factors) == (0.3, False, {"site-1": 0.5})
     assert (resumed.data_modality, resumed.data_distances, resumed.data_factors) == ({"site-1": "accel"}, {"site-1": 1.7},
                                                                                     {"site-1": 0.01})
-    assert (resumed.typicality_z, resumed.typicality_factors) == ({"site-1": 2.5}, {"site-1": 0.6})
-    assert resumed.check_factor("site-1") == pytest.approx(0.003)
+    assert resumed.typicality_reports == server.typicality_reports  # kept, and the factors judged again from them
+    assert resumed.typicality_factors["site-1"] == 1.0 and resumed.typicality_factors["site-3"] < 1e-3
+    assert resumed.check_factor("site-1") == pytest.approx(0.005)
     assert workflow.get_persist_state(ctx)["current_round"] == 2  # ScatterAndGather runs rounds 2 and 3 only
     assert component.state_meta()["run_key"] == "run-a"  # the sites learn the run from every global state
     assert "server_memory" not in component.state_meta()

@@ -9,7 +9,7 @@ import pytest
 from conftest import tiny_config
 from fedanchor.federation import SiteTrainer, make_split, run_in_process
 from fedanchor.typicality import (ALLOWED_Z, Summary, anchor_summary, anchor_units, energy, roughness, site_summary,
-                                  typicality_factors, typicality_z)
+                                  statistics_of, typicality_factors, typicality_z)
 
 RNG = np.random.default_rng(0)
 SMOOTH = np.sin(np.linspace(0, 4 * np.pi, 100))[None, None, :] * RNG.uniform(0.5, 2.0, size=(20, 3, 1))
@@ -120,13 +120,29 @@ def test_a_modality_with_too_few_reporting_sites_is_not_judged():
     assert set(factors) == {"a", "b"} and set(zs) == {"a", "b"}
 
 
-def test_only_the_statistics_every_peer_reports_are_compared():
+def test_every_site_must_report_the_anchors_statistics():
+    # A site that left roughness out would otherwise switch it off for all its peers (the server refuses it first).
     rough = {"a": Summary({"energy": 0.0, "roughness": 9.0}, {"energy": 1.0, "roughness": 1.0}, 10),
-             "b": Summary({"energy": 0.1, "roughness": 0.0}, {"energy": 1.0, "roughness": 1.0}, 10),
-             "c": Summary({"energy": 0.0, "roughness": 0.0}, {"energy": 1.0, "roughness": 1.0}, 10)}
-    assert max(typicality_z(rough, REFERENCE).values()) < 1.0  # the reference has no roughness: not compared
-    with pytest.raises(ValueError, match="share no typicality statistic"):
-        typicality_z(rough, Summary({"other": 0.0}, {"other": 1.0}, 10))
+             "b": Summary({"energy": 0.1}, {"energy": 1.0}, 10)}
+    with pytest.raises(ValueError, match=r"sites \['a'\] report other typicality statistics than the anchors' \['energy'\]"):
+        typicality_z(rough, REFERENCE)
+
+
+@pytest.mark.parametrize("kind,shape,expected", [
+    ("signal", (3, 100), ("energy", "roughness")), ("image", (16, 15), ("energy", "roughness")),
+    ("signal", (3, 1), ("energy",)), ("vector", (40,), ("energy",)), ("text", (), ("energy",)), ("codes", (), ("energy",)),
+])
+def test_roughness_is_read_only_where_items_have_an_ordered_axis_of_two_or_more(kind, shape, expected):
+    assert statistics_of(kind, shape) == expected
+    if kind in ("signal", "image", "vector"):
+        items = RNG.normal(size=(6, *shape))
+        assert tuple(sorted(site_summary(kind, items, items.reshape(6, -1), items.reshape(6, -1)).mean)) == expected
+
+
+def test_a_large_offset_does_not_move_the_anchors_reference():
+    anchors = RNG.normal(size=(30, 4))
+    assert anchor_summary("vector", anchors + 1e8, anchors + 1e8).mean["energy"] == pytest.approx(
+        anchor_summary("vector", anchors, anchors).mean["energy"], abs=1e-6)
 
 
 def test_a_site_sends_its_numbers_only_with_enough_items_and_never_under_dp():

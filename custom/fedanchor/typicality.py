@@ -36,10 +36,14 @@ from typing import Mapping, Sequence
 import numpy as np
 
 ROUGH_KINDS = ("image", "signal")  # kinds whose items have an ordered last axis
-ALLOWED_Z = 2.0  # clean sites' largest z over the check's statistics: 1.1-2.0 on motion and digits
+# Clean sites' largest z per split: 1.1-1.9 on motion, up to 1.6 on xray, 0.7-2.6 on digits (188 items a site; a
+# clean site there keeps 0.56 of its say at worst); every corruption but a gain shift on motion (2.4-4.7) lies past 4.4.
+ALLOWED_Z = 2.0
 METRIC_PREFIX = "typicality/"
 SCALE_FLOOR = 1e-6  # a feature the anchors hold constant carries nothing: unit scale, as the readout's blocks
 LOG_FLOOR = 1e-12
+SPREAD_FLOOR = 1e-12  # of a robust spread when every value and floor is 0: identical sites are not apart
+_REFERENCE = "\0anchors"  # the reference's key among the peers: no site can be named so
 
 
 @dataclass(frozen=True)
@@ -97,10 +101,16 @@ def roughness(items: np.ndarray) -> np.ndarray:
     return np.log(np.maximum(steps, LOG_FLOOR) / np.maximum(spread, LOG_FLOOR))
 
 
+def statistics_of(kind: str, item_shape: tuple[int, ...]) -> tuple[str, ...]:
+    """The statistics a site of ``kind`` with items of ``item_shape`` reports: roughness needs a last axis of 2+."""
+    rough = kind in ROUGH_KINDS and len(item_shape) >= 1 and item_shape[-1] >= 2
+    return ("energy", "roughness") if rough else ("energy",)
+
+
 def item_statistics(kind: str, items, base: np.ndarray, anchor_base: np.ndarray) -> dict[str, np.ndarray]:
-    """Every statistic that applies to ``kind``, per item."""
+    """Every statistic that applies to ``kind`` (``statistics_of``), per item."""
     out = {"energy": energy(base, *anchor_units(anchor_base))}
-    if kind in ROUGH_KINDS:
+    if "roughness" in statistics_of(kind, _item_shape(kind, items)):
         out["roughness"] = roughness(items)
     return out
 
@@ -125,23 +135,25 @@ def anchor_summary(kind: str, anchor_items, anchor_base: np.ndarray) -> Summary:
     n = len(anchors)
     if n < 3:
         raise ValueError(f"the typicality reference needs at least 3 anchors, got {n}")
-    total, squares = anchors.sum(0), (anchors ** 2).sum(0)
-    mean_without = (total - anchors) / (n - 1)
-    var_without = np.maximum((squares - anchors ** 2) / (n - 1) - mean_without ** 2, 0.0)
-    scale_without = np.sqrt(var_without)
+    centred = anchors - anchors.mean(0)  # sums of squares about the mean: no precision lost to a large offset
+    total, squares = centred.sum(0), (centred ** 2).sum(0)
+    mean_without = (total - centred) / (n - 1)
+    scale_without = np.sqrt(np.maximum((squares - centred ** 2) / (n - 1) - mean_without ** 2, 0.0))
     scale_without[scale_without < SCALE_FLOOR] = 1.0
-    per_item = {"energy": np.log(np.maximum((((anchors - mean_without) / scale_without) ** 2).mean(1), LOG_FLOOR))}
-    if kind in ROUGH_KINDS:
+    per_item = {"energy": energy(centred, mean_without, scale_without)}  # row i against the other anchors' units
+    if "roughness" in statistics_of(kind, _item_shape(kind, anchor_items)):
         per_item["roughness"] = roughness(anchor_items)
     return summarize(per_item)
 
 
 def typicality_z(sites: Mapping[str, Summary], reference: Summary) -> dict[str, float]:
-    """Each site's largest robust z-score, over the statistics they all report, among the sites and the reference."""
+    """Each site's largest robust z-score, over its statistics, among the sites and the reference (every one of them
+    must report the same statistics: the server refuses a site that does not)."""
     peers = {**sites, _REFERENCE: reference}
-    names = sorted(set.intersection(*(set(s.mean) for s in peers.values())))
-    if not names:
-        raise ValueError("the sites and the anchors share no typicality statistic to compare")
+    names = sorted(reference.mean)
+    odd = sorted(site for site, s in sites.items() if sorted(s.mean) != names)
+    if odd:
+        raise ValueError(f"sites {odd} report other typicality statistics than the anchors' {names}")
     typical_sd = {n: statistics.median(s.sd[n] for s in peers.values()) for n in names}
     z = dict.fromkeys(sites, 0.0)
     for name in names:
@@ -169,13 +181,14 @@ def typicality_factors(summaries: Mapping[str, Summary], modality_of: Mapping[st
     return factors, zs
 
 
-_REFERENCE = "\0anchors"  # the reference's key among the peers: no site can be named so
-
-
 def _robust_z(values: Mapping[str, float], floors: Mapping[str, float]) -> dict[str, float]:
     median = statistics.median(values.values())
     spread = 1.4826 * statistics.median(abs(v - median) for v in values.values())
-    return {p: abs(v - median) / max(spread, floors[p], 1e-12) for p, v in values.items()}
+    return {p: abs(v - median) / max(spread, floors[p], SPREAD_FLOOR) for p, v in values.items()}
+
+
+def _item_shape(kind: str, items) -> tuple[int, ...]:
+    return tuple(np.shape(items)[1:]) if kind in ROUGH_KINDS else ()
 
 
 def _matrix(x: np.ndarray, what: str) -> np.ndarray:

@@ -12,9 +12,10 @@ Two figures per mode, each with its target:
 - **weight ratio** = the noisy site's merge weight / the mean weight of the clean
   sites *of the same modality*, per round, under precision weighting (target: at
   most 0.5 in the last round). Only sites of one modality are compared because the
-  server weighs sites against each other within a modality (pi_k n_k^gamma Lambda)
-  and combines modalities by sample mass alone, so a site alone in its modality can
-  never be down-weighted; the study therefore needs a modality with two sites.
+  server weighs sites against each other within a modality (pi_k n_k^gamma Lambda,
+  times the checks' factors, each judging a site against its modality's peers), so
+  a site alone in its modality is never judged; the study therefore needs a
+  modality with several sites.
 - **recall** = mean recall@10 over both directions, instance and semantic, under
   precision vs uniform weighting (target: precision >= uniform).
 

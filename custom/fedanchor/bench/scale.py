@@ -6,10 +6,10 @@ RSS cannot be reset inside one) that does nothing but the server's part: build
 the server and its initial state, read the update, record the peak, fold in that
 many copies of it (perturbed per site) and merge, record the peak again. No site
 training ever runs in a measuring process, so the growth is the accept-and-merge's
-own. With the information check on (the default) the server holds a round's
-updates to its end, so the growth per added site (the least-squares slope over the
-counts) is about one update's bytes; with it off the server folds updates into
-running sums per modality as they arrive and the slope is near zero.
+own. With the information or the typicality check on (the defaults) the server
+holds a round's updates to its end, so the growth per added site (the least-squares
+slope over the counts) is about one update's bytes; with both off the server folds
+updates into running sums per modality as they arrive and the slope is near zero.
 
 FLARE cost: the same job, rounds and sites in the FLARE simulator and in the
 in-process loop (``run_in_process``), wall time of each and their ratio.

@@ -100,7 +100,8 @@ def typicality_markdown(study: dict[str, Any], command: str = "") -> str:
         else:
             bad = "-" if case == CLEAN else f"{_fmt(_mean(r['bad_z']))} ({', '.join(_fmt(z) for z in r['bad_z'])})"
             factor = "-" if case == CLEAN else _fmt(_mean(r["bad_factor"]))
-        lines.append(f"| {case} | {bad} | {factor} | {_fmt(max(r['clean_max_z']))} | {_fmt(min(r['clean_min_factor']))} |")
+        lines.append(f"| {case} | {bad} | {factor} | {_fmt(_nan_extreme(np.nanmax, r['clean_max_z']))} | "
+                     f"{_fmt(_nan_extreme(np.nanmin, r['clean_min_factor']))} |")
     return "\n".join(lines) + "\n"
 
 
@@ -135,6 +136,12 @@ def write_typicality(study: dict[str, Any], out: Path, command: str = "") -> dic
     paths["md"].write_text(typicality_markdown(study, command))
     plot_typicality(study, paths["png"])
     return paths
+
+
+def _nan_extreme(extreme, values: Sequence[float]) -> float:
+    """np.nanmax / np.nanmin of ``values``, nan when every one is nan (no split judged the case)."""
+    finite = [v for v in values if not math.isnan(v)]
+    return float(extreme(finite)) if finite else math.nan
 
 
 def _mean(values: Sequence[float]) -> float:

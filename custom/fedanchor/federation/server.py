@@ -30,7 +30,7 @@ from ..model.base_features import base_features
 from ..model.homogeneous import HomogeneousTransformer, build_model, take_items
 from ..precision import (PrecisionWeightedMerge, data_distance, information_factors, peer_factors, sample_weight,
                          view_information)
-from ..typicality import Summary, anchor_summary, typicality_factors
+from ..typicality import Summary, anchor_summary, statistics_of, typicality_factors
 from ..adapters.refresh import augment_basis, refresh_phase, truncate
 from .messages import (CODEBOOK_PREFIX, CONSENSUS_KEY, READOUT_PREFIX, TARGET_PREFIX, WIRE_STATISTICS, GlobalState, SiteUpdate,
                        adapter_key, is_core_or_magnitude)
@@ -168,10 +168,13 @@ class FederatedServer:
         self.data_modality: dict[str, str] = {}  # site -> modality of the sites the data check has measured
         # The information check (precision.information_check): each site's factor for this round (held to its end).
         self.information_factors: dict[str, float] = {}
-        # The typicality check (precision.typicality_check): each site's factor from its latest report.
+        # The typicality check (precision.typicality_check): every site's latest report (its data do not change, so
+        # neither do its numbers: a site that misses a round keeps its place among its peers), and the factors of
+        # every site of a modality with enough reporting sites, judged again at each round's end.
+        self.typicality_reports: dict[str, tuple[str, Summary]] = {}  # site -> (modality, summary)
         self.typicality_factors: dict[str, float] = {}
         self.typicality_z: dict[str, float] = {}
-        self._typicality_reports: dict[str, tuple[str, Summary]] = {}  # site -> (modality, summary), this round's
+        self._typicality_checked: dict[str, Summary] = {}  # what check() read, for accept() to keep
         self._typicality_references: dict[str, Summary] = {}  # modality -> the anchors as a peer, made once
 
     # -- where the server is ---------------------------------------------------
@@ -411,20 +414,19 @@ class FederatedServer:
         self.report.bytes_up[update.site] = update.nbytes()
         if update.basis_digest:
             self.site_bases[update.site] = update.basis_digest
-        if self.typicality_check_enabled():
-            summary = Summary.from_metrics(update.metrics, update.n_samples)
-            if summary is not None:
-                self._typicality_reports[update.site] = (update.modality, summary)
+        summary = self._typicality_checked.pop(update.site, None)
+        if summary is not None and self.typicality_check_enabled():
+            self.typicality_reports[update.site] = (update.modality, summary)
         if update.codebook_counts.numel() and not self.state.has_codebook():
             # Keyed by site: a site sends again each round until the codebook is built, and counts once.
             self._codebook_parts.setdefault(update.modality, {})[update.site] = (
                 update.codebook_centroids.double().numpy(), update.codebook_counts.double().numpy())
 
     def holds_round(self) -> bool:
-        """Whether the round's updates wait for its end before they are folded: the information check judges a site
-        by the loss it reports with its update, and a check that only weighed the next round would leave a garbage
-        site a full say in the first (on motion that round alone cost 0.29 instance R@10 on one split of six)."""
-        return self.information_check_enabled()
+        """Whether the round's updates wait for its end before they are folded: the information and typicality checks
+        judge a site by what it reports with its update, and a check that only weighed the next round would leave a
+        garbage site a full say in the first (on motion that round alone cost 0.29 instance R@10 on one split of six)."""
+        return self.information_check_enabled() or self.typicality_check_enabled()
 
     def _fold(self, update: SiteUpdate) -> None:
         """Add an accepted update to the round's running sums, weighed by the checks' factors as they stand."""
@@ -439,7 +441,7 @@ class FederatedServer:
             self._projector_merges.setdefault(update.modality, PrecisionWeightedMerge()).add(update.site, projector, scale)
         self._consensus.add(update.modality, from_upper_triangle(update.gram_upper.double()), scale)
         if update.basis_gradients:
-            self._gradient_merge.add(update.site, update.basis_gradients, mass)
+            self._gradient_merge.add(update.site, update.basis_gradients, mass * self.check_factor(update.site))
         self.report.site_metrics[update.site].update(self._factor_metrics(update.site))
 
     def finish_round(self, min_sites: int = 1) -> GlobalState:
@@ -610,40 +612,51 @@ class FederatedServer:
                  {s: round(f, 3) for s, f in self.data_factors.items()})
 
     def _check_typicality(self, update: SiteUpdate, refuse) -> None:
-        """A site's typicality numbers, when it sends them, come in mean/sd pairs of finite numbers (sd >= 0), over at
-        least alignment.codebook_min_cluster items."""
+        """A site's typicality numbers, when it sends them: never under DP, over at least
+        alignment.codebook_min_cluster items, the statistics its modality's kind has, in mean/sd pairs of finite numbers
+        (sd >= 0). What passes is kept for accept()."""
+        self._typicality_checked.pop(update.site, None)
         try:
             summary = Summary.from_metrics(update.metrics, update.n_samples)
         except ValueError as err:
             refuse(str(err))
         if summary is None:
             return
+        if self.config.privacy.dp:
+            refuse("it sends typicality numbers under differential privacy, which releases no statistic of private data")
         floor = self.config.alignment.codebook_min_cluster
         if summary.items < floor:
             refuse(f"it sends typicality numbers over {summary.items} private items; a site sends them only with at "
                    f"least alignment.codebook_min_cluster={floor}")
+        spec = self.modalities[update.modality]
+        expected = sorted(statistics_of(spec.kind, tuple(spec.shape)))
+        if sorted(summary.mean) != expected:
+            refuse(f"it sends the typicality statistics {sorted(summary.mean)}; a {spec.kind} site sends {expected}")
         values = list(summary.mean.values()) + list(summary.sd.values())
         if not all(math.isfinite(v) for v in values) or min(summary.sd.values()) < 0:
             refuse(f"its typicality numbers {summary.metrics()} must be finite, with spreads >= 0")
+        self._typicality_checked[update.site] = summary
 
     def _run_typicality_check(self) -> None:
-        """From this round's typicality reports (typicality.py): each site against the other sites of its modality and
-        the modality's anchors. The factors weigh this round's updates when the server holds them (holds_round), and
-        every later round's until the site reports again; a modality with fewer than anchor_check_min_sites reporting
-        sites is not judged."""
-        reports, self._typicality_reports = self._typicality_reports, {}
-        if not reports:
-            return
-        modality_of = {site: modality for site, (modality, _) in reports.items()}
-        references = {m: self._typicality_reference(m) for m in set(modality_of.values())}
-        factors, zs = typicality_factors({s: summary for s, (_, summary) in reports.items()}, modality_of, references,
-                                         self.config.precision.anchor_check_min_sites)
-        self.typicality_factors.update({s: max(f, FACTOR_FLOOR) for s, f in factors.items()})
-        self.typicality_z.update(zs)
-        if factors:
+        """Every site that ever reported (typicality.py), against the other sites of its modality and the modality's
+        anchors; the factors weigh the round's updates (the server holds them to its end, holds_round) and the next
+        rounds' until it runs again. A modality with fewer than anchor_check_min_sites reporting sites is not judged."""
+        self.judge_typicality()
+        if self.typicality_factors and self.report is not None:
             log.info("round %d typicality check: how far each site's data lie from its peers' and the anchors' (robust "
-                     "z) %s -> factors %s", self.report.round, {s: round(z, 2) for s, z in zs.items()},
-                     {s: round(self.typicality_factors[s], 3) for s in factors})
+                     "z) %s -> factors %s", self.report.round, {s: round(z, 2) for s, z in self.typicality_z.items()},
+                     {s: round(f, 3) for s, f in self.typicality_factors.items()})
+
+    def judge_typicality(self) -> None:
+        """The typicality factors of the reports held (also what a resumed server does with the reports it kept)."""
+        modality_of = {site: modality for site, (modality, _) in self.typicality_reports.items()}
+        sites_of = Counter(modality_of.values())
+        judged = {m for m, count in sites_of.items() if count >= self.config.precision.anchor_check_min_sites}
+        references = {m: self._typicality_reference(m) for m in judged}
+        factors, zs = typicality_factors({s: summary for s, (_, summary) in self.typicality_reports.items()},
+                                         modality_of, references, self.config.precision.anchor_check_min_sites)
+        self.typicality_factors = {s: max(f, FACTOR_FLOOR) for s, f in factors.items()}
+        self.typicality_z = zs
 
     def _typicality_reference(self, modality: str) -> Summary:
         """The modality's anchors as one more peer of the typicality check: public, so computed here, once."""
@@ -657,6 +670,8 @@ class FederatedServer:
         (precision.view_information), against the median of its modality (precision.information_factors); the factors
         weigh these updates (holds_round). A site that sent no private loss (under DP), whose batches hold fewer than 2
         items, or alone with fewer than anchor_check_min_sites sites of its modality, is not judged and keeps its say."""
+        if not self.information_check_enabled():  # the round may be held for the typicality check alone
+            return
         reading = self.information_metric()
         batches = {u.site: min(self.config.train.batch_size, u.n_samples) for u in self._held
                    if reading in u.metrics and u.n_samples >= 2}

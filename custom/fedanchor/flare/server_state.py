@@ -20,6 +20,7 @@ from ..config import FedAnchorConfig, config_from_dict, config_to_dict
 from ..federation.loop import make_split
 from ..federation.messages import GlobalState
 from ..federation.server import FederatedServer
+from ..typicality import Summary
 from .shareable import state_to_learnable
 
 
@@ -95,15 +96,16 @@ class FedAnchorServerComponent(FLComponent):
 
     def server_memory(self) -> dict[str, Any]:
         """What the server remembers between rounds beside the global state: the codebook block's form (temperature and
-        position, reported in every evaluation), the anchor, data, information and typicality checks' factors and the
-        outlier check's reference (they weigh or refuse the next round's updates). Kept in each checkpoint's meta, so a
+        position, reported in every evaluation), the anchor, data and information checks' factors, the typicality
+        check's reports (its factors follow from them) and the outlier check's reference (they weigh or refuse the next
+        round's updates). Kept in each checkpoint's meta, so a
         resumed run goes on as the uninterrupted one would."""
         server = self.server()
         return {"codebook_temperature": server.codebook_temperature, "codebook_position": server.codebook_position,
                 "anchor_factors": {site: float(f) for site, f in server.anchor_factors.items()},
                 "information_factors": {site: float(f) for site, f in server.information_factors.items()},
-                "typicality_check": {site: [float(server.typicality_z[site]), float(f)]
-                                     for site, f in server.typicality_factors.items()},
+                "typicality_reports": {site: [modality, summary.items, summary.metrics()]
+                                       for site, (modality, summary) in server.typicality_reports.items()},
                 "data_check": {site: [server.data_modality[site], float(d), float(server.data_factors.get(site, 1.0))]
                                for site, d in server.data_distances.items()},
                 "outlier_reference": [float(c) for c in getattr(server, "_changes", [])]}
@@ -118,9 +120,10 @@ class FedAnchorServerComponent(FLComponent):
             server.codebook_position = bool(memory.get("codebook_position", True))
         server.anchor_factors = {site: float(f) for site, f in (memory.get("anchor_factors") or {}).items()}
         server.information_factors = {site: float(f) for site, f in (memory.get("information_factors") or {}).items()}
-        typicality = memory.get("typicality_check") or {}
-        server.typicality_z = {site: float(z) for site, (z, _) in typicality.items()}
-        server.typicality_factors = {site: float(f) for site, (_, f) in typicality.items()}
+        reports = memory.get("typicality_reports") or {}
+        server.typicality_reports = {site: (str(m), Summary.from_metrics(metrics, int(items)))
+                                     for site, (m, items, metrics) in reports.items()}
+        server.judge_typicality()
         data_check = memory.get("data_check") or {}
         server.data_modality = {site: str(m) for site, (m, _, _) in data_check.items()}
         server.data_distances = {site: float(d) for site, (_, d, _) in data_check.items()}
