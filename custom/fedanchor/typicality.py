@@ -31,7 +31,7 @@ from __future__ import annotations
 import math
 import statistics
 from dataclasses import dataclass
-from typing import Mapping, Sequence
+from typing import Callable, Mapping, Sequence
 
 import numpy as np
 
@@ -166,16 +166,17 @@ def typicality_z(sites: Mapping[str, Summary], reference: Summary) -> dict[str, 
 
 
 def typicality_factors(summaries: Mapping[str, Summary], modality_of: Mapping[str, str],
-                       references: Mapping[str, Summary], min_sites: int = 3,
+                       reference_of: Callable[[str], Summary], min_sites: int = 3,
                        allowed: float = ALLOWED_Z) -> tuple[dict[str, float], dict[str, float]]:
-    """(factor, z) of every site of a modality with at least ``min_sites`` reporting sites and a reference; sites of
-    other modalities are left out (they keep their say)."""
+    """(factor, z) of every site of a modality with at least ``min_sites`` reporting sites, judged against
+    ``reference_of(modality)`` (asked for those modalities only); sites of other modalities are left out (they keep
+    their say)."""
     factors, zs = {}, {}
     for modality in sorted(set(modality_of[s] for s in summaries)):
         sites = {s: summaries[s] for s in sorted(summaries) if modality_of[s] == modality}
-        if len(sites) < min_sites or modality not in references:
+        if len(sites) < min_sites:
             continue
-        for site, z in typicality_z(sites, references[modality]).items():
+        for site, z in typicality_z(sites, reference_of(modality)).items():
             zs[site] = z
             factors[site] = math.exp(-max(0.0, z - allowed))
     return factors, zs

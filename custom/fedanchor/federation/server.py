@@ -356,17 +356,18 @@ class FederatedServer:
         return math.sqrt(diff / max(total, 1e-300))
 
     def _merge_weights(self, update: SiteUpdate) -> tuple[float, float, dict[str, torch.Tensor]]:
-        """(n_k ** gamma, a_k pi_k n_k ** gamma, the weight of every core and magnitude coefficient): what accept folds
-        in; a_k is the product of the site's checks' factors (1 without them), and a_k n_k ** gamma its part of its
-        modality's mass.
+        """(a_k n_k ** gamma, a_k pi_k n_k ** gamma, the weight of every core and magnitude coefficient): what accept
+        folds in; a_k is the product of the site's checks' factors (1 without them). a_k n_k ** gamma is the site's part
+        of its modality's mass: a site the checks take say from counts that much less in its modality's share too, so
+        with its say gone the federation is the one without it.
 
         Lambda's absolute scale follows the optimiser's step size, not the data, so it is not comparable across
         sites: it only distributes a site's weight over its coefficients. pi_k is comparable only between sites of
         one modality (same augmentations, same objective), so it weighs sites within a modality, and the modalities
-        are then combined by their sample mass n_k ** gamma.
+        are then combined by their mass a_k n_k ** gamma.
         """
-        mass = sample_weight(update.n_samples, self.config.precision.sample_exponent)
-        scale = update.uncertainty * mass * self.check_factor(update.site)
+        mass = sample_weight(update.n_samples, self.config.precision.sample_exponent) * self.check_factor(update.site)
+        scale = update.uncertainty * mass
         weights = {k: scale * _unit_mean(update.precision[k].double()) for k in update.params if is_core_or_magnitude(k)}
         return mass, scale, weights
 
@@ -433,15 +434,13 @@ class FederatedServer:
         mass, scale, weights = self._merge_weights(update)
         cores = {k: v for k, v in update.params.items() if is_core_or_magnitude(k)}
         self._merges.setdefault(update.modality, PrecisionWeightedMerge()).add(update.site, cores, weights)
-        # A site the checks take say from counts that much less in its modality's share too: with its say gone the
-        # federation is the one without it, not one whose modality keeps the share of a site that is not heard.
-        self._modality_mass[update.modality] = self._modality_mass.get(update.modality, 0.0) + mass * self.check_factor(update.site)
+        self._modality_mass[update.modality] = self._modality_mass.get(update.modality, 0.0) + mass
         projector = {k: v for k, v in update.params.items() if not is_core_or_magnitude(k)}
         if projector:
             self._projector_merges.setdefault(update.modality, PrecisionWeightedMerge()).add(update.site, projector, scale)
         self._consensus.add(update.modality, from_upper_triangle(update.gram_upper.double()), scale)
         if update.basis_gradients:
-            self._gradient_merge.add(update.site, update.basis_gradients, mass * self.check_factor(update.site))
+            self._gradient_merge.add(update.site, update.basis_gradients, mass)
         self.report.site_metrics[update.site].update(self._factor_metrics(update.site))
 
     def finish_round(self, min_sites: int = 1) -> GlobalState:
@@ -650,11 +649,8 @@ class FederatedServer:
     def judge_typicality(self) -> None:
         """The typicality factors of the reports held (also what a resumed server does with the reports it kept)."""
         modality_of = {site: modality for site, (modality, _) in self.typicality_reports.items()}
-        sites_of = Counter(modality_of.values())
-        judged = {m for m, count in sites_of.items() if count >= self.config.precision.anchor_check_min_sites}
-        references = {m: self._typicality_reference(m) for m in judged}
         factors, zs = typicality_factors({s: summary for s, (_, summary) in self.typicality_reports.items()},
-                                         modality_of, references, self.config.precision.anchor_check_min_sites)
+                                         modality_of, self._typicality_reference, self.config.precision.anchor_check_min_sites)
         self.typicality_factors = {s: max(f, FACTOR_FLOOR) for s, f in factors.items()}
         self.typicality_z = zs
 

@@ -360,7 +360,8 @@ class SiteTrainer:
             return empty
         if self._codebook_upload is None:  # the private items and the projection are fixed: cluster once
             cfg = self.config.alignment
-            centroids, counts = site_centroids(projection(self.private_base_features()), cfg.codebook_size, cfg.codebook_min_cluster, self._seed)
+            centroids, counts = site_centroids(projection(self.private_base_features()), cfg.codebook_size,
+                                               cfg.codebook_min_cluster, self._seed)
             log.info("site %s round %d: %d codebook centroids of clusters of %s+ private items (of %d)", self.site,
                      state.round, len(counts), cfg.codebook_min_cluster, len(self.private))
             self._codebook_upload = (torch.from_numpy(centroids).float(), torch.from_numpy(counts).float()) if len(counts) else empty

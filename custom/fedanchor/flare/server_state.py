@@ -98,8 +98,7 @@ class FedAnchorServerComponent(FLComponent):
         """What the server remembers between rounds beside the global state: the codebook block's form (temperature and
         position, reported in every evaluation), the anchor, data and information checks' factors, the typicality
         check's reports (its factors follow from them) and the outlier check's reference (they weigh or refuse the next
-        round's updates). Kept in each checkpoint's meta, so a
-        resumed run goes on as the uninterrupted one would."""
+        round's updates). Kept in each checkpoint's meta, so a resumed run goes on as the uninterrupted one would."""
         server = self.server()
         return {"codebook_temperature": server.codebook_temperature, "codebook_position": server.codebook_position,
                 "anchor_factors": {site: float(f) for site, f in server.anchor_factors.items()},
