@@ -589,18 +589,18 @@ def test_a_check_factor_weighs_a_site_within_its_modality_and_its_modalitys_shar
 def test_the_information_check_weighs_sites_by_what_their_views_share_and_the_merge_stays_exact(setup):
     """Three accel sites report their private two-view loss. The information their views share (log(2B - 1) - loss)
     sets each one's factor for the round: the median site and a better one keep 1, a site sharing 0.3 of the
-    median keeps 0.3 of its say; gyro, alone in its modality, is not judged. The factor enters the merge as the
+    median keeps 0.6 of its say (its share of half the median); gyro, alone in its modality, is not judged. The factor enters the merge as the
     design's a_k: the merge equals its coefficients."""
     config, _, server, _, state, updates = setup
     accel, gyro = (without_codebook(next(u for u in updates.values() if u.modality == m)) for m in ("accel", "gyro"))
     sent = [sharing(config, accel, state, "a1", 1.0, move=1.0), sharing(config, accel, state, "a2", 1.2, move=1.4),
             sharing(config, accel, state, "a3", 0.3, move=1.8), gyro]
     run_round(server, state, sent)
-    assert server.information_factors == pytest.approx({"a1": 1.0, "a2": 1.0, "a3": 0.3}), server.information_factors
+    assert server.information_factors == pytest.approx({"a1": 1.0, "a2": 1.0, "a3": 0.6}), server.information_factors
     assert server.report.site_metrics["a3"]["information_check/nats"] == pytest.approx(0.3)
     assert server.check_factor(gyro.site) == 1.0
     with_factor = run_round(server, state, sent)
-    assert server.report.site_metrics["a3"]["information_check/factor"] == pytest.approx(0.3)
+    assert server.report.site_metrics["a3"]["information_check/factor"] == pytest.approx(0.6)
     expected = weighted_cores(sent, merge_coefficients(sent, config.precision.sample_exponent, server.information_factors))
     for key in [k for k in state.tensors if is_core_or_magnitude(k)]:
         torch.testing.assert_close(with_factor.tensors[key].double(), expected[key], rtol=1e-5, atol=1e-6)
@@ -612,7 +612,7 @@ def test_the_information_check_reads_the_loss_its_reading_names(setup, reading):
     """Sites report two private losses: the received model's (loss/private_received) and the round's mean
     (loss/private). Site a3's views share nothing under the model it received but much after its own steps (a site
     that learned its own noise). The check reads the one precision.information_reading names: with "received" a3
-    keeps 0.1 of its say, with "training" all of it."""
+    keeps 0.2 of its say (0.1 of the median, a fifth of half of it), with "training" all of it."""
     config, _, server, _, state, updates = setup
     accel, gyro = (without_codebook(next(u for u in updates.values() if u.modality == m)) for m in ("accel", "gyro"))
     chance = math.log(2 * min(config.train.batch_size, accel.n_samples) - 1)
@@ -629,7 +629,7 @@ def test_the_information_check_reads_the_loss_its_reading_names(setup, reading):
         run_round(server, state, sent)
     finally:
         server.config = config
-    expected = {"received": {"a1": 1.0, "a2": 1.0, "a3": 0.1}, "training": {"a1": 1.0, "a2": 1.0, "a3": 1.0}}[reading]
+    expected = {"received": {"a1": 1.0, "a2": 1.0, "a3": 0.2}, "training": {"a1": 1.0, "a2": 1.0, "a3": 1.0}}[reading]
     assert server.information_factors == pytest.approx(expected), server.information_factors
 
 
@@ -658,8 +658,9 @@ def test_the_received_reading_is_one_more_metric_and_leaves_the_round_as_it_was(
 
 def test_the_information_check_keeps_the_centroids_of_a_site_whose_views_share_nothing_out_of_the_codebook(setup):
     """Round 0 with the codebook still to build: three accel sites send centroids, one of them (far off, at +100)
-    reporting a private loss at chance (its views share nothing). Its factor falls below half, so the codebook, built
-    once, is pooled from the two others' centroids only; with the check off all three sites' centroids enter it."""
+    reporting a private loss at chance (its views share nothing). The check leaves it out of the round, so the
+    codebook, built once, is pooled from the two others' centroids only; with the check off all three sites'
+    centroids enter it."""
     config, _, server, _, state, updates = setup
     accel, gyro = (next(u for u in updates.values() if u.modality == m) for m in ("accel", "gyro"))
     chance = math.log(2 * min(config.train.batch_size, accel.n_samples) - 1)
@@ -706,18 +707,20 @@ def test_the_anchor_check_scores_every_update_on_the_anchors_and_sets_the_next_r
     for key, value in server.state.shared_params().items():
         torch.testing.assert_close(in_model[key], value.to(in_model[key].dtype))
     accel = sorted(("a1", "a2", "a3"), key=losses.get)
-    factors = server.anchor_factors
-    assert factors[accel[1]] == 1.0 and factors[accel[2]] <= 1.0 and server.check_factor("g1") == 1.0, (losses, factors)
+    factors = {s: m["anchor_check/factor"] for s, m in server.report.site_metrics.items() if "anchor_check/factor" in m}
+    assert factors[accel[1]] == 1.0 and factors[accel[2]] <= 1.0 and factors["g1"] == 1.0, (losses, factors)
 
 
 def test_the_data_check_takes_a_garbage_sites_say_and_keeps_its_centroids_out_of_the_codebook():
-    """Three pixel sites, one of them holding random images of the right shape: its centroids lie far from the public
-    anchors, so the data check gives it a factor below 0.5 from the next round on and the codebook is pooled from the
+    """Three pixel sites, one of them holding random images of the right shape, the data check alone on (the round is
+    not held: the factor weighs the next): the garbage site's centroids lie far from the public anchors, so its data
+    factor falls below 0.5 (it weighs less, or is left out of the next round) and the codebook is pooled from the
     clean pixel sites only; the clean sites and the lone zernike site keep factor 1."""
     from fedanchor.data.corrupt import corrupt
 
     config = tiny_config(data={"scenario": "digits", "n_anchors": 32, "n_test": 50, "max_private_per_site": 64,
-                               "sites": {"clean-1": "pixels", "clean-2": "pixels", "garbage": "pixels", "vector": "zernike"}})
+                               "sites": {"clean-1": "pixels", "clean-2": "pixels", "garbage": "pixels", "vector": "zernike"}},
+                         precision={"information_check": False, "typicality_check": False})
     assert config.precision.data_check
     split = make_split(config)
     modalities = {m: d.spec for m, d in split.anchors.items()}
@@ -733,15 +736,35 @@ def test_the_data_check_takes_a_garbage_sites_say_and_keeps_its_centroids_out_of
         sent[site] = len(update.codebook_counts)
         server.accept(update)
     state = server.finish_round()
-    factors = server.data_factors
-    assert factors["garbage"] < 0.5 and factors["clean-1"] == factors["clean-2"] == factors["vector"] == 1.0, factors
+    garbage = server.silenced.get("garbage") or {"data_check/factor": server.data_factors["garbage"]}
+    assert garbage["data_check/factor"] < 0.5, garbage
+    assert all(server.data_factors[s] == 1.0 for s in ("clean-1", "clean-2", "vector")), server.data_factors
     distances = server.data_distances
     assert distances["garbage"] > max(distances["clean-1"], distances["clean-2"]), distances
     assert server.report.site_metrics["garbage"]["data_check/distance"] == distances["garbage"]
     assert len(state.codebooks()["pixels"].centres) == sent["clean-1"] + sent["clean-2"], sent
-    assert server.check_factor("garbage") == pytest.approx(server.anchor_factors.get("garbage", 1.0) * factors["garbage"]
-                                                           * server.information_factors.get("garbage", 1.0)
-                                                           * server.typicality_factors.get("garbage", 1.0))
+
+
+def test_a_silenced_site_leaves_the_federation_it_would_be_without_it_to_the_last_bit():
+    """Three accel sites and a gyro site, one accel site holding random recordings of the right shape. The checks
+    leave it out of every round (weight 0), and its peers are judged without it, so the global model after two rounds
+    is, tensor for tensor and bit for bit, that of the federation without the site."""
+    config = tiny_config(data={"sites": {"a1": "accel", "a2": "accel", "a3": "accel", "g1": "gyro"}})
+    split = make_split(config)
+    torch.manual_seed(0)
+    with_garbage = run_in_process(config, progress=None, corruptions={"a1": ("garbage", 1.0)}, split=split,
+                                  evaluate_each_round=False)
+    rest = dataclasses.replace(split, private={s: d for s, d in split.private.items() if s != "a1"},
+                               site_modality={s: m for s, m in split.site_modality.items() if s != "a1"})
+    torch.manual_seed(0)
+    without = run_in_process(with_overrides(config, {"data.sites": rest.site_modality}), progress=None, split=rest,
+                             evaluate_each_round=False)
+    assert [r.site_weights["a1"] for r in with_garbage.rounds] == [0.0] * config.rounds
+    assert all(r.site_metrics["a1"]["checks/left_out"] == 1.0 for r in with_garbage.rounds)
+    assert with_garbage.final_state.tensors.keys() == without.final_state.tensors.keys()
+    for key, value in without.final_state.tensors.items():
+        assert torch.equal(with_garbage.final_state.tensors[key], value), key
+    assert with_garbage.final_eval == without.final_eval
 
 
 @pytest.mark.parametrize("metrics, shown", [
@@ -752,6 +775,8 @@ def test_the_data_check_takes_a_garbage_sites_say_and_keeps_its_centroids_out_of
     ({"anchor_check/factor": 0.5, "data_check/factor": 0.1}, "a:0.50 (anchor check 0.5, data check 0.1) b:0.50"),
     ({"information_check/factor": 0.3, "data_check/factor": 1.0}, "a:0.50 (information check 0.3) b:0.50"),
     ({"typicality_check/factor": 0.002, "typicality_check/z": 8.2}, "a:0.50 (typicality check 0.002) b:0.50"),
+    ({"typicality_check/factor": 0.002, "information_check/factor": 0.5, "checks/left_out": 1.0},
+     "a:0.50 (left out: information check 0.5, typicality check 0.002) b:0.50"),
 ])
 def test_the_round_line_says_which_check_took_say_from_a_site(metrics, shown):
     from fedanchor.federation.loop import RoundRecord, format_round
@@ -766,11 +791,11 @@ def far_off(update: SiteUpdate, shift: float) -> SiteUpdate:
                                                 update.metrics["typicality/energy/mean"] + shift})
 
 
-def test_the_typicality_check_weighs_the_round_it_reads_even_without_the_information_check_and_remembers_sites(setup):
+def test_the_typicality_check_leaves_out_a_far_off_site_in_the_round_it_reads_and_in_the_next_it_misses(setup):
     """Three accel sites, one reporting items far more energetic than its peers and the anchors. With the
-    information check off the server still holds the round, so the site's factor (under 0.05; its peers keep 1)
-    weighs this very round, exactly as the design's coefficients say. In the next round it sends nothing: it keeps
-    its place among its peers, and its factor."""
+    information check off the server still holds the round, and the site (typicality factor under 0.05) is left out
+    of this very round: the merge is the federation of the others, exactly as the design's coefficients say, its
+    weight 0, and its peers, two left, are not judged. In the next round it sends nothing: its report keeps it out."""
     config, _, server, _, state, updates = setup
     accel, gyro = (without_codebook(next(u for u in updates.values() if u.modality == m)) for m in ("accel", "gyro"))
     sent = [variant(accel, state, "a1", move=1.0), variant(accel, state, "a2", move=1.4),
@@ -780,16 +805,17 @@ def test_the_typicality_check_weighs_the_round_it_reads_even_without_the_informa
     try:
         assert server.holds_round()
         merged = run_round(server, state, sent)
-        factors = dict(server.typicality_factors)
-        assert factors["a1"] == factors["a2"] == 1.0 and factors["a3"] < 0.05 and gyro.site not in factors, factors
-        expected = weighted_cores(sent, merge_coefficients(sent, config.precision.sample_exponent, factors))
+        assert set(server.silenced) == {"a3"} and server.silenced["a3"]["typicality_check/factor"] < 0.05, server.silenced
+        assert server.typicality_factors == {}, "a1 and a2 alone are too few to judge"
+        kept = [sent[0], sent[1], gyro]
+        expected = weighted_cores(kept, merge_coefficients(kept, config.precision.sample_exponent))
         for key in [k for k in state.tensors if is_core_or_magnitude(k)]:
             torch.testing.assert_close(merged.tensors[key].double(), expected[key], rtol=1e-5, atol=1e-6)
-        assert server.report.site_metrics["a3"]["typicality_check/factor"] == factors["a3"]
-        run_round(server, state, [sent[0], sent[1], gyro])
-        assert server.typicality_factors == pytest.approx(factors)
+        assert server.report.site_weights["a3"] == 0.0 and server.report.site_metrics["a3"]["checks/left_out"] == 1.0
+        run_round(server, state, kept)
+        assert set(server.silenced) == {"a3"}
     finally:
-        server.config, server.typicality_reports, server.typicality_factors = config, {}, {}
+        server.config, server.typicality_reports, server.typicality_factors, server.silenced = config, {}, {}, {}
 
 
 def test_under_dp_the_server_refuses_typicality_numbers(setup):

@@ -11,7 +11,7 @@ import logging
 import math
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Mapping
+from typing import Collection, Mapping
 
 import numpy as np
 import torch
@@ -119,10 +119,20 @@ DATA_CHECK_MIN_CENTROIDS = 5
 # check: clean digits sites lie within 0.58-0.85 anchor spacings of each other, bad ones at 0.95+.
 ANCHOR_CHECK_SPREAD_FLOOR = 0.01
 DATA_CHECK_SPREAD_FLOOR = 0.1
+# A site one check leaves less than this of its say is left out of the round: its update is not merged and its
+# numbers no longer set its peers' median and spread, so the federation is the one without it, to the last bit. The
+# typicality check reaches it at z = 4, twice its allowed z: no clean site of the studies came near (largest 2.6). One
+# check, not the product of all: two mild doubts about a clean site do not add up to a verdict.
+SILENCED_BELOW = math.exp(-2.0)
+LEFT_OUT = "checks/left_out"  # the site metric (1) that says the checks left a site out of the round
 
 
 def _unit_mean(precision: torch.Tensor) -> torch.Tensor:
     return precision / precision.mean().clamp_min(1e-300)
+
+
+def _floored(factors: Mapping[str, float]) -> dict[str, float]:
+    return {site: max(f, FACTOR_FLOOR) for site, f in factors.items()}
 
 
 class FederatedServer:
@@ -148,6 +158,7 @@ class FederatedServer:
         self.state: GlobalState | None = None
         self.report: RoundReport | None = None
         self._previous_changes: list[float] = []  # accepted update sizes of the last round: the outlier reference
+        self._changes: dict[str, float] = {}  # this round's, by site
         self.last_embeddings: dict[str, torch.Tensor] = {}  # the scored held-out embeddings of the last evaluate()
         self.site_bases: dict[str, str] = {}  # site -> digest of the bases its last accepted update trained on
         self.bytes_down: dict[str, int] = {}  # what state_for sent each site in the round it last sent
@@ -176,6 +187,11 @@ class FederatedServer:
         self.typicality_z: dict[str, float] = {}
         self._typicality_checked: dict[str, Summary] = {}  # what check() read, for accept() to keep
         self._typicality_references: dict[str, Summary] = {}  # modality -> the anchors as a peer, made once
+        # Sites the checks left out of the latest judgement (SILENCED_BELOW), with the checks' figures that did it; when
+        # the round is not held, they stay out of the next round's merge too.
+        self.silenced: dict[str, dict[str, float]] = {}
+        self._anchor_losses: dict[str, tuple[str, float]] = {}  # this round's anchor check: site -> (modality, loss)
+        self._information: dict[str, tuple[str, float, float]] = {}  # this round's: site -> (modality, nats, chance)
 
     # -- where the server is ---------------------------------------------------
     def _open_round(self) -> tuple[GlobalState, RoundReport]:
@@ -229,12 +245,13 @@ class FederatedServer:
         if self.state is None:
             raise RuntimeError("call initial_state() or resume() before start_round()")
         if self.report is not None and self.report.round == self.state.round - 1:
-            self._previous_changes = list(self._changes)
+            self._previous_changes = self.outlier_reference()
         self.report = RoundReport(round=self.state.round)
         self._shapes = {k: tuple(v.shape) for k, v in self.state.shared_params().items()}
         self._phase = refresh_phase(self.state.round, self.config.adapter.refresh_every)
         self._gradient_merge = PrecisionWeightedMerge()  # a refresh's projected gradients, by sample mass
-        self._changes: list[float] = []
+        self._changes = {}
+        self._anchor_losses, self._information = {}, {}
         self._merges: dict[str, PrecisionWeightedMerge] = {}  # one per modality: sums, not sites, are held
         self._modality_mass: dict[str, float] = {}
         self._projector_merges: dict[str, PrecisionWeightedMerge] = {}
@@ -242,6 +259,7 @@ class FederatedServer:
         self._checked_updates: dict[str, tuple[str, dict[str, torch.Tensor]]] = {}  # site -> (modality, shared params)
         self._anchor_views: dict[str, tuple] = {}  # modality -> (items, view 1, view 2): the same for every site
         self._held: list[SiteUpdate] = []  # accepted, folded at the round's end (holds_round)
+        self._left_out: list[str] = []  # accepted sites whose updates _fold left out (silenced)
 
     def check(self, update: SiteUpdate) -> float:
         """Raise ContributionRejected with a reason, or return the update's change (``update_change``) if it may count."""
@@ -299,7 +317,7 @@ class FederatedServer:
             if value > cfg.max_change:
                 refuse(f"its {what} move by {value:.3g} times the global model's norm (limit server.max_change="
                        f"{cfg.max_change:g}): values that no training step produces")
-        reference = self._previous_changes + self._changes
+        reference = self._previous_changes + list(self._changes.values())
         if len(reference) >= cfg.outlier_min_reference:
             median = float(np.median(reference))
             if change > cfg.outlier_factor * max(median, 1e-12):
@@ -403,7 +421,7 @@ class FederatedServer:
             self.record_rejection(update.site, err.reason)
             raise
         self.report.accepted.append(update.site)
-        self._changes.append(change)
+        self._changes[update.site] = change
         self.report.site_uncertainty[update.site] = update.uncertainty
         self.report.site_metrics[update.site] = dict(update.metrics)
         if self.holds_round():
@@ -429,8 +447,17 @@ class FederatedServer:
         garbage site a full say in the first (on motion that round alone cost 0.29 instance R@10 on one split of six)."""
         return self.information_check_enabled() or self.typicality_check_enabled()
 
+    def outlier_reference(self) -> list[float]:
+        """The change sizes of the latest round's merged updates: what the next round's outlier check compares with."""
+        return [c for site, c in self._changes.items() if site not in self.silenced]
+
     def _fold(self, update: SiteUpdate) -> None:
-        """Add an accepted update to the round's running sums, weighed by the checks' factors as they stand."""
+        """Add an accepted update to the round's running sums, weighed by the checks' factors as they stand; an update of
+        a silenced site is left out."""
+        if update.site in self.silenced:
+            self.report.site_metrics[update.site].update(self._factor_metrics(update.site))
+            self._left_out.append(update.site)
+            return
         mass, scale, weights = self._merge_weights(update)
         cores = {k: v for k, v in update.params.items() if is_core_or_magnitude(k)}
         self._merges.setdefault(update.modality, PrecisionWeightedMerge()).add(update.site, cores, weights)
@@ -451,13 +478,13 @@ class FederatedServer:
             reasons = "; ".join(f"{s}: {r}" for s, r in self.report.rejected.items()) or "no site reported"
             raise RoundFailed(f"round {self.state.round}: {accepted} valid contribution(s), at least {max(1, min_sites)} needed "
                               f"({reasons}); the global model is left unchanged")
-        self._run_anchor_check()
-        self._run_data_check()
-        self._run_information_check()
-        self._run_typicality_check()
+        self._judge_sites()
         held, self._held = self._held, []
         for update in held:
             self._fold(update)
+        if not self._merges:
+            raise RoundFailed(f"round {self.state.round}: the checks left out every accepted site ({sorted(self.silenced)}); "
+                              "the global model is left unchanged")
         tensors = dict(self.state.tensors)
         total_mass = sum(self._modality_mass.values())
         merged: dict[str, torch.Tensor] = {}
@@ -467,6 +494,7 @@ class FederatedServer:
                 merged[key] = merged.get(key, 0.0) + share * value.double()
             for site, site_share in merge.site_shares().items():
                 self.report.site_weights[site] = share * site_share
+        self.report.site_weights.update(dict.fromkeys(self._left_out, 0.0))
         tensors.update({k: v.float() for k, v in merged.items()})
         for merge in self._projector_merges.values():
             tensors.update(merge.result())
@@ -525,7 +553,10 @@ class FederatedServer:
                 * self.information_factors.get(site, 1.0) * self.typicality_factors.get(site, 1.0))
 
     def _factor_metrics(self, site: str) -> dict[str, float]:
-        """The checks' figures behind a site's weight this round, for the round report and the trackers."""
+        """The checks' figures behind a site's weight this round, for the round report and the trackers; for a silenced
+        site, those that left it out, and LEFT_OUT = 1."""
+        if site in self.silenced:
+            return {**self.silenced[site], LEFT_OUT: 1.0}
         out = {}
         if self.anchor_check_enabled():
             out["anchor_check/factor"] = self.anchor_factors.get(site, 1.0)
@@ -553,25 +584,83 @@ class FederatedServer:
     def data_check_enabled(self) -> bool:
         return self.config.precision.data_check and self.config.precision.method != "uniform" and self.codebook_enabled()
 
-    def _run_anchor_check(self) -> None:
-        """Score the round's updates of every modality with enough sites on its anchors; the factors weigh this round
-        when its updates are held (holds_round), else the next. A modality with fewer sites is not scored: no odd one
-        out can be told there."""
+    def _judge_sites(self) -> None:
+        """The round's checks: measure what this round brought (anchor losses, data distances, view information), then
+        weigh every site against the peers of its modality. A site one check leaves under SILENCED_BELOW of its say is
+        silenced, the worst first and one at a time, and the others are weighed again without it: its numbers no
+        longer set its peers' median and spread. Every check needs anchor_check_min_sites sites, so each judged
+        modality keeps at least that many less one."""
+        self._measure_anchor_check()
+        self._measure_data_check()
+        self._measure_information()
+        self.silenced = {}
+        while True:
+            self._weigh_sites(exclude=self.silenced)
+            checks = (self.anchor_factors, self.data_factors, self.information_factors, self.typicality_factors)
+            factors = {s: min(c.get(s, 1.0) for c in checks) for s in sorted(set().union(*checks)) if s not in self.silenced}
+            worst = min(factors, key=factors.get, default=None)
+            if worst is None or factors[worst] >= SILENCED_BELOW:
+                break
+            self.silenced[worst] = self._factor_metrics(worst)
+        self._log_checks()
+
+    def _weigh_sites(self, exclude: Collection[str] = ()) -> None:
+        """Every check's factors from its latest measurements, over the sites not in ``exclude``. The anchor and
+        information checks weigh only when this round measured them (else last round's factors stand); the data and
+        typicality checks weigh every site they ever measured (its data do not change)."""
+        least = self.config.precision.anchor_check_min_sites
+        if self._anchor_losses:
+            kept = {s: v for s, v in self._anchor_losses.items() if s not in exclude}
+            self.anchor_factors = _floored(peer_factors({s: loss for s, (_, loss) in kept.items()},
+                                                        {s: m for s, (m, _) in kept.items()}, least,
+                                                        relative_floor=ANCHOR_CHECK_SPREAD_FLOOR))
+        if self.data_distances:
+            kept = {s: d for s, d in self.data_distances.items() if s not in exclude}
+            self.data_factors = _floored(peer_factors(kept, self.data_modality, least, relative_floor=DATA_CHECK_SPREAD_FLOOR))
+        if self._information:
+            kept = {s: v for s, v in self._information.items() if s not in exclude}
+            modality_of = {s: m for s, (m, _, _) in kept.items()}
+            sites_of = Counter(modality_of.values())
+            factors = information_factors({s: nats for s, (_, nats, _) in kept.items()},
+                                          {s: chance for s, (_, _, chance) in kept.items()}, modality_of, least)
+            self.information_factors = _floored({s: f for s, f in factors.items() if sites_of[modality_of[s]] >= least})
+        self.judge_typicality(exclude)
+
+    def _log_checks(self) -> None:
+        round_ = self.report.round
+        if self._anchor_losses:
+            log.info("round %d anchor check: two-view loss on the anchors %s -> factors %s", round_,
+                     {s: round(v, 3) for s, (_, v) in self._anchor_losses.items()},
+                     {s: round(f, 3) for s, f in self.anchor_factors.items()})
+        if self.data_factors:
+            log.info("round %d data check: distance of the sites' centroids from the anchors %s -> factors %s", round_,
+                     {s: round(v, 3) for s, v in self.data_distances.items()}, {s: round(f, 3) for s, f in self.data_factors.items()})
+        if self._information:
+            log.info("round %d information check: nats the two views of each site's items share %s -> this round's "
+                     "factors %s", round_, {s: round(v, 3) for s, (_, v, _) in self._information.items()},
+                     {s: round(f, 3) for s, f in self.information_factors.items()})
+        if self.typicality_z:
+            log.info("round %d typicality check: how far each site's data lie from its peers' and the anchors' (robust "
+                     "z) %s -> factors %s", round_, {s: round(z, 2) for s, z in self.typicality_z.items()},
+                     {s: round(f, 3) for s, f in self.typicality_factors.items()})
+        for site, figures in self.silenced.items():
+            log.warning("round %d: site %r is left out of the round, its update not merged: a check left it under %.3f "
+                        "of its say (%s); its peers were judged again without it", round_, site, SILENCED_BELOW,
+                        ", ".join(f"{k} {v:.3g}" for k, v in figures.items()))
+
+    def _measure_anchor_check(self) -> None:
+        """Score the round's updates of every modality with enough sites on its anchors: the anchor check's losses,
+        which weigh this round when its updates are held (holds_round), else the next. A modality with fewer sites is
+        not scored: no odd one out can be told there."""
         if not self._checked_updates:
             return
+        sites_of = Counter(modality for modality, _ in self._checked_updates.values())
         least = self.config.precision.anchor_check_min_sites
-        modality_of = {site: modality for site, (modality, _) in self._checked_updates.items()}
-        sites_of = Counter(modality_of.values())
-        losses = {site: self.anchor_check(modality, params) for site, (modality, params) in self._checked_updates.items()
-                  if sites_of[modality] >= least}
+        self._anchor_losses = {site: (modality, self.anchor_check(modality, params))
+                               for site, (modality, params) in self._checked_updates.items() if sites_of[modality] >= least}
         self._checked_updates = {}
-        self.anchor_factors = {s: max(f, FACTOR_FLOOR) for s, f in peer_factors(
-            losses, modality_of, least, relative_floor=ANCHOR_CHECK_SPREAD_FLOOR).items()}
-        for site, loss in losses.items():
+        for site, (_, loss) in self._anchor_losses.items():
             self.report.site_metrics[site]["anchor_check/loss"] = loss
-        if losses:
-            log.info("round %d anchor check: two-view loss on the anchors %s -> factors %s", self.report.round,
-                     {s: round(v, 3) for s, v in losses.items()}, {s: round(f, 3) for s, f in self.anchor_factors.items()})
 
     @torch.no_grad()
     def anchor_check(self, modality: str, params: Mapping[str, torch.Tensor]) -> float:
@@ -585,11 +674,11 @@ class FederatedServer:
         finally:
             load_shared(self.model, self.state.shared_params())
 
-    def _run_data_check(self) -> None:
+    def _measure_data_check(self) -> None:
         """While sites send codebook centroids: how far each site's data lies from its modality's public anchors
-        (precision.data_distance), against the other sites of the modality (the same robust z-score as the anchor
-        check). The factors weigh every later round; the data do not change, so neither do they. A site with fewer
-        than DATA_CHECK_MIN_CENTROIDS centroids is not judged (its sample mass already keeps its say small)."""
+        (precision.data_distance), weighed against the other sites of the modality by the same robust z-score as the
+        anchor check. The data do not change, so neither does the distance: it weighs every later round. A site with
+        fewer than DATA_CHECK_MIN_CENTROIDS centroids is not judged (its sample mass already keeps its say small)."""
         if not (self.data_check_enabled() and self._codebook_parts):
             return
         projections = self.state.codebook_projections()
@@ -600,15 +689,9 @@ class FederatedServer:
                 if len(counts) >= DATA_CHECK_MIN_CENTROIDS:
                     self.data_distances[site] = data_distance(centroids, counts, projected)
                     self.data_modality[site] = modality
-        self.data_factors = {s: max(f, FACTOR_FLOOR) for s, f in peer_factors(
-            self.data_distances, self.data_modality, self.config.precision.anchor_check_min_sites,
-            relative_floor=DATA_CHECK_SPREAD_FLOOR).items()}
         for site in self.report.accepted:
             if site in self.data_distances:
                 self.report.site_metrics[site]["data_check/distance"] = self.data_distances[site]
-        log.info("round %d data check: distance of the sites' centroids from the anchors %s -> factors from now "
-                 "on %s", self.report.round, {s: round(v, 3) for s, v in self.data_distances.items()},
-                 {s: round(f, 3) for s, f in self.data_factors.items()})
 
     def _check_typicality(self, update: SiteUpdate, refuse) -> None:
         """A site's typicality numbers, when it sends them: never under DP, over at least
@@ -636,22 +719,15 @@ class FederatedServer:
             refuse(f"its typicality numbers {summary.metrics()} must be finite, with spreads >= 0")
         self._typicality_checked[update.site] = summary
 
-    def _run_typicality_check(self) -> None:
-        """Every site that ever reported (typicality.py), against the other sites of its modality and the modality's
-        anchors; the factors weigh the round's updates (the server holds them to its end, holds_round) and the next
-        rounds' until it runs again. A modality with fewer than anchor_check_min_sites reporting sites is not judged."""
-        self.judge_typicality()
-        if self.typicality_factors and self.report is not None:
-            log.info("round %d typicality check: how far each site's data lie from its peers' and the anchors' (robust "
-                     "z) %s -> factors %s", self.report.round, {s: round(z, 2) for s, z in self.typicality_z.items()},
-                     {s: round(f, 3) for s, f in self.typicality_factors.items()})
-
-    def judge_typicality(self) -> None:
-        """The typicality factors of the reports held (also what a resumed server does with the reports it kept)."""
-        modality_of = {site: modality for site, (modality, _) in self.typicality_reports.items()}
-        factors, zs = typicality_factors({s: summary for s, (_, summary) in self.typicality_reports.items()},
-                                         modality_of, self._typicality_reference, self.config.precision.anchor_check_min_sites)
-        self.typicality_factors = {s: max(f, FACTOR_FLOOR) for s, f in factors.items()}
+    def judge_typicality(self, exclude: Collection[str] = ()) -> None:
+        """The typicality factors of the reports held, over the sites not in ``exclude`` (also what a resumed server
+        does with the reports and the silenced sites it kept). Every site that ever reported is judged against the other
+        sites of its modality and the modality's anchors; a modality with fewer than anchor_check_min_sites reporting
+        sites is not judged."""
+        kept = {s: report for s, report in self.typicality_reports.items() if s not in exclude}
+        factors, zs = typicality_factors({s: summary for s, (_, summary) in kept.items()}, {s: m for s, (m, _) in kept.items()},
+                                         self._typicality_reference, self.config.precision.anchor_check_min_sites)
+        self.typicality_factors = _floored(factors)
         self.typicality_z = zs
 
     def _typicality_reference(self, modality: str) -> Summary:
@@ -661,33 +737,22 @@ class FederatedServer:
                 self.modalities[modality].kind, self.anchors[modality].items, self.base_of("anchors")[modality])
         return self._typicality_references[modality]
 
-    def _run_information_check(self) -> None:
+    def _measure_information(self) -> None:
         """From the private losses the round's held updates report: how much each site's two views share
-        (precision.view_information), against the median of its modality (precision.information_factors); the factors
-        weigh these updates (holds_round). A site that sent no private loss (under DP), whose batches hold fewer than 2
+        (precision.view_information), weighed against the median of its modality (precision.information_factors) in
+        this very round (holds_round). A site that sent no private loss (under DP), whose batches hold fewer than 2
         items, or alone with fewer than anchor_check_min_sites sites of its modality, is not judged and keeps its say."""
         if not self.information_check_enabled():  # the round may be held for the typicality check alone
             return
         reading = self.information_metric()
-        batches = {u.site: min(self.config.train.batch_size, u.n_samples) for u in self._held
-                   if reading in u.metrics and u.n_samples >= 2}
-        if not batches:
-            return
-        reported = [u for u in self._held if u.site in batches]
-        nats = {u.site: view_information(u.metrics[reading], batches[u.site]) for u in reported}
-        chance = {site: math.log(2 * batch - 1) for site, batch in batches.items()}
-        modality_of = {u.site: u.modality for u in reported}
-        least = self.config.precision.anchor_check_min_sites
-        sites_of = Counter(modality_of.values())
-        factors = information_factors(nats, chance, modality_of, least)
-        self.information_factors = {s: max(f, FACTOR_FLOOR) for s, f in factors.items() if sites_of[modality_of[s]] >= least}
-        for site in self.information_factors:
-            self.report.site_metrics[site]["information_check/nats"] = nats[site]
-        if not self.information_factors:
-            return
-        log.info("round %d information check: nats the two views of each site's items share %s -> this round's "
-                 "factors %s", self.report.round, {s: round(nats[s], 3) for s in self.information_factors},
-                 {s: round(f, 3) for s, f in self.information_factors.items()})
+        reported = [u for u in self._held if reading in u.metrics and u.n_samples >= 2]
+        sites_of = Counter(u.modality for u in reported)
+        for update in reported:
+            if sites_of[update.modality] >= self.config.precision.anchor_check_min_sites:
+                batch = min(self.config.train.batch_size, update.n_samples)
+                nats = view_information(update.metrics[reading], batch)
+                self._information[update.site] = (update.modality, nats, math.log(2 * batch - 1))
+                self.report.site_metrics[update.site]["information_check/nats"] = nats
 
     def _anchor_check_views(self, modality: str) -> tuple:
         """(anchors, view 1, view 2) the round's anchor check embeds for ``modality``: drawn once per round."""
@@ -733,7 +798,8 @@ class FederatedServer:
         projected = {m: projections[m](anchors[m]) for m in self._codebook_parts}
         judged = {"data check": self.data_factors, "information check": self.information_factors,
                   "typicality check": self.typicality_factors}
-        reasons = {s: [check for check, factors in judged.items() if factors.get(s, 1.0) < CODEBOOK_FACTOR_FLOOR]
+        reasons = {s: ["left out of the round"] if s in self.silenced else
+                   [check for check, factors in judged.items() if factors.get(s, 1.0) < CODEBOOK_FACTOR_FLOOR]
                    for parts in self._codebook_parts.values() for s in parts}
         left_out = sorted(s for s, checks in reasons.items() if checks)
         if left_out:

@@ -97,8 +97,9 @@ class FedAnchorServerComponent(FLComponent):
     def server_memory(self) -> dict[str, Any]:
         """What the server remembers between rounds beside the global state: the codebook block's form (temperature and
         position, reported in every evaluation), the anchor, data and information checks' factors, the typicality
-        check's reports (its factors follow from them) and the outlier check's reference (they weigh or refuse the next
-        round's updates). Kept in each checkpoint's meta, so a resumed run goes on as the uninterrupted one would."""
+        check's reports (its factors follow from them), the sites the checks left out, and the outlier check's
+        reference (they weigh or refuse the next round's updates). Kept in each checkpoint's meta, so a resumed run goes
+        on as the uninterrupted one would."""
         server = self.server()
         return {"codebook_temperature": server.codebook_temperature, "codebook_position": server.codebook_position,
                 "anchor_factors": {site: float(f) for site, f in server.anchor_factors.items()},
@@ -107,7 +108,8 @@ class FedAnchorServerComponent(FLComponent):
                                        for site, (modality, summary) in server.typicality_reports.items()},
                 "data_check": {site: [server.data_modality[site], float(d), float(server.data_factors.get(site, 1.0))]
                                for site, d in server.data_distances.items()},
-                "outlier_reference": [float(c) for c in getattr(server, "_changes", [])]}
+                "silenced": {site: {k: float(v) for k, v in figures.items()} for site, figures in server.silenced.items()},
+                "outlier_reference": server.outlier_reference()}
 
     def restore_server_memory(self, meta: Mapping[str, Any]) -> None:
         """Put back what ``server_memory`` kept (a checkpoint of an older version keeps none: nothing to restore)."""
@@ -122,7 +124,8 @@ class FedAnchorServerComponent(FLComponent):
         reports = memory.get("typicality_reports") or {}
         server.typicality_reports = {site: (str(m), Summary.from_metrics(metrics, int(items)))
                                      for site, (m, items, metrics) in reports.items()}
-        server.judge_typicality()
+        server.silenced = {site: {k: float(v) for k, v in figures.items()} for site, figures in (memory.get("silenced") or {}).items()}
+        server.judge_typicality(exclude=server.silenced)
         data_check = memory.get("data_check") or {}
         server.data_modality = {site: str(m) for site, (m, _, _) in data_check.items()}
         server.data_distances = {site: float(d) for site, (_, d, _) in data_check.items()}
