@@ -818,6 +818,29 @@ def test_the_typicality_check_leaves_out_a_far_off_site_in_the_round_it_reads_an
         server.config, server.typicality_reports, server.typicality_factors, server.silenced = config, {}, {}, {}
 
 
+def test_the_checks_leave_out_bad_sites_the_worst_first_and_judge_the_rest_without_them(setup):
+    """Five accel sites, two reporting items far more energetic than their peers (one twice as far). The farther is
+    left out first; judged again without it, the other is left out too; the three clean sites, judged among
+    themselves, keep their whole say, and the merge is the federation of the clean sites, as the design's
+    coefficients say."""
+    config, _, server, _, state, updates = setup
+    accel, gyro = (without_codebook(next(u for u in updates.values() if u.modality == m)) for m in ("accel", "gyro"))
+    clean = [variant(accel, state, f"a{i}", move=1.0 + 0.2 * i) for i in range(1, 4)]
+    sent = [*clean, far_off(variant(accel, state, "far", move=1.9), 6.0),
+            far_off(variant(accel, state, "farther", move=2.0), 12.0), gyro]
+    server.information_factors, server.typicality_reports = {}, {}
+    try:
+        merged = run_round(server, state, sent)
+        assert list(server.silenced) == ["farther", "far"], server.silenced
+        assert server.typicality_factors == {"a1": 1.0, "a2": 1.0, "a3": 1.0}, server.typicality_factors
+        kept = [*clean, gyro]
+        expected = weighted_cores(kept, merge_coefficients(kept, config.precision.sample_exponent, server.information_factors))
+        for key in [k for k in state.tensors if is_core_or_magnitude(k)]:
+            torch.testing.assert_close(merged.tensors[key].double(), expected[key], rtol=1e-5, atol=1e-6)
+    finally:
+        server.typicality_reports, server.typicality_factors, server.silenced, server.information_factors = {}, {}, {}, {}
+
+
 def test_under_dp_the_server_refuses_typicality_numbers(setup):
     config, _, server, _, state, updates = setup
     accel = without_codebook(next(u for u in updates.values() if u.modality == "accel"))

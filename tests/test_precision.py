@@ -204,6 +204,14 @@ def test_information_factors_keep_a_sites_say_within_half_the_median_and_scale_i
     assert factors == pytest.approx(expected, abs=1e-12), factors
 
 
+@pytest.mark.parametrize("tolerance", [0.0, -0.5, 1.5])
+def test_information_factors_refuse_a_tolerance_outside_zero_to_one(tolerance):
+    from fedanchor.precision import information_factors
+
+    with pytest.raises(ValueError, match=r"must lie in \(0, 1\]"):
+        information_factors({"a": 1.0, "b": 1.0, "c": 1.0}, dict.fromkeys("abc", 3.0), dict.fromkeys("abc", "p"), tolerance=tolerance)
+
+
 @pytest.mark.parametrize("loss, batch, expected", [
     (math.log(31), 16, 0.0),  # chance: each view picks its partner among 2B - 1 = 31 at random
     (0.0, 16, math.log(31)),  # every partner found with certainty

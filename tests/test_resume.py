@@ -151,9 +151,11 @@ def test_a_job_resubmitted_under_its_run_key_continues_at_its_last_round(tmp_pat
     server = component.server(ctx)
     server.codebook_temperature, server.codebook_position, server.anchor_factors = 0.3, False, {"site-1": 0.5}  # what the rounds leave in its memory
     server.data_modality, server.data_distances, server.data_factors = {"site-1": "accel"}, {"site-1": 1.7}, {"site-1": 0.01}
-    typical = server._typicality_reference("accel")  # three sites reporting: two like the anchors, one far off
+    typical = server._typicality_reference("accel")  # four sites reporting: three like the anchors, one far off and left out
     far = Summary({**typical.mean, "energy": typical.mean["energy"] + 9.0}, typical.sd, 12)
-    server.typicality_reports = {"site-1": ("accel", typical), "site-2": ("accel", typical), "site-3": ("accel", far)}
+    server.typicality_reports = {"site-1": ("accel", typical), "site-2": ("accel", typical), "site-3": ("accel", far),
+                                 "site-4": ("accel", typical)}
+    server.silenced = {"site-3": {"typicality_check/z": 11.0, "typicality_check/factor": 1e-4}}
     saved = play(component, persistor, ctx, 2)
     run = tmp_path / RUNS_DIR / "run-a"
     assert (run / "checkpoints" / "round-0002.safetensors").is_file()
@@ -172,7 +174,8 @@ def test_a_job_resubmitted_under_its_run_key_continues_at_its_last_round(tmp_pat
     assert (resumed.data_modality, resumed.data_distances, resumed.data_factors) == ({"site-1": "accel"}, {"site-1": 1.7},
                                                                                     {"site-1": 0.01})
     assert resumed.typicality_reports == server.typicality_reports  # kept, and the factors judged again from them
-    assert resumed.typicality_factors["site-1"] == 1.0 and resumed.typicality_factors["site-3"] < 1e-3
+    assert resumed.silenced == server.silenced  # ... without the site the checks left out
+    assert resumed.typicality_factors == {"site-1": 1.0, "site-2": 1.0, "site-4": 1.0}
     assert resumed.check_factor("site-1") == pytest.approx(0.005)
     assert workflow.get_persist_state(ctx)["current_round"] == 2  # ScatterAndGather runs rounds 2 and 3 only
     assert component.state_meta()["run_key"] == "run-a"  # the sites learn the run from every global state

@@ -107,7 +107,7 @@ def to_scoring_space(embeddings: Mapping[str, torch.Tensor], anchors: Mapping[st
             for m, z in embeddings.items()}
 
 
-FACTOR_FLOOR = 1e-6  # a check's factor never takes a site's weight to 0: the merge stays a weighted mean of positive weights
+FACTOR_FLOOR = 1e-6  # the checks never take a site's weight to 0: the merge stays a weighted mean of positive weights
 # A site the data check or the information check left less than half its say adds no centres to the codebook: the
 # codebook is built once, so centres of garbage would stay in every later readout.
 CODEBOOK_FACTOR_FLOOR = 0.5
@@ -129,10 +129,6 @@ LEFT_OUT = "checks/left_out"  # the site metric (1) that says the checks left a 
 
 def _unit_mean(precision: torch.Tensor) -> torch.Tensor:
     return precision / precision.mean().clamp_min(1e-300)
-
-
-def _floored(factors: Mapping[str, float]) -> dict[str, float]:
-    return {site: max(f, FACTOR_FLOOR) for site, f in factors.items()}
 
 
 class FederatedServer:
@@ -549,8 +545,8 @@ class FederatedServer:
     # -- the checks that weigh sites against their peers ---------------------------
     def check_factor(self, site: str) -> float:
         """What the anchor, data, information and typicality checks leave of a site's say (1: all of it)."""
-        return (self.anchor_factors.get(site, 1.0) * self.data_factors.get(site, 1.0)
-                * self.information_factors.get(site, 1.0) * self.typicality_factors.get(site, 1.0))
+        return max(FACTOR_FLOOR, self.anchor_factors.get(site, 1.0) * self.data_factors.get(site, 1.0)
+                   * self.information_factors.get(site, 1.0) * self.typicality_factors.get(site, 1.0))
 
     def _factor_metrics(self, site: str) -> dict[str, float]:
         """The checks' figures behind a site's weight this round, for the round report and the trackers; for a silenced
@@ -611,19 +607,18 @@ class FederatedServer:
         least = self.config.precision.anchor_check_min_sites
         if self._anchor_losses:
             kept = {s: v for s, v in self._anchor_losses.items() if s not in exclude}
-            self.anchor_factors = _floored(peer_factors({s: loss for s, (_, loss) in kept.items()},
-                                                        {s: m for s, (m, _) in kept.items()}, least,
-                                                        relative_floor=ANCHOR_CHECK_SPREAD_FLOOR))
+            self.anchor_factors = peer_factors({s: loss for s, (_, loss) in kept.items()}, {s: m for s, (m, _) in kept.items()},
+                                               least, relative_floor=ANCHOR_CHECK_SPREAD_FLOOR)
         if self.data_distances:
             kept = {s: d for s, d in self.data_distances.items() if s not in exclude}
-            self.data_factors = _floored(peer_factors(kept, self.data_modality, least, relative_floor=DATA_CHECK_SPREAD_FLOOR))
+            self.data_factors = peer_factors(kept, self.data_modality, least, relative_floor=DATA_CHECK_SPREAD_FLOOR)
         if self._information:
             kept = {s: v for s, v in self._information.items() if s not in exclude}
             modality_of = {s: m for s, (m, _, _) in kept.items()}
             sites_of = Counter(modality_of.values())
             factors = information_factors({s: nats for s, (_, nats, _) in kept.items()},
                                           {s: chance for s, (_, _, chance) in kept.items()}, modality_of, least)
-            self.information_factors = _floored({s: f for s, f in factors.items() if sites_of[modality_of[s]] >= least})
+            self.information_factors = {s: f for s, f in factors.items() if sites_of[modality_of[s]] >= least}
         self.judge_typicality(exclude)
 
     def _log_checks(self) -> None:
@@ -727,7 +722,7 @@ class FederatedServer:
         kept = {s: report for s, report in self.typicality_reports.items() if s not in exclude}
         factors, zs = typicality_factors({s: summary for s, (_, summary) in kept.items()}, {s: m for s, (m, _) in kept.items()},
                                          self._typicality_reference, self.config.precision.anchor_check_min_sites)
-        self.typicality_factors = _floored(factors)
+        self.typicality_factors = factors
         self.typicality_z = zs
 
     def _typicality_reference(self, modality: str) -> Summary:
