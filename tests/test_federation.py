@@ -738,7 +738,7 @@ def test_the_data_check_takes_a_garbage_sites_say_and_keeps_its_centroids_out_of
     state = server.finish_round()
     garbage = server.silenced.get("garbage") or {"data_check/factor": server.data_factors["garbage"]}
     assert garbage["data_check/factor"] < 0.5, garbage
-    assert all(server.data_factors[s] == 1.0 for s in ("clean-1", "clean-2", "vector")), server.data_factors
+    assert all(server.data_factors.get(s, 1.0) == 1.0 for s in ("clean-1", "clean-2", "vector")), server.data_factors
     distances = server.data_distances
     assert distances["garbage"] > max(distances["clean-1"], distances["clean-2"]), distances
     assert server.report.site_metrics["garbage"]["data_check/distance"] == distances["garbage"]
@@ -837,6 +837,8 @@ def test_the_checks_leave_out_bad_sites_the_worst_first_and_judge_the_rest_witho
         expected = weighted_cores(kept, merge_coefficients(kept, config.precision.sample_exponent, server.information_factors))
         for key in [k for k in state.tensors if is_core_or_magnitude(k)]:
             torch.testing.assert_close(merged.tensors[key].double(), expected[key], rtol=1e-5, atol=1e-6)
+        with pytest.raises(RoundFailed, match=r"left out every site that contributed \(\['far'\]"):
+            run_round(server, state, [sent[3]])  # alone in a round, still judged against the reports it is kept with
     finally:
         server.typicality_reports, server.typicality_factors, server.silenced, server.information_factors = {}, {}, {}, {}
 

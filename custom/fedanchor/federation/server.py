@@ -131,6 +131,12 @@ def _unit_mean(precision: torch.Tensor) -> torch.Tensor:
     return precision / precision.mean().clamp_min(1e-300)
 
 
+def _judged(factors: Mapping[str, float], modality_of: Mapping[str, str], least: int) -> dict[str, float]:
+    """The factors of the sites a check judged: those of modalities with at least ``least`` sites."""
+    sites_of = Counter(modality_of[s] for s in factors)
+    return {s: f for s, f in factors.items() if sites_of[modality_of[s]] >= least}
+
+
 class FederatedServer:
     def __init__(self, config: FedAnchorConfig, modalities: Mapping[str, ModalitySpec], anchors: Mapping[str, ModalityData],
                  anchor_fingerprint: str, feature_stats: Mapping[str, tuple[np.ndarray, np.ndarray]] | None = None,
@@ -155,6 +161,7 @@ class FederatedServer:
         self.report: RoundReport | None = None
         self._previous_changes: list[float] = []  # accepted update sizes of the last round: the outlier reference
         self._changes: dict[str, float] = {}  # this round's, by site
+        self._left_out: list[str] = []  # the round's accepted sites whose updates _fold left out (silenced)
         self.last_embeddings: dict[str, torch.Tensor] = {}  # the scored held-out embeddings of the last evaluate()
         self.site_bases: dict[str, str] = {}  # site -> digest of the bases its last accepted update trained on
         self.bytes_down: dict[str, int] = {}  # what state_for sent each site in the round it last sent
@@ -255,7 +262,7 @@ class FederatedServer:
         self._checked_updates: dict[str, tuple[str, dict[str, torch.Tensor]]] = {}  # site -> (modality, shared params)
         self._anchor_views: dict[str, tuple] = {}  # modality -> (items, view 1, view 2): the same for every site
         self._held: list[SiteUpdate] = []  # accepted, folded at the round's end (holds_round)
-        self._left_out: list[str] = []  # accepted sites whose updates _fold left out (silenced)
+        self._left_out = []
 
     def check(self, update: SiteUpdate) -> float:
         """Raise ContributionRejected with a reason, or return the update's change (``update_change``) if it may count."""
@@ -313,7 +320,7 @@ class FederatedServer:
             if value > cfg.max_change:
                 refuse(f"its {what} move by {value:.3g} times the global model's norm (limit server.max_change="
                        f"{cfg.max_change:g}): values that no training step produces")
-        reference = self._previous_changes + list(self._changes.values())
+        reference = self._previous_changes + [c for s, c in self._changes.items() if s not in self.silenced]
         if len(reference) >= cfg.outlier_min_reference:
             median = float(np.median(reference))
             if change > cfg.outlier_factor * max(median, 1e-12):
@@ -445,7 +452,7 @@ class FederatedServer:
 
     def outlier_reference(self) -> list[float]:
         """The change sizes of the latest round's merged updates: what the next round's outlier check compares with."""
-        return [c for site, c in self._changes.items() if site not in self.silenced]
+        return [c for site, c in self._changes.items() if site not in self._left_out]
 
     def _fold(self, update: SiteUpdate) -> None:
         """Add an accepted update to the round's running sums, weighed by the checks' factors as they stand; an update of
@@ -478,9 +485,10 @@ class FederatedServer:
         held, self._held = self._held, []
         for update in held:
             self._fold(update)
-        if not self._merges:
-            raise RoundFailed(f"round {self.state.round}: the checks left out every accepted site ({sorted(self.silenced)}); "
-                              "the global model is left unchanged")
+        if len(self._left_out) == accepted:  # min_sites counts the sites heard from, as FLARE's min_clients does
+            raise RoundFailed(f"round {self.state.round}: the checks left out every site that contributed "
+                              f"({self._left_out}; their figures are in the log above), so nothing is left to merge; the "
+                              "global model is left unchanged")
         tensors = dict(self.state.tensors)
         total_mass = sum(self._modality_mass.values())
         merged: dict[str, torch.Tensor] = {}
@@ -601,24 +609,23 @@ class FederatedServer:
         self._log_checks()
 
     def _weigh_sites(self, exclude: Collection[str] = ()) -> None:
-        """Every check's factors from its latest measurements, over the sites not in ``exclude``. The anchor and
-        information checks weigh only when this round measured them (else last round's factors stand); the data and
-        typicality checks weigh every site they ever measured (its data do not change)."""
+        """Every check's factors over the sites not in ``exclude``: the anchor and information checks from this round's
+        measurements (none: nobody is judged by them), the data and typicality checks from every site they ever
+        measured (its data do not change). A modality left with fewer than anchor_check_min_sites sites is not judged."""
         least = self.config.precision.anchor_check_min_sites
-        if self._anchor_losses:
+        if self.anchor_check_enabled():
             kept = {s: v for s, v in self._anchor_losses.items() if s not in exclude}
-            self.anchor_factors = peer_factors({s: loss for s, (_, loss) in kept.items()}, {s: m for s, (m, _) in kept.items()},
-                                               least, relative_floor=ANCHOR_CHECK_SPREAD_FLOOR)
-        if self.data_distances:
-            kept = {s: d for s, d in self.data_distances.items() if s not in exclude}
-            self.data_factors = peer_factors(kept, self.data_modality, least, relative_floor=DATA_CHECK_SPREAD_FLOOR)
-        if self._information:
-            kept = {s: v for s, v in self._information.items() if s not in exclude}
-            modality_of = {s: m for s, (m, _, _) in kept.items()}
-            sites_of = Counter(modality_of.values())
-            factors = information_factors({s: nats for s, (_, nats, _) in kept.items()},
-                                          {s: chance for s, (_, _, chance) in kept.items()}, modality_of, least)
-            self.information_factors = {s: f for s, f in factors.items() if sites_of[modality_of[s]] >= least}
+            modality_of = {s: m for s, (m, _) in kept.items()}
+            self.anchor_factors = _judged(peer_factors({s: loss for s, (_, loss) in kept.items()}, modality_of, least,
+                                                       relative_floor=ANCHOR_CHECK_SPREAD_FLOOR), modality_of, least)
+        kept = {s: d for s, d in self.data_distances.items() if s not in exclude}
+        self.data_factors = _judged(peer_factors(kept, self.data_modality, least, relative_floor=DATA_CHECK_SPREAD_FLOOR),
+                                    self.data_modality, least)
+        kept = {s: v for s, v in self._information.items() if s not in exclude}
+        modality_of = {s: m for s, (m, _, _) in kept.items()}
+        self.information_factors = _judged(information_factors({s: nats for s, (_, nats, _) in kept.items()},
+                                                               {s: chance for s, (_, _, chance) in kept.items()},
+                                                               modality_of, least), modality_of, least)
         self.judge_typicality(exclude)
 
     def _log_checks(self) -> None:
@@ -780,6 +787,10 @@ class FederatedServer:
     def _build_codebooks(self) -> dict[str, torch.Tensor]:
         """Once every modality has centroids from at least one site: pool them into each modality's codebook (its
         centres, and the assignment scale from the public anchors). Until then the readout goes without it."""
+        for parts in self._codebook_parts.values():  # a silenced site's centroids never enter it
+            for site in self.silenced:
+                parts.pop(site, None)
+        self._codebook_parts = {m: parts for m, parts in self._codebook_parts.items() if parts}
         if not self._codebook_parts or self.state.has_codebook():
             return {}
         missing = [m for m in self.modalities if m not in self._codebook_parts]
@@ -793,8 +804,7 @@ class FederatedServer:
         projected = {m: projections[m](anchors[m]) for m in self._codebook_parts}
         judged = {"data check": self.data_factors, "information check": self.information_factors,
                   "typicality check": self.typicality_factors}
-        reasons = {s: ["left out of the round"] if s in self.silenced else
-                   [check for check, factors in judged.items() if factors.get(s, 1.0) < CODEBOOK_FACTOR_FLOOR]
+        reasons = {s: [check for check, factors in judged.items() if factors.get(s, 1.0) < CODEBOOK_FACTOR_FLOOR]
                    for parts in self._codebook_parts.values() for s in parts}
         left_out = sorted(s for s, checks in reasons.items() if checks)
         if left_out:
