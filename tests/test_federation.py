@@ -822,7 +822,7 @@ def test_the_checks_leave_out_bad_sites_the_worst_first_and_judge_the_rest_witho
     """Five accel sites, two reporting items far more energetic than their peers (one twice as far). The farther is
     left out first; judged again without it, the other is left out too; the three clean sites, judged among
     themselves, keep their whole say, and the merge is the federation of the clean sites, as the design's
-    coefficients say."""
+    coefficients say. A round the far site has to itself fails: nothing is left to merge."""
     config, _, server, _, state, updates = setup
     accel, gyro = (without_codebook(next(u for u in updates.values() if u.modality == m)) for m in ("accel", "gyro"))
     clean = [variant(accel, state, f"a{i}", move=1.0 + 0.2 * i) for i in range(1, 4)]
