@@ -237,9 +237,10 @@ def test_the_demo_lines_compare_with_the_anchors_only_cca_and_flag_chance():
 
 
 def test_bench_precision_writes_the_cases_in_the_documented_shape(tmp_path):
-    """`--precision`: per corruption the bad site's weight ratio, what uniform averaging lost against the federation
-    without it, what precision weighting recovered, and the clean check (one split: no split sd, so null in the
-    JSON); each split's noisy study. The averaging over splits is checked in test_noisy.py."""
+    """`--precision`: per corruption the bad site's weight ratio (a garbage site: 0, left out, and precision scores
+    what the federation without it scores), what uniform averaging lost against the federation without it, what
+    precision weighting recovered, and the clean check (one split: no split sd, so null in the JSON); each split's
+    noisy study. The averaging over splits is checked in test_noisy.py."""
     code = bench_cli("--scenario", "motion", "--trunk", "tiny", "--quick", "--precision", "--seeds", "0",
                      "--noisy-mode", "garbage", "--set", "train.local_steps=8", "--out", str(tmp_path))
     assert code == 0
@@ -249,7 +250,8 @@ def test_bench_precision_writes_the_cases_in_the_documented_shape(tmp_path):
                 "uniform_hurt_instance", "uniform_hurt_semantic", "splits"):
         assert key in case, key
     assert case["scenario"] == "motion" and case["corruption"] == "garbage" and case["splits"] == 1
-    assert case["bad_site"] == "site-a1" and len(case["weight_ratio_per_split"]) == 1 and case["weight_ratio"] > 0
+    assert case["bad_site"] == "site-a1" and case["weight_ratio_per_split"] == [0.0], case  # left out of every round
+    assert case["recall_precision"] == case["recall_clean_only"], case  # so the federation is the one without it
     assert set(summary["clean"]) == {"instance", "semantic"} and summary["seeds"] == [0]
     assert summary["clean"]["instance"]["split_sd"] is None and summary["clean"]["instance"]["within_one_sd"] is None
     for seed in (0,):
