@@ -754,8 +754,9 @@ def test_a_silenced_site_leaves_the_federation_it_would_be_without_it_to_the_las
     torch.manual_seed(0)
     with_garbage = run_in_process(config, progress=None, corruptions={"a1": ("garbage", 1.0)}, split=split,
                                   evaluate_each_round=False)
-    rest = dataclasses.replace(split, private={s: d for s, d in split.private.items() if s != "a1"},
-                               site_modality={s: m for s, m in split.site_modality.items() if s != "a1"})
+    rest = split.without("a1")
+    with pytest.raises(ValueError, match="not one of this split's sites"):
+        split.without("a4")
     torch.manual_seed(0)
     without = run_in_process(with_overrides(config, {"data.sites": rest.site_modality}), progress=None, split=rest,
                              evaluate_each_round=False)

@@ -388,8 +388,7 @@ def noisy_site_study(config: FedAnchorConfig, split: FederatedSplit | None = Non
         say("== clean, uniform weighting ==")
         reference_uniform = one(uniform_config, None, 0.0, UNIFORM)
         say(f"== clean only: the federation without {noisy} ==")
-        rest = dataclasses.replace(split, private={s: d for s, d in split.private.items() if s != noisy},
-                                   site_modality={s: m for s, m in split.site_modality.items() if s != noisy})
+        rest = split.without(noisy)
         without = one(with_overrides(config, {"data.sites": rest.site_modality}), None, 0.0, PRECISION, rest)
     runs: dict[str, dict[str, NoisyRun]] = {}
     for mode, spec in chosen.items():

@@ -7,6 +7,7 @@ into public anchors, a held-out test set and unpaired private site shards.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -152,6 +153,13 @@ class FederatedSplit:
     site_modality: dict[str, str]
     anchor_fingerprint: str
     feature_stats: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
+
+    def without(self, site: str) -> "FederatedSplit":
+        """The same split with ``site`` gone: the federation without it (the same anchors, test pairs and shards)."""
+        if site not in self.private:
+            raise ValueError(f"site {site!r} is not one of this split's sites {sorted(self.private)}")
+        return dataclasses.replace(self, private={s: d for s, d in self.private.items() if s != site},
+                                   site_modality={s: m for s, m in self.site_modality.items() if s != site})
 
 
 def _freeze(scenario: PairedScenario) -> PairedScenario:
