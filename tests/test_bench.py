@@ -45,6 +45,9 @@ def test_bench_quick_motion_writes_every_method(tmp_path, capsys):
             assert all(b > 0 for rnd in method["bytes_up"] for b in rnd.values())
             assert all(b >= 0 for rnd in method["bytes_down"] for b in rnd.values())
     assert all(b == 0 for rnd in results["methods"]["local only"]["bytes_up"] for b in rnd.values())
+    # the model ceiling measures the model itself: its block alone, never the base features' CCA in its place
+    ceiling = results["methods"]["ceiling (all true pairs)"]["metrics"]
+    assert ceiling["readout/weight/model"] > 0 and "readout/weight/base" not in ceiling
     # each method's wall seconds are its own part of the bench's, which is its part of the call's
     assert sum(m["seconds"] for m in results["methods"].values()) <= results["seconds"] <= elapsed
     sizes = results["bytes"]

@@ -145,9 +145,13 @@ def run_bench(config: FedAnchorConfig, methods: Sequence[str] | None = None,
         t0 = time.perf_counter()
         say(f"== {name} ==")
         if name == "ceiling (all true pairs)":
+            # A diagnostic of the model's own capacity: read through its block alone, since a readout over the base
+            # features too would show the raw values' CCA wherever the model carries less than they do.
             pairs = rivals.true_pairs(split)
             model = rivals.train_centralised(config, split, pairs, steps, seed)
-            out[name] = MethodResult(rivals.score_models({m: model for m in split.test}, split, config), 0.0, notes={"pairs": len(next(iter(pairs.values()))), "steps": steps})
+            model_alone = with_overrides(config, {"alignment.readout_blocks": ("model",)})
+            out[name] = MethodResult(rivals.score_models({m: model for m in split.test}, split, model_alone), 0.0,
+                                     notes={"pairs": len(next(iter(pairs.values()))), "steps": steps, "readout": "model block alone"})
         elif name == "anchors-only model":
             model = rivals.train_centralised(config, split, split.anchors, steps, seed)
             out[name] = MethodResult(rivals.score_models({m: model for m in split.test}, split, config), 0.0, notes={"pairs": len(next(iter(split.anchors.values()))), "steps": steps})
