@@ -40,6 +40,7 @@ QUICK_SCENARIO: dict[str, dict[str, Any]] = {
 TINY: dict[str, Any] = {"trunk.embed_dim": 32, "adapter.rank": 4}
 
 NO_ALIGNMENT = {"alignment.lambda_cka": 0.0, "alignment.lambda_cross": 0.0}
+MODEL_BLOCK_ALONE = {"alignment.readout_blocks": ("model",)}  # the readout over the model's embeddings only
 FEDERATED: dict[str, dict[str, Any]] = {
     "fedanchor": {},
     "fedanchor - CKA term": {"alignment.lambda_cka": 0.0},
@@ -48,7 +49,7 @@ FEDERATED: dict[str, dict[str, Any]] = {
     "fedanchor - private SSL": {"private.weight": 0.0},
     "fedanchor, uniform weights": {"precision.method": "uniform"},
     "fedanchor - CCA readout": {"alignment.readout": "none"},
-    "fedanchor - base block": {"alignment.readout_blocks": ("model",)},
+    "fedanchor - base block": MODEL_BLOCK_ALONE,
     "fedanchor - private codebook": {"alignment.readout_blocks": ("base", "model")},
 }
 NO_DELTA = "fedanchor - delta_site"
@@ -149,8 +150,8 @@ def run_bench(config: FedAnchorConfig, methods: Sequence[str] | None = None,
             # features too would show the raw values' CCA wherever the model carries less than they do.
             pairs = rivals.true_pairs(split)
             model = rivals.train_centralised(config, split, pairs, steps, seed)
-            model_alone = with_overrides(config, {"alignment.readout_blocks": ("model",)})
-            out[name] = MethodResult(rivals.score_models({m: model for m in split.test}, split, model_alone), 0.0,
+            out[name] = MethodResult(rivals.score_models({m: model for m in split.test}, split,
+                                                         with_overrides(config, MODEL_BLOCK_ALONE)), 0.0,
                                      notes={"pairs": len(next(iter(pairs.values()))), "steps": steps, "readout": "model block alone"})
         elif name == "anchors-only model":
             model = rivals.train_centralised(config, split, split.anchors, steps, seed)
