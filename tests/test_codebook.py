@@ -3,8 +3,9 @@ import numpy as np
 import pytest
 import torch
 
-from fedanchor.alignment.codebook import (FORMS, Codebook, CodebookProjection, assignment_scale, choose_anchor_codebooks, forms,
-                                          kmeans, pool_centroids, site_centroids, soft_assignments)
+from fedanchor.alignment.codebook import (FORM_CODES, FORMS, Codebook, CodebookProjection, assignment_scale, choose_anchor_codebooks,
+                                          form_of_code, forms, kmeans, pool_centroids, site_centroids, soft_assignments,
+                                          squared_distances)
 from fedanchor.alignment.readout_choice import choose_readout, concatenated
 
 
@@ -131,34 +132,64 @@ def test_the_anchor_codebook_is_chosen_by_the_score():
     rng = np.random.default_rng(5)
     anchor_base = {"a": rng.normal(size=(50, 4)), "b": rng.normal(size=(50, 3))}
     projections = {m: CodebookProjection.fit(x, components=3) for m, x in anchor_base.items()}
-    score, seen = preferring(13)  # candidates: 5 then 10 centres (N/10, N/5), each in the ten forms
+    pick = len(FORMS) + 3  # candidates: 5, 10 (N/10, N/5) then all 50 anchors as centres, each in every form
+    score, seen = preferring(pick)
     anchor_books, chosen = choose_anchor_codebooks(projections, anchor_base, score)
-    assert len(seen) == 2 * len(FORMS) and (chosen["centroids"], chosen["temperature"], chosen["with_position"]) == (10, 0.2, 0.0)
-    assert anchor_books is seen[13] and len(anchor_books["b"].centres) == 10 and not anchor_books["b"].with_position
+    temperature, form = FORMS[3]
+    assert len(seen) == 3 * len(FORMS)
+    assert (chosen["centroids"], chosen["temperature"], chosen["form"]) == (10, temperature, FORM_CODES[form])
+    assert anchor_books is seen[pick] and len(anchor_books["b"].centres) == 10 and anchor_books["b"].form == form
+    everyone = seen[2 * len(FORMS)]["a"]  # the third size: every anchor is a centre, not a k-means of them
+    assert everyone.centres == pytest.approx(projections["a"](anchor_base["a"]))
 
 
-@pytest.mark.parametrize("with_position", [True, False])
-def test_a_codebook_travels_in_the_global_state_and_reads_back_the_same_block(with_position):
+@pytest.mark.parametrize("form", sorted(FORM_CODES))
+def test_a_codebook_travels_in_the_global_state_and_reads_back_the_same_block(form):
     from fedanchor.federation.messages import CODEBOOK_PREFIX, GlobalState
     rng = np.random.default_rng(6)
     anchors = rng.normal(size=(30, 4))
     projection = CodebookProjection.fit(anchors, components=3)
-    book = Codebook(projection, rng.normal(size=(8, 3)), scale=0.7, with_position=with_position)
+    book = Codebook(projection, rng.normal(size=(8, 3)), scale=0.7, form=form)
     tensors = {f"{CODEBOOK_PREFIX}x/mean": torch.from_numpy(projection.mean).float(),
                f"{CODEBOOK_PREFIX}x/linear": torch.from_numpy(projection.linear).float(),
                f"{CODEBOOK_PREFIX}x/centres": torch.from_numpy(book.centres).float(),
                f"{CODEBOOK_PREFIX}x/scale": torch.tensor([book.scale]),
-               f"{CODEBOOK_PREFIX}x/position": torch.tensor([float(with_position)])}
+               f"{CODEBOOK_PREFIX}x/form": torch.tensor([FORM_CODES[form]])}
     back = GlobalState(1, "fingerprint", tensors).codebooks()["x"]
-    assert back(anchors).shape == (30, 8 + 3 * with_position)
-    assert back(anchors) == pytest.approx(book(anchors), abs=1e-4)
+    assert back(anchors).shape == (30, 8 + 3 * (form == "assignment+position"))
+    assert back.form == form and back(anchors) == pytest.approx(book(anchors), abs=1e-3)
 
 
-def test_a_fixed_temperature_still_leaves_the_position_part_to_cross_validation():
-    assert forms(0.4) == ((0.4, True), (0.4, False)) and forms(0.0) == FORMS
+def test_the_kernel_form_whitens_its_landmarks_and_does_not_depend_on_their_order():
+    """At the centres themselves the whitened kernel features are K K^(-1/2) = K^(1/2): their Gram is K. Reordering
+    the centres permutes the features, and the Gram of any items is unchanged (what the readout sees)."""
+    rng = np.random.default_rng(8)
+    projection = CodebookProjection(np.zeros(3), np.eye(3))
+    centres = rng.normal(size=(6, 3))
+    book = Codebook(projection, centres, scale=2.0, form="kernel")
+    features = book(centres)
+    kernel = np.exp(-squared_distances(centres, centres) / 2.0)
+    assert features @ features.T == pytest.approx(kernel, abs=1e-6)
+    items = rng.normal(size=(10, 3))
+    order = rng.permutation(6)
+    shuffled = Codebook(projection, centres[order], scale=2.0, form="kernel")
+    assert shuffled(items) @ shuffled(items).T == pytest.approx(book(items) @ book(items).T, abs=1e-8)
 
 
-def test_a_state_from_before_the_form_was_chosen_reads_its_codebook_with_the_position():
+def test_an_unknown_codebook_form_is_refused_with_the_known_ones():
+    projection = CodebookProjection(np.zeros(2), np.eye(2))
+    with pytest.raises(ValueError, match="unknown; use one of"):
+        Codebook(projection, np.zeros((2, 2)), scale=1.0, form="spline")
+    with pytest.raises(ValueError, match="newer fedanchor"):
+        form_of_code(7.0)
+
+
+def test_a_fixed_temperature_still_leaves_the_map_to_cross_validation():
+    assert forms(0.4) == tuple((0.4, form) for form in FORM_CODES) and forms(0.0) == FORMS
+
+
+@pytest.mark.parametrize("flag, form", [(None, "assignment+position"), (1.0, "assignment+position"), (0.0, "assignment")])
+def test_a_state_from_before_the_kernel_form_reads_its_codebook_as_written(flag, form):
     from fedanchor.federation.messages import CODEBOOK_PREFIX, GlobalState
     rng = np.random.default_rng(7)
     anchors = rng.normal(size=(20, 4))
@@ -167,6 +198,8 @@ def test_a_state_from_before_the_form_was_chosen_reads_its_codebook_with_the_pos
     tensors = {f"{CODEBOOK_PREFIX}x/mean": torch.from_numpy(projection.mean).float(),
                f"{CODEBOOK_PREFIX}x/linear": torch.from_numpy(projection.linear).float(),
                f"{CODEBOOK_PREFIX}x/centres": torch.from_numpy(centres).float(),
-               f"{CODEBOOK_PREFIX}x/scale": torch.tensor([0.5])}  # no /position: written before forms were chosen
+               f"{CODEBOOK_PREFIX}x/scale": torch.tensor([0.5])}
+    if flag is not None:  # the older 0/1 position flag; None: written before forms were chosen at all
+        tensors[f"{CODEBOOK_PREFIX}x/position"] = torch.tensor([flag])
     book = GlobalState(1, "fingerprint", tensors).codebooks()["x"]
-    assert book.with_position and book(anchors).shape == (20, 5 + 3)
+    assert book.form == form and book(anchors).shape == (20, 5 + 3 * (form == "assignment+position"))

@@ -149,7 +149,7 @@ def test_a_job_resubmitted_under_its_run_key_continues_at_its_last_round(tmp_pat
                                                                               "fedanchor_resume": False})
     start(persistor, ctx)
     server = component.server(ctx)
-    server.codebook_temperature, server.codebook_position, server.anchor_factors = 0.3, False, {"site-1": 0.5}  # what the rounds leave in its memory
+    server.codebook_temperature, server.codebook_form, server.anchor_factors = 0.3, "kernel", {"site-1": 0.5}  # what the rounds leave in its memory
     server.data_modality, server.data_distances, server.data_factors = {"site-1": "accel"}, {"site-1": 1.7}, {"site-1": 0.01}
     typical = server._typicality_reference("accel")  # four sites reporting: three like the anchors, one far off and left out
     far = Summary({**typical.mean, "energy": typical.mean["energy"] + 9.0}, typical.sd, 12)
@@ -170,7 +170,7 @@ def test_a_job_resubmitted_under_its_run_key_continues_at_its_last_round(tmp_pat
     assert "server_memory" not in repr(dxo.meta) and "server_memory" not in dxo.data  # no site learns the others' factors
     assert_identical(component.server(ctx).state, saved)
     resumed = component.server(ctx)
-    assert (resumed.codebook_temperature, resumed.codebook_position, resumed.anchor_factors) == (0.3, False, {"site-1": 0.5})
+    assert (resumed.codebook_temperature, resumed.codebook_form, resumed.anchor_factors) == (0.3, "kernel", {"site-1": 0.5})
     assert (resumed.data_modality, resumed.data_distances, resumed.data_factors) == ({"site-1": "accel"}, {"site-1": 1.7},
                                                                                     {"site-1": 0.01})
     assert resumed.typicality_reports == server.typicality_reports  # kept, and the factors judged again from them

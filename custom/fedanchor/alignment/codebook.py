@@ -11,17 +11,21 @@ the readout reads a ``codebook`` block beside the base features and the model:
 
     p(x) = softmax(-|P(x) - c_j|^2 / s)     (soft assignment to the centres)
     codebook(x) = [p(x), p(x) C]  or  p(x)  (the assignment, with or without the point it denotes on the manifold)
+    codebook(x) = k(x) K^(-1/2),  k_j(x) = exp(-|P(x) - c_j|^2 / s)   (the "kernel" form: Gaussian kernel features
+                                            with the centres as landmarks, whitened by their own kernel matrix K)
 
 where P standardises the base features on the anchors and keeps their leading
 principal components (public: every party computes it from the anchors), and s is
 ``temperature`` times the median squared distance of the anchors to the centres.
 The readout's cross-validation on the anchors picks the block's form (the temperature
-and whether the position part is appended, ``FORMS``), weighs the block, and drops it
-where it does not help.
+and which of the three maps, ``FORMS``), weighs the block, and drops it where it does
+not help. The kernel form is a Nystrom approximation of a Gaussian-kernel CCA; its
+whitening is a symmetric matrix function of the centres, so every party computes the
+same one from the centres and the scale alone.
 
-The same block built from k-means centres of the anchors themselves
-(``anchor_codebook``, its form chosen by ``choose_anchor_codebooks``) is what a
-consortium gets from its anchors alone: the bench's nonlinear anchors-only rival.
+The same block built from the anchors alone (k-means centres of them, or every anchor
+as a centre: ``anchor_codebook``, its size and form chosen by ``choose_anchor_codebooks``)
+is what a consortium gets without federating: the bench's nonlinear anchors-only rival.
 Everything here is numpy: no model, no FLARE.
 """
 from __future__ import annotations
@@ -38,15 +42,29 @@ COMPONENTS = 40  # principal components of the anchors' base features the centre
 SIZE = 160  # centres per modality after pooling
 TEMPERATURE = 0.1  # of the soft assignment, relative to the anchors' median squared distance to the centres
 TEMPERATURES = (0.1, 0.2, 0.3, 0.5, 1.0)  # what anchor cross-validation chooses from when the job fixes none
+# The kernel form's widths: a kernel feature is not normalised over the centres, so it needs wider ones to overlap.
+KERNEL_TEMPERATURES = (0.3, 1.0, 3.0, 10.0, 30.0)
+KERNEL_RIDGE = 1e-3  # floor of the landmarks' kernel eigenvalues in the whitening (the kernel's diagonal is 1)
 MIN_CLUSTER = 5  # private items a centroid must average before it may leave a site
-# (temperature, with position) of a codebook block, private or anchor alike: the same choice for fedanchor and its rival.
-FORMS = tuple(itertools.product(TEMPERATURES, (True, False)))
+# The block's maps, by the code that travels with the state (0 and 1 as the older with/without-position flag).
+FORM_CODES = {"assignment": 0.0, "assignment+position": 1.0, "kernel": 2.0}
+# (temperature, map) of a codebook block, private or anchor alike: the same choice for fedanchor and its rival.
+FORMS = (tuple(itertools.product(TEMPERATURES, ("assignment+position", "assignment")))
+         + tuple((t, "kernel") for t in KERNEL_TEMPERATURES))
 
 
-def forms(temperature: float = 0.0) -> tuple[tuple[float, bool], ...]:
-    """The codebook forms anchor cross-validation chooses from: ``FORMS``, or both positions of a fixed
-    ``temperature`` (> 0)."""
-    return FORMS if temperature <= 0 else ((temperature, True), (temperature, False))
+def forms(temperature: float = 0.0) -> tuple[tuple[float, str], ...]:
+    """The codebook forms anchor cross-validation chooses from: ``FORMS``, or every map at a fixed ``temperature``
+    (> 0)."""
+    return FORMS if temperature <= 0 else tuple((temperature, form) for form in FORM_CODES)
+
+
+def form_of_code(code: float) -> str:
+    """The codebook map a state's form code names; an unknown code is refused (a state of a newer version)."""
+    for form, value in FORM_CODES.items():
+        if abs(code - value) < 1e-6:
+            return form
+    raise ValueError(f"codebook form code {code} is unknown (known: {FORM_CODES}); is the state from a newer fedanchor?")
 
 
 @dataclass
@@ -155,27 +173,44 @@ def assignment_scale(anchor_projected: np.ndarray, centres: np.ndarray, temperat
     return float(temperature * np.median(squared_distances(np.asarray(anchor_projected, dtype=np.float64), centres)))
 
 
+def kernel_whitening(centres: np.ndarray, scale: float) -> np.ndarray:
+    """K^(-1/2) of the centres' Gaussian kernel matrix, eigenvalues floored at ``KERNEL_RIDGE``: a symmetric matrix
+    function, so independent of the eigenvectors' signs and order (a site and the server get the same map)."""
+    kernel = np.exp(-squared_distances(centres, centres) / max(scale, 1e-12))
+    values, vectors = np.linalg.eigh((kernel + kernel.T) / 2)
+    return (vectors / np.sqrt(np.maximum(values, KERNEL_RIDGE))) @ vectors.T
+
+
 @dataclass
 class Codebook:
-    """One modality's codebook: the projection, the centres and the assignment scale; maps base features to the
-    readout's ``codebook`` block."""
+    """One modality's codebook: the projection, the centres, the scale and the map (``FORM_CODES``); maps base
+    features to the readout's ``codebook`` block."""
 
     projection: CodebookProjection
     centres: np.ndarray  # centres x components
     scale: float
-    with_position: bool = True  # append p C (the point on the manifold) to the assignment p
+    form: str = "assignment+position"  # "assignment+position": [p, p C]; "assignment": p; "kernel": k K^(-1/2)
+
+    def __post_init__(self) -> None:
+        if self.form not in FORM_CODES:
+            raise ValueError(f"codebook form {self.form!r} is unknown; use one of {sorted(FORM_CODES)}")
+        self._whitening = kernel_whitening(self.centres, self.scale) if self.form == "kernel" else None
 
     def __call__(self, base: np.ndarray) -> np.ndarray:
-        p = soft_assignments(self.projection(base), self.centres, self.scale)
-        return np.hstack([p, p @ self.centres]) if self.with_position else p
+        projected = self.projection(base)
+        if self._whitening is not None:
+            return np.exp(-squared_distances(projected, self.centres) / max(self.scale, 1e-12)) @ self._whitening
+        p = soft_assignments(projected, self.centres, self.scale)
+        return np.hstack([p, p @ self.centres]) if self.form == "assignment+position" else p
 
 
 def anchor_codebook(projection: CodebookProjection, anchor_base: np.ndarray, centroids: int, temperature: float,
-                    with_position: bool, seed: int = 0) -> Codebook:
-    """A codebook of the anchors alone: k-means centres of the anchors' projected base features (public)."""
+                    form: str, seed: int = 0) -> Codebook:
+    """A codebook of the anchors alone: k-means centres of the anchors' projected base features (public), or every
+    anchor as a centre when ``centroids`` is the number of anchors."""
     points = projection(anchor_base)
-    centres, _ = kmeans(points, centroids, seed)
-    return Codebook(projection, centres, assignment_scale(points, centres, temperature), with_position)
+    centres = points if centroids >= len(points) else kmeans(points, centroids, seed)[0]
+    return Codebook(projection, centres, assignment_scale(points, centres, temperature), form)
 
 
 # codebooks per modality -> anchor cross-validation score, compared as a tuple (higher: better; readout_choice.form_score)
@@ -184,15 +219,15 @@ Score = Callable[[Mapping[str, Codebook]], tuple[float, float]]
 
 def choose_anchor_codebooks(projections: Mapping[str, CodebookProjection], anchor_base: Mapping[str, np.ndarray],
                             score: Score, seed: int = 0) -> tuple[dict[str, Codebook], dict[str, float]]:
-    """Every modality's anchor codebook, its number of centres (N/10 or N/5) and form (``FORMS``) chosen by
-    ``score``: (codebooks, what was chosen with its score)."""
+    """Every modality's anchor codebook, its number of centres (N/10, N/5, or all N anchors) and form (``FORMS``)
+    chosen by ``score``: (codebooks, what was chosen with its score)."""
     n = len(next(iter(anchor_base.values())))
     best: tuple[float, dict[str, Codebook], dict[str, float]] | None = None
-    for centroids, (temperature, with_position) in itertools.product(sorted({max(2, n // 10), max(2, n // 5)}), FORMS):
-        books = {m: anchor_codebook(projections[m], x, centroids, temperature, with_position, seed) for m, x in anchor_base.items()}
+    for centroids, (temperature, form) in itertools.product(sorted({max(2, n // 10), max(2, n // 5), n}), FORMS):
+        books = {m: anchor_codebook(projections[m], x, centroids, temperature, form, seed) for m, x in anchor_base.items()}
         value = score(books)
         if best is None or value > best[0]:
             best = (value, books, {"centroids": centroids, "temperature": temperature,
-                                   "with_position": float(with_position), "cv_mrr": value[0]})
+                                   "form": FORM_CODES[form], "cv_mrr": value[0]})
     assert best is not None  # the grid is never empty
     return best[1], best[2]

@@ -27,7 +27,7 @@ from typing import Any, Mapping
 import numpy as np
 import torch
 
-from ..alignment.codebook import Codebook, CodebookProjection
+from ..alignment.codebook import FORM_CODES, Codebook, CodebookProjection, form_of_code
 from ..alignment.readout import AnchorReadout
 
 PARAM_PREFIX = "param/"
@@ -43,7 +43,7 @@ CONSENSUS_KEY = "consensus/gram_upper"
 BASIS_DIGEST_KEY = "basis_digest"  # meta of a state sent without U and V: the bases it runs on
 TARGET_PREFIX = "targets/"
 READOUT_PREFIX = "readout/"  # readout/<modality>/mean, /proj: the anchor readout; /anchors: the anchors in its space
-CODEBOOK_PREFIX = "codebook/"  # down: codebook/<modality>/mean, /linear (the projection), /centres, /scale, /position
+CODEBOOK_PREFIX = "codebook/"  # down: codebook/<modality>/mean, /linear (the projection), /centres, /scale, /form
 CODEBOOK_CENTROIDS = "codebook/centroids"  # up: a site's cluster centroids (clusters x components) ...
 CODEBOOK_COUNTS = "codebook/counts"  # ... and how many private items each averages
 
@@ -160,11 +160,17 @@ class GlobalState:
     def codebooks(self) -> dict[str, Codebook]:
         """Per modality, its private codebook, once the server has built it (empty before)."""
         projections = self.codebook_projections()
-        # A state written before the block's form was chosen carries no position flag: its blocks had the position.
         return {m: Codebook(projections[m], self.tensors[f"{CODEBOOK_PREFIX}{m}/centres"].double().numpy(),
-                            float(self.tensors[f"{CODEBOOK_PREFIX}{m}/scale"]),
-                            bool(self.tensors.get(f"{CODEBOOK_PREFIX}{m}/position", torch.ones(1)).item()))
+                            float(self.tensors[f"{CODEBOOK_PREFIX}{m}/scale"]), form_of_code(self._codebook_form_code(m)))
                 for m in self._codebook_modalities("centres")}
+
+    def _codebook_form_code(self, modality: str) -> float:
+        """The block's form code; older states carry a 0/1 position flag (the same codes) or, older still, none: their
+        blocks had the position."""
+        for name in ("form", "position"):
+            if f"{CODEBOOK_PREFIX}{modality}/{name}" in self.tensors:
+                return float(self.tensors[f"{CODEBOOK_PREFIX}{modality}/{name}"].item())
+        return FORM_CODES["assignment+position"]
 
     def has_codebook(self) -> bool:
         """Whether the server has built the private codebook (its centres travel with the state)."""

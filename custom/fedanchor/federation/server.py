@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from ..alignment.codebook import Codebook, CodebookProjection, assignment_scale, pool_centroids
-from ..alignment.codebook import forms as codebook_forms
+from ..alignment.codebook import FORM_CODES, forms as codebook_forms
 from ..alignment.gram import GramConsensus, centred_gram, consensus_agreement, from_upper_triangle, upper_triangle
 from ..alignment.losses import two_view_contrastive
 from ..alignment.readout import AnchorReadout
@@ -172,7 +172,7 @@ class FederatedServer:
         self._anchors_only: dict[str, float] | None = None  # anchors_only_eval(), made once
         self._codebook_parts: dict[str, dict[str, tuple[np.ndarray, np.ndarray]]] = {}  # modality -> site -> (centroids, counts)
         self.codebook_temperature: float | None = None  # the assignment temperature, once the codebook is built
-        self.codebook_position: bool | None = None  # whether the block appends the position to the assignment
+        self.codebook_form: str | None = None  # the block's map (alignment/codebook.py, FORM_CODES)
         # The anchor check (precision.anchor_check): each site's factor from this round's losses; it weighs this round
         # when the server holds the round's updates (holds_round), else the next.
         self.anchor_factors: dict[str, float] = {}
@@ -816,26 +816,25 @@ class FederatedServer:
                                      seed=self.config.adapter.seed)
                    for m, parts in self._codebook_parts.items()}
 
-        def codebooks(temperature: float, with_position: bool) -> dict[str, Codebook]:
-            return {m: Codebook(projections[m], c, assignment_scale(projected[m], c, temperature), with_position)
+        def codebooks(temperature: float, form: str) -> dict[str, Codebook]:
+            return {m: Codebook(projections[m], c, assignment_scale(projected[m], c, temperature), form)
                     for m, c in centres.items()}
         # Chosen once, on the base features and the codebook alone (the model changes every round, the codebook does
         # not), by the readout's own anchor cross-validation; the anchors-only rival chooses its form the same way.
         scores = {form: form_score(fit_readout(self.config, dict.fromkeys(anchors), anchors, ("base", "codebook"), codebooks(*form))[1])
                   for form in codebook_forms(cfg.codebook_temperature)}
-        temperature, with_position = max(scores, key=scores.get)
+        temperature, form = max(scores, key=scores.get)
         out = {}
-        for m, book in codebooks(temperature, with_position).items():
+        for m, book in codebooks(temperature, form).items():
             out[f"{CODEBOOK_PREFIX}{m}/centres"] = torch.from_numpy(book.centres).float()
             out[f"{CODEBOOK_PREFIX}{m}/scale"] = torch.tensor([book.scale], dtype=torch.float32)  # 1-d: checkpoints hash bytes
-            out[f"{CODEBOOK_PREFIX}{m}/position"] = torch.tensor([float(with_position)], dtype=torch.float32)
+            out[f"{CODEBOOK_PREFIX}{m}/form"] = torch.tensor([FORM_CODES[form]], dtype=torch.float32)
             parts = [n for site, (_, n) in self._codebook_parts[m].items() if site not in left_out]
             log.info("round %d: private codebook of %s: %d centres from %d site(s), %d private items", self.report.round,
                      m, len(book.centres), len(parts), int(sum(n.sum() for n in parts)))
         log.info("round %d: codebook block: temperature %g, %s (anchor cross-validation over %d forms, MRR %.3f)",
-                 self.report.round, temperature, "assignment and position" if with_position else "assignment only",
-                 len(scores), scores[(temperature, with_position)][0])
-        self.codebook_temperature, self.codebook_position = temperature, with_position
+                 self.report.round, temperature, form, len(scores), scores[(temperature, form)][0])
+        self.codebook_temperature, self.codebook_form = temperature, form
         self._codebook_parts = {}
         return out
 
@@ -897,8 +896,8 @@ class FederatedServer:
         out.update({f"readout/truncation/{k}": float(v) for k, v in choice.truncation.items()})
         if self.codebook_temperature is not None:
             out["codebook/temperature"] = self.codebook_temperature
-        if self.codebook_position is not None:
-            out["codebook/position"] = float(self.codebook_position)
+        if self.codebook_form is not None:
+            out["codebook/form"] = FORM_CODES[self.codebook_form]
         return out
 
     def evaluate(self, state: GlobalState | None = None) -> dict[str, float]:

@@ -96,12 +96,12 @@ class FedAnchorServerComponent(FLComponent):
 
     def server_memory(self) -> dict[str, Any]:
         """What the server remembers between rounds beside the global state: the codebook block's form (temperature and
-        position, reported in every evaluation), the anchor, data and information checks' factors, the typicality
+        map, reported in every evaluation), the anchor, data and information checks' factors, the typicality
         check's reports (its factors follow from them), the sites the checks left out, and the outlier check's
         reference (they weigh or refuse the next round's updates). Kept in each checkpoint's meta, so a resumed run goes
         on as the uninterrupted one would."""
         server = self.server()
-        return {"codebook_temperature": server.codebook_temperature, "codebook_position": server.codebook_position,
+        return {"codebook_temperature": server.codebook_temperature, "codebook_form": server.codebook_form,
                 "anchor_factors": {site: float(f) for site, f in server.anchor_factors.items()},
                 "information_factors": {site: float(f) for site, f in server.information_factors.items()},
                 "typicality_reports": {site: [modality, summary.items, summary.metrics()]
@@ -117,8 +117,9 @@ class FedAnchorServerComponent(FLComponent):
         server = self.server()
         if memory.get("codebook_temperature") is not None:
             server.codebook_temperature = float(memory["codebook_temperature"])
-            # A checkpoint from before the block's form was chosen kept no position: its codebook carried one.
-            server.codebook_position = bool(memory.get("codebook_position", True))
+            # Older checkpoints kept a position flag (True: the assignment and its position) or, older still, none.
+            legacy = "assignment+position" if memory.get("codebook_position", True) else "assignment"
+            server.codebook_form = str(memory.get("codebook_form") or legacy)
         server.anchor_factors = {site: float(f) for site, f in (memory.get("anchor_factors") or {}).items()}
         server.information_factors = {site: float(f) for site, f in (memory.get("information_factors") or {}).items()}
         reports = memory.get("typicality_reports") or {}
