@@ -5,7 +5,7 @@ import torch
 
 from fedanchor.alignment.codebook import (FORM_CODES, FORMS, Codebook, CodebookProjection, assignment_scale, choose_anchor_codebooks,
                                           form_of_code, forms, kmeans, pool_centroids, site_centroids, soft_assignments,
-                                          squared_distances)
+                                          squared_distances, anchor_codebook)
 from fedanchor.alignment.readout_choice import choose_readout, concatenated
 
 
@@ -203,3 +203,11 @@ def test_a_state_from_before_the_kernel_form_reads_its_codebook_as_written(flag,
         tensors[f"{CODEBOOK_PREFIX}x/position"] = torch.tensor([flag])
     book = GlobalState(1, "fingerprint", tensors).codebooks()["x"]
     assert book.form == form and book(anchors).shape == (20, 5 + 3 * (form == "assignment+position"))
+
+
+def test_every_anchor_as_a_centre_counts_repeated_items_once():
+    """Identical anchors (the same code set twice) would give the block identical columns: one centre each."""
+    anchor_base = np.array([[0.0, 1.0], [0.0, 1.0], [2.0, 0.0], [1.0, 1.0], [0.0, 1.0]])
+    projection = CodebookProjection(np.zeros(2), np.eye(2))
+    book = anchor_codebook(projection, anchor_base, len(anchor_base), 1.0, "kernel")
+    assert book.centres.tolist() == [[0.0, 1.0], [2.0, 0.0], [1.0, 1.0]]

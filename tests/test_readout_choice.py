@@ -143,3 +143,18 @@ def test_one_decomposition_per_fold_scores_every_ridge_as_its_own_fit_would(n, p
         for d in dims:
             unit = {m: _unit_rows(v[:, :d]) for m, v in full.items()}
             assert fast[reg][d] == pytest.approx(_mean_reciprocal_rank(unit), abs=1e-9), (reg, d)
+
+
+def test_principal_axes_fall_back_to_the_covariance_when_the_svd_does_not_converge(monkeypatch):
+    from fedanchor.alignment import readout_choice
+    rng = np.random.default_rng(9)
+    x = rng.normal(size=(30, 5)) @ np.diag([5.0, 3.0, 2.0, 1.0, 0.5])
+    x -= x.mean(0)
+    expected = readout_choice.principal_axes(x)
+
+    def failing_svd(*args, **kwargs):
+        raise np.linalg.LinAlgError("SVD did not converge")
+    monkeypatch.setattr(readout_choice.np.linalg, "svd", failing_svd)
+    fallback = readout_choice.principal_axes(x)
+    assert fallback.shape == expected.shape
+    assert np.abs(fallback.T @ expected) == pytest.approx(np.eye(5), abs=1e-8)  # the same axes, up to sign

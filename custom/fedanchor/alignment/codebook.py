@@ -207,9 +207,13 @@ class Codebook:
 def anchor_codebook(projection: CodebookProjection, anchor_base: np.ndarray, centroids: int, temperature: float,
                     form: str, seed: int = 0) -> Codebook:
     """A codebook of the anchors alone: k-means centres of the anchors' projected base features (public), or every
-    anchor as a centre when ``centroids`` is the number of anchors."""
+    distinct anchor as a centre when ``centroids`` is the number of anchors (repeated items, such as identical code
+    sets, would only repeat a column)."""
     points = projection(anchor_base)
-    centres = points if centroids >= len(points) else kmeans(points, centroids, seed)[0]
+    if centroids >= len(points):
+        centres = points[np.sort(np.unique(points, axis=0, return_index=True)[1])]
+    else:
+        centres = kmeans(points, centroids, seed)[0]
     return Codebook(projection, centres, assignment_scale(points, centres, temperature), form)
 
 

@@ -91,6 +91,18 @@ class Candidate(NamedTuple):
     scores: list[float]
 
 
+def principal_axes(centred: np.ndarray) -> np.ndarray:
+    """features x components, ordered by variance. LAPACK's divide-and-conquer SVD can fail to converge on blocks
+    with many repeated columns (soft assignments to near-identical centres); the covariance's eigenvectors, the
+    same axes, are the fallback."""
+    try:
+        return np.linalg.svd(centred, full_matrices=False)[2].T
+    except np.linalg.LinAlgError:
+        values, vectors = np.linalg.eigh(centred.T @ centred)
+        keep = min(centred.shape)
+        return vectors[:, np.argsort(values)[::-1][:keep]]
+
+
 @dataclass
 class BlockStatistics:
     """A block's anchor statistics: mean, per-feature scale, principal axes."""
@@ -104,8 +116,7 @@ class BlockStatistics:
         mean = x.mean(0)
         scale = x.std(0) if per_feature else np.ones(x.shape[1])
         scale[scale < 1e-6] = 1.0  # a constant feature on the anchors carries nothing; keep it finite
-        _, _, vt = np.linalg.svd((x - mean) / scale, full_matrices=False)
-        return cls(mean, scale, vt.T)
+        return cls(mean, scale, principal_axes((x - mean) / scale))
 
     def linear(self, truncation: int, weight: float, anchors: np.ndarray) -> np.ndarray:
         """The features x output map of standardise -> truncate -> unit total variance -> weight (no columns at 0:
