@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 import torch
 
-from fedanchor.alignment.codebook import (FORM_CODES, FORMS, Codebook, CodebookProjection, assignment_scale, choose_anchor_codebooks,
+from fedanchor.alignment.codebook import (ANCHOR_FORMS, FORM_CODES, FORMS, Codebook, CodebookProjection, assignment_scale, choose_anchor_codebooks,
                                           form_of_code, forms, kmeans, pool_centroids, site_centroids, soft_assignments,
                                           squared_distances, anchor_codebook)
 from fedanchor.alignment.readout_choice import choose_readout, concatenated
@@ -132,14 +132,14 @@ def test_the_anchor_codebook_is_chosen_by_the_score():
     rng = np.random.default_rng(5)
     anchor_base = {"a": rng.normal(size=(50, 4)), "b": rng.normal(size=(50, 3))}
     projections = {m: CodebookProjection.fit(x, components=3) for m, x in anchor_base.items()}
-    pick = len(FORMS) + 3  # candidates: 5, 10 (N/10, N/5) then all 50 anchors as centres, each in every form
+    pick = len(ANCHOR_FORMS) + 3  # candidates: 5, 10 (N/10, N/5) then all 50 anchors as centres, each in every form
     score, seen = preferring(pick)
     anchor_books, chosen = choose_anchor_codebooks(projections, anchor_base, score)
-    temperature, form = FORMS[3]
-    assert len(seen) == 3 * len(FORMS)
+    temperature, form = ANCHOR_FORMS[3]
+    assert len(seen) == 3 * len(ANCHOR_FORMS) and {f for _, f in ANCHOR_FORMS} == set(FORM_CODES)
     assert (chosen["centroids"], chosen["temperature"], chosen["form"]) == (10, temperature, FORM_CODES[form])
     assert anchor_books is seen[pick] and len(anchor_books["b"].centres) == 10 and anchor_books["b"].form == form
-    everyone = seen[2 * len(FORMS)]["a"]  # the third size: every anchor is a centre, not a k-means of them
+    everyone = seen[2 * len(ANCHOR_FORMS)]["a"]  # the third size: every anchor is a centre, not a k-means of them
     assert everyone.centres == pytest.approx(projections["a"](anchor_base["a"]))
 
 
@@ -184,8 +184,9 @@ def test_an_unknown_codebook_form_is_refused_with_the_known_ones():
         form_of_code(7.0)
 
 
-def test_a_fixed_temperature_still_leaves_the_map_to_cross_validation():
-    assert forms(0.4) == tuple((0.4, form) for form in FORM_CODES) and forms(0.0) == FORMS
+def test_a_fixed_temperature_still_leaves_the_position_part_to_cross_validation():
+    assert forms(0.4) == ((0.4, "assignment+position"), (0.4, "assignment")) and forms(0.0) == FORMS
+    assert all(form != "kernel" for _, form in FORMS)  # the private codebook's choice leaves the kernel out
 
 
 @pytest.mark.parametrize("flag, form", [(None, "assignment+position"), (1.0, "assignment+position"), (0.0, "assignment")])

@@ -59,7 +59,7 @@ class AlignmentConfig:
     readout_text_tokens: int = 128  # tokens of a text item's base features (the whole report, not the training crop)
     codebook_size: int = 160  # centres of a modality's private codebook (alignment/codebook.py); 0: no codebook
     codebook_components: int = 40  # principal components of the anchors' base features the centres live in
-    codebook_temperature: float = 0.0  # of the soft assignment, relative to the anchors' median squared distance; 0: chosen by anchor cross-validation (the map, assignment or kernel, always is)
+    codebook_temperature: float = 0.0  # of the soft assignment, relative to the anchors' median squared distance; 0: chosen by anchor cross-validation (the block's position part always is)
     codebook_min_cluster: int = 5  # private items a centroid must average before it may leave a site
 
 

@@ -18,14 +18,15 @@ where P standardises the base features on the anchors and keeps their leading
 principal components (public: every party computes it from the anchors), and s is
 ``temperature`` times the median squared distance of the anchors to the centres.
 The readout's cross-validation on the anchors picks the block's form (the temperature
-and which of the three maps, ``FORMS``), weighs the block, and drops it where it does
-not help. The kernel form is a Nystrom approximation of a Gaussian-kernel CCA; its
-whitening is a symmetric matrix function of the centres, so every party computes the
-same one from the centres and the scale alone.
+and the map, ``FORMS``), weighs the block, and drops it where it does not help. The
+kernel form is a Nystrom approximation of a Gaussian-kernel CCA; its whitening is a
+symmetric matrix function of the centres, so every party computes the same one from
+the centres and the scale alone.
 
 The same block built from the anchors alone (k-means centres of them, or every anchor
-as a centre: ``anchor_codebook``, its size and form chosen by ``choose_anchor_codebooks``)
-is what a consortium gets without federating: the bench's nonlinear anchors-only rival.
+as a centre: ``anchor_codebook``, its size and form chosen by ``choose_anchor_codebooks``
+among ``ANCHOR_FORMS``, the kernel form too) is what a consortium gets without
+federating: the bench's nonlinear anchors-only rival.
 Everything here is numpy: no model, no FLARE.
 """
 from __future__ import annotations
@@ -48,15 +49,18 @@ KERNEL_RIDGE = 1e-3  # floor of the landmarks' kernel eigenvalues in the whiteni
 MIN_CLUSTER = 5  # private items a centroid must average before it may leave a site
 # The block's maps, by the code that travels with the state (0 and 1 as the older with/without-position flag).
 FORM_CODES = {"assignment": 0.0, "assignment+position": 1.0, "kernel": 2.0}
-# (temperature, map) of a codebook block, private or anchor alike: the same choice for fedanchor and its rival.
-FORMS = (tuple(itertools.product(TEMPERATURES, ("assignment+position", "assignment")))
-         + tuple((t, "kernel") for t in KERNEL_TEMPERATURES))
+# (temperature, map) of the private codebook's block. The kernel form is left out: on motion's 16 anchors the
+# cross-validation chose it on every split and lost held-out recall (docs/DECISIONS.md, "A kernel form").
+FORMS = tuple(itertools.product(TEMPERATURES, ("assignment+position", "assignment")))
+# The anchor codebook's: every form, the kernel too (every anchor as its landmark: the anchors-only kernel CCA), so
+# that the rival is never denied a choice fedanchor has.
+ANCHOR_FORMS = FORMS + tuple((t, "kernel") for t in KERNEL_TEMPERATURES)
 
 
 def forms(temperature: float = 0.0) -> tuple[tuple[float, str], ...]:
-    """The codebook forms anchor cross-validation chooses from: ``FORMS``, or every map at a fixed ``temperature``
-    (> 0)."""
-    return FORMS if temperature <= 0 else tuple((temperature, form) for form in FORM_CODES)
+    """The private codebook forms anchor cross-validation chooses from: ``FORMS``, or both soft maps at a fixed
+    ``temperature`` (> 0)."""
+    return FORMS if temperature <= 0 else ((temperature, "assignment+position"), (temperature, "assignment"))
 
 
 def form_of_code(code: float) -> str:
@@ -223,11 +227,11 @@ Score = Callable[[Mapping[str, Codebook]], tuple[float, float]]
 
 def choose_anchor_codebooks(projections: Mapping[str, CodebookProjection], anchor_base: Mapping[str, np.ndarray],
                             score: Score, seed: int = 0) -> tuple[dict[str, Codebook], dict[str, float]]:
-    """Every modality's anchor codebook, its number of centres (N/10, N/5, or all N anchors) and form (``FORMS``)
+    """Every modality's anchor codebook, its number of centres (N/10, N/5, or all N anchors) and form (``ANCHOR_FORMS``)
     chosen by ``score``: (codebooks, what was chosen with its score)."""
     n = len(next(iter(anchor_base.values())))
     best: tuple[float, dict[str, Codebook], dict[str, float]] | None = None
-    for centroids, (temperature, form) in itertools.product(sorted({max(2, n // 10), max(2, n // 5), n}), FORMS):
+    for centroids, (temperature, form) in itertools.product(sorted({max(2, n // 10), max(2, n // 5), n}), ANCHOR_FORMS):
         books = {m: anchor_codebook(projections[m], x, centroids, temperature, form, seed) for m, x in anchor_base.items()}
         value = score(books)
         if best is None or value > best[0]:
