@@ -283,3 +283,13 @@ def test_a_restarted_site_asked_again_for_a_round_it_trained_sends_the_same_upda
     component.run_key = ""  # a global state of a job without this run key: refused, not trained on this run's delta
     unkeyed = FedAnchorShareableGenerator().learnable_to_shareable(component.to_learnable(server.state), server_ctx)
     assert executor.execute("train", unkeyed, ctx, Signal()).get_return_code() == ReturnCode.BAD_TASK_DATA
+
+
+@pytest.mark.parametrize("memory, form", [({"codebook_position": False}, "assignment"), ({"codebook_position": True}, "assignment+position"),
+                                          ({}, "assignment+position"), ({"codebook_form": "kernel"}, "kernel")])
+def test_a_checkpoint_from_before_the_form_code_restores_its_codebook_form(tmp_path, memory, form):
+    component, persistor, workflow, ctx = server_job(tmp_path, "job-1", meta={"fedanchor_run_key": "run-a",
+                                                                              "fedanchor_resume": False})
+    start(persistor, ctx)
+    component.restore_server_memory({"server_memory": {"codebook_temperature": 0.3, **memory}})
+    assert (component.server(ctx).codebook_temperature, component.server(ctx).codebook_form) == (0.3, form)

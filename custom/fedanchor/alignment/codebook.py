@@ -177,10 +177,15 @@ def assignment_scale(anchor_projected: np.ndarray, centres: np.ndarray, temperat
     return float(temperature * np.median(squared_distances(np.asarray(anchor_projected, dtype=np.float64), centres)))
 
 
+def gaussian_kernel(a: np.ndarray, b: np.ndarray, scale: float) -> np.ndarray:
+    """exp(-|a_i - b_j|^2 / scale)."""
+    return np.exp(-squared_distances(a, b) / max(scale, 1e-12))
+
+
 def kernel_whitening(centres: np.ndarray, scale: float) -> np.ndarray:
     """K^(-1/2) of the centres' Gaussian kernel matrix, eigenvalues floored at ``KERNEL_RIDGE``: a symmetric matrix
     function, so independent of the eigenvectors' signs and order (a site and the server get the same map)."""
-    kernel = np.exp(-squared_distances(centres, centres) / max(scale, 1e-12))
+    kernel = gaussian_kernel(centres, centres, scale)
     values, vectors = np.linalg.eigh((kernel + kernel.T) / 2)
     return (vectors / np.sqrt(np.maximum(values, KERNEL_RIDGE))) @ vectors.T
 
@@ -203,7 +208,7 @@ class Codebook:
     def __call__(self, base: np.ndarray) -> np.ndarray:
         projected = self.projection(base)
         if self._whitening is not None:
-            return np.exp(-squared_distances(projected, self.centres) / max(self.scale, 1e-12)) @ self._whitening
+            return gaussian_kernel(projected, self.centres, self.scale) @ self._whitening
         p = soft_assignments(projected, self.centres, self.scale)
         return np.hstack([p, p @ self.centres]) if self.form == "assignment+position" else p
 

@@ -16,6 +16,7 @@ from nvflare.apis.fl_component import FLComponent
 from nvflare.apis.fl_context import FLContext
 from nvflare.app_common.abstract.model import ModelLearnable
 
+from ..alignment.codebook import form_of_code
 from ..config import FedAnchorConfig, config_from_dict, config_to_dict
 from ..federation.loop import make_split
 from ..federation.messages import GlobalState
@@ -117,9 +118,9 @@ class FedAnchorServerComponent(FLComponent):
         server = self.server()
         if memory.get("codebook_temperature") is not None:
             server.codebook_temperature = float(memory["codebook_temperature"])
-            # Older checkpoints kept a position flag (True: the assignment and its position) or, older still, none.
-            legacy = "assignment+position" if memory.get("codebook_position", True) else "assignment"
-            server.codebook_form = str(memory.get("codebook_form") or legacy)
+            # Older checkpoints kept a position flag (its 0/1 are the same form codes) or, older still, none: a position.
+            server.codebook_form = str(memory.get("codebook_form")
+                                       or form_of_code(float(memory.get("codebook_position", True))))
         server.anchor_factors = {site: float(f) for site, f in (memory.get("anchor_factors") or {}).items()}
         server.information_factors = {site: float(f) for site, f in (memory.get("information_factors") or {}).items()}
         reports = memory.get("typicality_reports") or {}
