@@ -856,3 +856,28 @@ def test_under_dp_the_server_refuses_typicality_numbers(setup):
             server.accept(accel)
     finally:
         server.config = config
+
+
+@pytest.mark.parametrize("mode, anchors_too, bad_anchors_changed", [
+    ("garbage", False, False),
+    ("garbage", True, True),
+    ("shuffle", True, True),
+    ("small", True, False),  # the public anchors are whole: a small site has fewer records, not fewer anchors
+])
+def test_a_corruption_in_a_sites_pipeline_reaches_its_copy_of_the_anchors_and_nobody_elses(mode, anchors_too,
+                                                                                            bad_anchors_changed):
+    from fedanchor.federation.loop import site_inputs
+
+    config = tiny_config(data={"sites": {"a1": "accel", "a2": "accel", "g1": "gyro"}})
+    split = make_split(config)
+    inputs = site_inputs(split, {"a1": (mode, 1.0)}, corrupt_anchors=anchors_too, seed=0)
+    public = np.asarray(split.anchors["accel"].items)
+    bad_private, bad_anchors = inputs["a1"]
+    assert bad_private is not split.private["a1"]
+    assert np.array_equal(np.asarray(bad_anchors.items), public) != bad_anchors_changed
+    assert bad_anchors.sample_ids == split.anchors["accel"].sample_ids
+    for site in ("a2", "g1"):
+        private, anchors = inputs[site]
+        assert anchors is split.anchors[private.spec.name] and private is split.private[site]
+    with pytest.raises(ValueError, match=r"not sites of this split"):
+        site_inputs(split, {"a9": ("noise", 1.0)})

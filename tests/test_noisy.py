@@ -193,3 +193,19 @@ def test_summarising_splits_refuses_what_does_not_add_up(tmp_path, layout, messa
         write_noisy(_study(seed, 0.75, 0.6, 0.8, 0.03), tmp_path / folder / f"seed-{seed}")
     with pytest.raises((ValueError, FileNotFoundError), match=message):
         load_splits([tmp_path / f for f in layout] or [tmp_path])
+
+
+def test_whether_the_anchors_were_corrupted_travels_with_each_split_and_splits_must_agree(tmp_path):
+    import dataclasses
+
+    from fedanchor.bench.noisy import NoisyStudy, write_noisy
+    from fedanchor.bench.precision_study import load_splits, precision_summary
+
+    pipeline = dataclasses.replace(_study(0, 0.75, 0.6, 0.8, 0.03), anchors_corrupted=True)
+    write_noisy(pipeline, tmp_path / "a" / "seed-0")
+    read = NoisyStudy.from_dict(json.loads((tmp_path / "a" / "seed-0" / "noisy.json").read_text()))
+    assert read.anchors_corrupted is True and "copy of the anchors corrupted too" in read.markdown()
+    assert precision_summary([read])["cases"][0]["anchors_corrupted"] is True
+    write_noisy(_study(1, 0.75, 0.6, 0.8, 0.03), tmp_path / "b" / "seed-1")
+    with pytest.raises(ValueError, match="whether the anchors were corrupted"):
+        load_splits([tmp_path / "a", tmp_path / "b"])

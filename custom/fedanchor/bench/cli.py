@@ -103,6 +103,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--refresh-every", type=int, default=3, help="with --refresh: T, rounds between basis refreshes")
     parser.add_argument("--noisy-mode", action="append", choices=sorted(NOISY_MODES),
                         help="corruptions of the noisy-site study (repeatable; default all)")
+    parser.add_argument("--noisy-anchors", action="store_true",
+                        help="put the bad site's corruption in its pipeline: its copy of the public anchors is corrupted "
+                             "too (a broken loader or scanner setting rather than bad records)")
     parser.add_argument("--trunk", default=None, help="all-MiniLM-L6-v2 (default), 'tiny', or a local model folder")
     parser.add_argument("--method", action="append", choices=METHODS, help="run only these methods (repeatable)")
     parser.add_argument("--threads", type=int, default=None,
@@ -154,7 +157,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         def study() -> dict:
             configs = [bench_config(args.scenario, args.quick, seed, args.trunk, _parse_set(args.set or [])) for seed in args.seeds]
-            studies = precision_study(configs, modes=args.noisy_mode)
+            studies = precision_study(configs, modes=args.noisy_mode, anchors_corrupted=args.noisy_anchors)
             write_splits(studies, out)
             return precision_summary(studies)
         return _study(out, "precision", study, lambda summary: precision_markdown(summary, command))
@@ -180,7 +183,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print((out / "spread.md").read_text())
         if args.noisy:
             config = bench_config(args.scenario, args.quick, args.seeds[0], args.trunk, _parse_set(args.set or []))
-            study = noisy_site_study(config, modes=args.noisy_mode)
+            study = noisy_site_study(config, modes=args.noisy_mode, anchors_corrupted=args.noisy_anchors)
             paths = write_noisy(study, out)
             print(paths["md"].read_text())
     except (ValueError, FileNotFoundError, ModuleNotFoundError, RuntimeError) as err:

@@ -122,6 +122,8 @@ class NoisyStudy:
     # what uniform averaging loses to a bad site, and whether precision weighting costs a clean federation anything.
     clean_only: NoisyRun | None = None
     reference_uniform: NoisyRun | None = None
+    # The corruption sat in the noisy site's pipeline: its copy of the public anchors passed through it too.
+    anchors_corrupted: bool = False
 
     @property
     def clean_peers(self) -> list[str]:
@@ -173,7 +175,7 @@ class NoisyStudy:
             "runs": {mode: {w: run.as_dict() for w, run in pair.items()} for mode, pair in self.runs.items()},
             "clean_only": self.clean_only.as_dict() if self.clean_only else None,
             "reference_uniform": self.reference_uniform.as_dict() if self.reference_uniform else None,
-            "figures": self.figures(),
+            "anchors_corrupted": self.anchors_corrupted, "figures": self.figures(),
         }
 
     @classmethod
@@ -185,7 +187,8 @@ class NoisyStudy:
                    modality=values["modality"], sites=dict(values["sites"]), reference=run(values["reference"]),
                    runs={mode: {w: run(r) for w, r in pair.items()} for mode, pair in values["runs"].items()},
                    seconds=values["seconds"], modes={k: NoisyMode(**v) for k, v in values["modes"].items()},
-                   clean_only=run(values["clean_only"]), reference_uniform=run(values["reference_uniform"]))
+                   clean_only=run(values["clean_only"]), reference_uniform=run(values["reference_uniform"]),
+                   anchors_corrupted=bool(values.get("anchors_corrupted", False)))
 
     def markdown(self) -> str:
         cfg = self.config
@@ -195,7 +198,9 @@ class NoisyStudy:
                  (f"Scenario {self.scenario}, split seed {cfg.data.seed}: {cfg.data.n_anchors} anchors, {cfg.data.n_test} "
                  f"held-out pairs; trunk {cfg.trunk.name}; {cfg.rounds} rounds x {cfg.train.local_steps} local steps. "
                  f"Sites: {', '.join(f'{s}={m}' for s, m in self.sites.items())}. Noisy site **{self.noisy_site}** "
-                 f"({self.modality}), compared with {', '.join(self.clean_peers)}. Precision weighting = "
+                 f"({self.modality}), compared with {', '.join(self.clean_peers)}"
+                 f"{'; its corruption in its pipeline, its copy of the anchors corrupted too' if self.anchors_corrupted else ''}. "
+                 "Precision weighting = "
                  f"`precision.method={ref.method}`; uniform = `precision.method=uniform`. Total {self.seconds:.0f}s."), "",
                  (f"Weight ratio = noisy site's merge weight / mean weight of the clean {self.modality} sites, per round, "
                  f"under precision weighting (target <= {RATIO_TARGET} in the last round, **bold**). In the clean "
@@ -345,14 +350,17 @@ def _record(result: RunResult, mode: str | None, severity: float, weighting: str
 
 def noisy_site_study(config: FedAnchorConfig, split: FederatedSplit | None = None, site: str | None = None,
                      modes: Sequence[str] | Mapping[str, float] | None = None,
-                     say: Callable[[str], None] = print, clean_only: bool = False) -> NoisyStudy:
+                     say: Callable[[str], None] = print, clean_only: bool = False,
+                     anchors_corrupted: bool = False) -> NoisyStudy:
     """Run the clean reference and, per mode, the corrupted split under precision and under uniform weighting.
 
     ``config.precision.method`` is the precision weighting (it must not be "uniform"); ``split`` defaults to
     ``make_split(config)`` and is shared by every run so only the corruption and the weighting differ; ``site``
     defaults to the first site of a modality with two or more sites; ``modes`` are names of NOISY_MODES (their
     default severities) or {name: severity}. ``clean_only`` adds the federation without the noisy site and the clean
-    federation under uniform weighting (the precision study's references).
+    federation under uniform weighting (the precision study's references). ``anchors_corrupted`` puts the corruption
+    in the noisy site's pipeline (a broken loader, a scanner setting), so the site's copy of the public anchors passes
+    through it too; a small site's anchors stay whole.
     """
     if config.precision.method == UNIFORM:
         raise ValueError("config.precision.method is 'uniform', so there is no precision weighting to compare; "
@@ -374,7 +382,7 @@ def noisy_site_study(config: FedAnchorConfig, split: FederatedSplit | None = Non
         t0 = time.perf_counter()
         corruptions = {noisy: (chosen[mode].corruption, severity)} if mode is not None else None
         result = run_in_process(cfg, progress=None, corruptions=corruptions, split=run_split or split,
-                                evaluate_each_round=False)
+                                evaluate_each_round=False, corrupt_anchors=anchors_corrupted)
         run = _record(result, mode, severity, weighting, time.perf_counter() - t0)
         weights = " ".join(f"{s}:{w:.2f}" for s, w in (run.site_weights[-1] if run.site_weights else {}).items())
         say(f"   final weights {weights} | mean R@10 inst {_fmt(run.recall['instance'])} sem "
@@ -398,7 +406,7 @@ def noisy_site_study(config: FedAnchorConfig, split: FederatedSplit | None = Non
             runs[mode][weighting] = one(cfg, mode, spec.severity, weighting)
     study = NoisyStudy(scenario=config.data.scenario, config=config, noisy_site=noisy, modality=sites[noisy], sites=sites,
                        reference=reference, runs=runs, seconds=time.perf_counter() - started, modes=chosen,
-                       clean_only=without, reference_uniform=reference_uniform)
+                       clean_only=without, reference_uniform=reference_uniform, anchors_corrupted=anchors_corrupted)
     for mode, fig in study.figures().items():
         say(f"{mode}: weight ratio {' -> '.join(_fmt(x) for x in fig['weight_ratio'])} "
             f"(target <= {RATIO_TARGET}: {'met' if fig['ratio_target_met'] else 'not met'}); mean R@10 precision/uniform "

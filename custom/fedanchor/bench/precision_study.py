@@ -52,12 +52,14 @@ def study_config(config: FedAnchorConfig) -> FedAnchorConfig:
 
 
 def precision_study(configs: Sequence[FedAnchorConfig], modes: Sequence[str] | None = None,
-                    say: Callable[[str], None] = print) -> list[NoisyStudy]:
-    """One noisy-site study with its clean references per split (one config per split seed)."""
+                    say: Callable[[str], None] = print, anchors_corrupted: bool = False) -> list[NoisyStudy]:
+    """One noisy-site study with its clean references per split (one config per split seed); ``anchors_corrupted``:
+    the bad site's copy of the anchors passes through its corruption too."""
     studies = []
     for config in configs:
         say(f"== precision study, split seed {config.data.seed} ==")
-        studies.append(noisy_site_study(study_config(config), modes=modes, say=say, clean_only=True))
+        studies.append(noisy_site_study(study_config(config), modes=modes, say=say, clean_only=True,
+                                        anchors_corrupted=anchors_corrupted))
     return studies
 
 
@@ -82,6 +84,7 @@ def precision_summary(studies: Sequence[NoisyStudy]) -> dict[str, Any]:
         cases.append({
             "scenario": studies[0].scenario, "corruption": mode, "severity": figures[0]["severity"],
             "bad_site": studies[0].noisy_site, "modality": studies[0].modality,
+            "anchors_corrupted": studies[0].anchors_corrupted,
             "weight_ratio": ratio, "weight_ratio_per_split": [f["weight_ratio_final"] for f in figures],
             "recovery_instance": recovery["instance"], "recovery_semantic": recovery["semantic"],
             "uniform_hurt_instance": hurt["instance"], "uniform_hurt_semantic": hurt["semantic"],
@@ -146,8 +149,9 @@ def load_splits(folders: Sequence[Path]) -> list[NoisyStudy]:
     seeds = [s.config.data.seed for s in studies]
     if len(set(seeds)) != len(seeds):
         raise ValueError(f"split seeds {seeds} repeat: summarise each split once")
-    if len({(s.scenario, s.noisy_site, tuple(s.runs)) for s in studies}) != 1:
-        raise ValueError("the splits ran different studies (scenario, bad site or corruptions differ); summarise like with like")
+    if len({(s.scenario, s.noisy_site, tuple(s.runs), s.anchors_corrupted) for s in studies}) != 1:
+        raise ValueError("the splits ran different studies (scenario, bad site, corruptions or whether the anchors were "
+                         "corrupted differ); summarise like with like")
     return studies
 
 

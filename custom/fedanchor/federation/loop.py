@@ -14,7 +14,7 @@ from typing import Any, Callable, Mapping
 from ..config import FedAnchorConfig
 from ..data import corrupt
 from ..data.pack import AnchorPack, bundled_pack, load_pack
-from ..data.scenario import FederatedSplit
+from ..data.scenario import FederatedSplit, ModalityData
 from ..model.homogeneous import build_model
 from .messages import GlobalState
 from .server import LEFT_OUT, ContributionRejected, FederatedServer
@@ -84,12 +84,34 @@ class RunResult:
         return self.rounds[-1].eval if self.rounds else self.initial_eval
 
 
+def site_inputs(split: FederatedSplit, corruptions: Mapping[str, tuple[str, float]] | None = None,
+                corrupt_anchors: bool = False, seed: int = 0) -> dict[str, tuple[ModalityData, ModalityData]]:
+    """Each site's private data and its copy of its modality's anchors, a corrupted site's passed through
+    ``data.corrupt`` (its anchors too where ``corrupt_anchors``; a small site's anchors are the public ones whole)."""
+    unknown = sorted(set(corruptions or {}) - set(split.private))
+    if unknown:
+        raise ValueError(f"corruptions name {unknown}, which are not sites of this split ({sorted(split.private)})")
+    out = {}
+    for site, private in split.private.items():
+        anchors = split.anchors[private.spec.name]
+        if corruptions and site in corruptions:
+            mode, severity = corruptions[site]
+            private = corrupt(private, mode, severity, seed=seed)
+            if corrupt_anchors and mode != "small":
+                anchors = corrupt(anchors, mode, severity, seed=seed + 1)
+        out[site] = (private, anchors)
+    return out
+
+
 def run_in_process(config: FedAnchorConfig, progress: Callable[[str], None] | None = print,
                    corruptions: Mapping[str, tuple[str, float]] | None = None, split: FederatedSplit | None = None,
-                   freeze_delta: bool = False, evaluate_each_round: bool = True) -> RunResult:
+                   freeze_delta: bool = False, evaluate_each_round: bool = True,
+                   corrupt_anchors: bool = False) -> RunResult:
     """Train ``config.rounds`` rounds.
 
-    ``corruptions`` maps a site to (mode, severity) for noisy-site studies;
+    ``corruptions`` maps a site to (mode, severity) for noisy-site studies; ``corrupt_anchors`` puts the corruption
+    in the site's pipeline, so its copy of the public anchors passes through it too (a broken loader or scanner
+    setting, rather than bad records);
     ``freeze_delta`` keeps every site's log-gain delta at 0 (the no-delta_site ablation);
     ``evaluate_each_round=False`` scores only the final state (benchmarks need no per-round table,
     and held-out scoring with a text trunk costs as much as a site's round on a small CPU).
@@ -99,15 +121,12 @@ def run_in_process(config: FedAnchorConfig, progress: Callable[[str], None] | No
     modalities = {name: data.spec for name, data in split.anchors.items()}
     server = FederatedServer(config, modalities, split.anchors, split.anchor_fingerprint, split.feature_stats, split.test)
     sites: dict[str, SiteTrainer] = {}
-    for site, private in split.private.items():
-        if corruptions and site in corruptions:
-            mode, severity = corruptions[site]
-            private = corrupt(private, mode, severity, seed=config.data.seed)
+    for site, (private, anchors) in site_inputs(split, corruptions, corrupt_anchors, config.data.seed).items():
         model = build_model(config, modalities, split.feature_stats)
         if freeze_delta:
             for layer in model.adapters().values():
                 layer.delta.requires_grad_(False)  # Adam skips parameters without gradients
-        sites[site] = SiteTrainer(config, site, private, split.anchors[private.spec.name], split.anchor_fingerprint,
+        sites[site] = SiteTrainer(config, site, private, anchors, split.anchor_fingerprint,
                                   modalities, split.feature_stats, model=model)
     state = server.initial_state()
     result = RunResult(config=config, initial_eval=server.evaluate(state) if evaluate_each_round else {})
