@@ -199,13 +199,16 @@ def test_whether_the_anchors_were_corrupted_travels_with_each_split_and_splits_m
     import dataclasses
 
     from fedanchor.bench.noisy import NoisyStudy, write_noisy
-    from fedanchor.bench.precision_study import load_splits, precision_summary
+    from fedanchor.bench.precision_study import load_splits, precision_markdown, precision_summary
 
     pipeline = dataclasses.replace(_study(0, 0.75, 0.6, 0.8, 0.03), anchors_corrupted=True)
     write_noisy(pipeline, tmp_path / "a" / "seed-0")
     read = NoisyStudy.from_dict(json.loads((tmp_path / "a" / "seed-0" / "noisy.json").read_text()))
     assert read.anchors_corrupted is True and "copy of the anchors corrupted too" in read.markdown()
-    assert precision_summary([read])["cases"][0]["anchors_corrupted"] is True
+    summary = precision_summary([read])
+    assert summary["cases"][0]["anchors_corrupted"] is True
+    assert "copy of the public anchors was corrupted too" in precision_markdown(summary)
+    assert "anchors was corrupted" not in precision_markdown(precision_summary([_study(1, 0.75, 0.6, 0.8, 0.03)]))
     write_noisy(_study(1, 0.75, 0.6, 0.8, 0.03), tmp_path / "b" / "seed-1")
     with pytest.raises(ValueError, match="whether the anchors were corrupted"):
         load_splits([tmp_path / "a", tmp_path / "b"])

@@ -117,7 +117,9 @@ def precision_markdown(summary: dict[str, Any], command: str = "") -> str:
               f"`precision.method={summary['method']}` against uniform; {summary['rounds']} rounds x "
               f"{summary['local_steps']} local steps, trunk {summary['trunk']}; splits {summary['seeds']}. Recall: mean R@10 "
               f"over both directions. Targets: weight ratio <= {RATIO_TARGET}, recovery >= {RECOVERY_TARGET}, and "
-              "uniform averaging measurably hurt (else the case proves nothing)."), "",
+              "uniform averaging measurably hurt (else the case proves nothing)."
+              + (" The bad site's corruption sat in its pipeline: its copy of the public anchors was corrupted too."
+                 if any(c.get("anchors_corrupted") for c in summary["cases"]) else "")), "",
              "| corruption | bad site | weight ratio | uniform hurt (inst / sem) | recovery (inst / sem) | clean only / uniform / precision, inst | targets (ratio, recovery, hurt) |",
              "|---|---|---|---|---|---|---|"]
     for c in summary["cases"]:
