@@ -280,3 +280,18 @@ def test_the_typicality_study_reads_each_corruptions_verdict_without_training(tm
     assert "| small | not judged" in table and "| garbage | " in table and "the command" in table
     assert json.loads(paths["json"].read_text())["bad_site"] == "site-a1"
     assert_png_drawn(paths["png"], (7, 3.6))
+
+
+def test_the_typicality_study_reads_a_corruption_in_the_bad_sites_pipeline(tmp_path):
+    """A gain in the bad site's records alone moves its energy; in its pipeline (its copy of the anchors rescaled
+    too) energy cannot see it, and the level of its copy of the anchors does: it stays past the allowed z either way,
+    and the clean sites keep their say."""
+    from fedanchor.bench.typicality_study import typicality_study, write_typicality
+
+    records = typicality_study("motion", [0], ["gain"], say=lambda line: None)
+    pipeline = typicality_study("motion", [0], ["gain"], say=lambda line: None, anchors_corrupted=True)
+    assert not records["anchors_corrupted"] and pipeline["anchors_corrupted"]
+    for study in (records, pipeline):
+        gain = study["cases"]["gain"]
+        assert gain["bad_z"][0] > 4 and gain["clean_min_factor"][0] == 1.0, gain
+    assert "copy of the public anchors passed through it too" in write_typicality(pipeline, tmp_path)["md"].read_text()

@@ -212,3 +212,25 @@ def test_whether_the_anchors_were_corrupted_travels_with_each_split_and_splits_m
     write_noisy(_study(1, 0.75, 0.6, 0.8, 0.03), tmp_path / "b" / "seed-1")
     with pytest.raises(ValueError, match="whether the anchors were corrupted"):
         load_splits([tmp_path / "a", tmp_path / "b"])
+
+
+def test_the_readout_blocks_travel_with_each_split_and_splits_must_agree(tmp_path):
+    import dataclasses
+
+    from fedanchor.bench.noisy import write_noisy
+    from fedanchor.bench.precision_study import load_splits, precision_markdown, precision_summary
+    from fedanchor.config import with_overrides
+
+    default = _study(0, 0.75, 0.6, 0.8, 0.03)
+    model_alone = dataclasses.replace(_study(1, 0.75, 0.6, 0.8, 0.03), config=with_overrides(
+        _study(1, 0.75, 0.6, 0.8, 0.03).config, {"alignment.readout_blocks": ("model",)}))
+    assert precision_summary([default])["cases"][0]["readout_blocks"] == ["base", "codebook", "model"]
+    assert "block alone" not in precision_markdown(precision_summary([default]))
+    summary = precision_summary([model_alone])
+    assert summary["cases"][0]["readout_blocks"] == ["model"]
+    assert "readout over the model block alone" in precision_markdown(summary)
+    write_noisy(default, tmp_path / "a" / "seed-0")
+    write_noisy(model_alone, tmp_path / "b" / "seed-1")
+    with pytest.raises(ValueError, match="readout's blocks"):
+        load_splits([tmp_path / "a", tmp_path / "b"])
+    assert [s.config.alignment.readout_blocks for s in load_splits([tmp_path / "b"])] == [("model",)]

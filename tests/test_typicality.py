@@ -64,15 +64,16 @@ def test_each_anchors_energy_is_taken_against_the_other_anchors():
     by_hand = [energy(anchors[i:i + 1], *anchor_units(np.delete(anchors, i, 0)))[0] for i in range(len(anchors))]
     assert reference.mean["energy"] == pytest.approx(np.mean(by_hand))
     assert reference.sd["energy"] == pytest.approx(np.std(by_hand, ddof=1))
-    assert set(reference.mean) == {"energy"} and reference.items == 12
-    assert set(anchor_summary("signal", SMOOTH[:12], SMOOTH[:12].reshape(12, -1)).mean) == {"energy", "roughness"}
+    assert set(reference.mean) == {"energy", "anchor_level"} and reference.items == 12
+    assert set(anchor_summary("signal", SMOOTH[:12], SMOOTH[:12].reshape(12, -1)).mean) == {"energy", "roughness",
+                                                                                            "anchor_level"}
 
 
-def test_a_summary_travels_as_four_site_metrics_and_back():
+def test_a_summary_travels_as_six_site_metrics_and_back():
     summary = site_summary("signal", SMOOTH, SMOOTH.reshape(20, -1), SMOOTH.reshape(20, -1))
     metrics = summary.metrics()
-    assert sorted(metrics) == ["typicality/energy/mean", "typicality/energy/sd", "typicality/roughness/mean",
-                               "typicality/roughness/sd"]
+    assert sorted(metrics) == ["typicality/anchor_level/mean", "typicality/anchor_level/sd", "typicality/energy/mean",
+                               "typicality/energy/sd", "typicality/roughness/mean", "typicality/roughness/sd"]
     assert Summary.from_metrics({**metrics, "loss/private": 1.0}, 20) == summary
     assert Summary.from_metrics({"loss/private": 1.0}, 20) is None
     with pytest.raises(ValueError, match="mean/sd pairs; missing .*typicality/energy/sd"):
@@ -129,14 +130,67 @@ def test_every_site_must_report_the_anchors_statistics():
 
 
 @pytest.mark.parametrize("kind,shape,expected", [
-    ("signal", (3, 100), ("energy", "roughness")), ("image", (16, 15), ("energy", "roughness")),
-    ("signal", (3, 1), ("energy",)), ("vector", (40,), ("energy",)), ("text", (), ("energy",)), ("codes", (), ("energy",)),
+    ("signal", (3, 100), ("energy", "roughness", "anchor_level")), ("image", (16, 15), ("energy", "roughness", "anchor_level")),
+    ("signal", (3, 1), ("energy", "anchor_level")), ("vector", (40,), ("energy", "anchor_level")),
+    ("text", (), ("energy", "anchor_level")), ("codes", (), ("energy", "anchor_level")),
 ])
 def test_roughness_is_read_only_where_items_have_an_ordered_axis_of_two_or_more(kind, shape, expected):
     assert statistics_of(kind, shape) == expected
     if kind in ("signal", "image", "vector"):
         items = RNG.normal(size=(6, *shape))
-        assert tuple(sorted(site_summary(kind, items, items.reshape(6, -1), items.reshape(6, -1)).mean)) == expected
+        assert sorted(site_summary(kind, items, items.reshape(6, -1), items.reshape(6, -1)).mean) == sorted(expected)
+
+
+# (case, what the bad site's pipeline does to everything it reads: its items and its copy of the anchors alike)
+PIPELINE_CASES = [
+    ("a gain and offset", lambda x: 2.0 * x + 1.0),
+    ("a wrong unit", lambda x: 1000.0 * x),
+    ("a damped sensor", lambda x: 0.3 * x),
+]
+
+
+@pytest.mark.parametrize("case,pipeline", PIPELINE_CASES, ids=[c[0] for c in PIPELINE_CASES])
+def test_a_site_whose_pipeline_rescales_everything_is_seen_through_its_copy_of_the_anchors(case, pipeline):
+    """Items and anchors shifted alike keep their energy (it is measured in the site's own anchors' units); the
+    level of the site's copy of the anchors is what gives the site away, while clean sites match the server's to
+    the last bit."""
+    anchors = SMOOTH[:16]
+    reference = anchor_summary("signal", anchors, anchors.reshape(16, -1))
+    items = {name: SMOOTH[16:] * RNG.uniform(0.8, 1.2, size=(4, 1, 1)) for name in ("clean-1", "clean-2", "bad")}
+    copies = {"clean-1": anchors, "clean-2": anchors, "bad": pipeline(anchors)}
+    seen = {"bad": pipeline(items["bad"])}
+    sites = {name: site_summary("signal", seen.get(name, x), seen.get(name, x).reshape(4, -1),
+                                copies[name].reshape(16, -1)) for name, x in items.items()}
+    assert sites["bad"].mean["energy"] == pytest.approx(site_summary(
+        "signal", items["bad"], items["bad"].reshape(4, -1), anchors.reshape(16, -1)).mean["energy"])
+    assert sites["clean-1"].mean["anchor_level"] == reference.mean["anchor_level"]
+    assert sites["clean-1"].sd["anchor_level"] == reference.sd["anchor_level"]
+    factors, zs = typicality_factors(sites, dict.fromkeys(sites, "accel"), {"accel": reference}.__getitem__)
+    assert factors["bad"] < 0.05 and factors["clean-1"] == factors["clean-2"] == 1.0, zs
+
+
+def test_the_anchors_statistics_take_their_standard_errors_from_the_anchor_count():
+    """Sites of 5 items and sites of 5000 judge the same shift of their anchors' level alike: the anchors are what
+    the level is averaged over."""
+    def sites_of(items: int) -> dict[str, Summary]:
+        def one(level: float) -> Summary:
+            return Summary({"energy": 0.0, "anchor_level": level}, {"energy": 1.0, "anchor_level": 1.0}, items)
+        return {"a": one(0.0), "b": one(0.0), "c": one(0.6)}
+    reference = Summary({"energy": 0.0, "anchor_level": 0.0}, {"energy": 1.0, "anchor_level": 1.0}, 16)
+    few, many = typicality_z(sites_of(5), reference), typicality_z(sites_of(5000), reference)
+    assert few["c"] == pytest.approx(many["c"]) == pytest.approx(0.6 / (1.0 / 4.0))
+
+
+def test_anchors_of_one_level_leave_a_bit_of_difference_unjudged():
+    """Anchors whose level does not vary (spread 0) read on another device: a difference far under 1% of the level
+    costs nobody their say; a 10% rescale still does."""
+    def one(level: float, sd: float) -> Summary:
+        return Summary({"energy": 0.0, "anchor_level": level}, {"energy": 1.0, "anchor_level": sd}, 10)
+    reference = Summary({"energy": 0.0, "anchor_level": 1.0}, {"energy": 1.0, "anchor_level": 0.0}, 16)
+    bits = typicality_z({"a": one(1.0, 0.0), "b": one(1.0 + 1e-7, 3e-9), "c": one(1.0 - 1e-7, 0.0)}, reference)
+    assert max(bits.values()) < 1e-3, bits
+    rescaled = typicality_z({"a": one(1.0, 0.0), "b": one(1.0, 0.0), "c": one(1.0 + math.log(1.1), 0.0)}, reference)
+    assert rescaled["c"] > 4 and rescaled["a"] == rescaled["b"] == 0.0
 
 
 def test_a_large_offset_does_not_move_the_anchors_reference():
@@ -156,8 +210,9 @@ def test_a_site_sends_its_numbers_only_with_enough_items_and_never_under_dp():
                               split.feature_stats)
         return trainer.typicality_metrics()
     sent = numbers(config)
-    assert sorted(sent) == ["typicality/energy/mean", "typicality/energy/sd", "typicality/roughness/mean",
-                            "typicality/roughness/sd"] and all(math.isfinite(v) for v in sent.values())
+    assert sorted(sent) == ["typicality/anchor_level/mean", "typicality/anchor_level/sd", "typicality/energy/mean",
+                            "typicality/energy/sd", "typicality/roughness/mean", "typicality/roughness/sd"]
+    assert all(math.isfinite(v) for v in sent.values())
     assert numbers(tiny_config(privacy={"dp": True})) == {}
     assert numbers(tiny_config(precision={"method": "uniform"})) == {}
     assert numbers(tiny_config(precision={"typicality_check": False})) == {}
@@ -166,18 +221,18 @@ def test_a_site_sends_its_numbers_only_with_enough_items_and_never_under_dp():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("mode,severity", [("garbage", 1.0), ("noise", 3.0)])
-def test_with_the_defaults_the_typicality_check_leaves_a_bad_site_out_from_the_first_round(mode, severity):
-    """Three accel sites, one corrupted: its typicality z is far above the clean sites' from round 0 on, its factor
-    under 0.05, so it is left out of every round (weight 0); its two clean peers, too few to judge without it, keep
-    their whole say and share the accel weight equally."""
+@pytest.mark.parametrize("mode,severity,in_pipeline", [("garbage", 1.0, False), ("noise", 3.0, False), ("gain", 1.0, True)])
+def test_with_the_defaults_the_typicality_check_leaves_a_bad_site_out_from_the_first_round(mode, severity, in_pipeline):
+    """Three accel sites, one corrupted (a gain in its pipeline: its copy of the anchors too): its typicality z is far
+    above the clean sites' from round 0 on, its factor under exp(-2), so it is left out of every round (weight 0); its two
+    clean peers, too few to judge without it, keep their whole say and share the accel weight equally."""
     config = tiny_config(data={"sites": {"clean-1": "accel", "clean-2": "accel", "bad": "accel", "gyro": "gyro"}},
                          rounds=2)
     assert config.precision.typicality_check
-    result = run_in_process(config, progress=None, corruptions={"bad": (mode, severity)})
+    result = run_in_process(config, progress=None, corruptions={"bad": (mode, severity)}, corrupt_anchors=in_pipeline)
     for record in result.rounds:
         metrics, weights = record.site_metrics, record.site_weights
-        assert metrics["bad"]["typicality_check/factor"] < 0.05 and metrics["bad"]["checks/left_out"] == 1.0, metrics["bad"]
+        assert metrics["bad"]["typicality_check/factor"] < math.exp(-2) and metrics["bad"]["checks/left_out"] == 1.0, metrics["bad"]
         assert weights["bad"] == 0.0 and weights["clean-1"] == pytest.approx(weights["clean-2"]), (record.round, weights)
         for site in ("clean-1", "clean-2", "gyro"):
             assert not any(k.endswith("/factor") and v < 1.0 for k, v in metrics[site].items()), (site, metrics[site])

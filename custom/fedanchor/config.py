@@ -106,7 +106,8 @@ class PrecisionConfig:
     information_check: bool = True
     # The server's typicality check (typicality.py): each site sends, once it holds alignment.codebook_min_cluster
     # private items or more, the mean and spread over its items of two statistics of its raw data measured against
-    # its modality's public anchors (energy; for images and signals, roughness); a site far from its peers and the
+    # its modality's public anchors (energy; for images and signals, roughness), and over the anchors of the level of
+    # its own copy of them (a pipeline that rescales what the site reads shows there); a site far from its peers and the
     # anchors (robust z-score over 2) weighs less, from the round its report arrives on, and adds no centres to the
     # codebook. Static: local steps do not wash it out. Needs anchor_check_min_sites sites of the modality; nothing
     # under DP.

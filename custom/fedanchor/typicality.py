@@ -14,6 +14,15 @@ standard deviation over its items (four numbers; only with at least
   axis, the mean squared difference of neighbouring values over their variance. It
   tells structure from its absence: shuffled, noisy or random values are rough,
   blurred ones smooth; no rescaling moves it.
+- **anchor level**, of the site's own copy of the public anchors rather than of its
+  items: log of each anchor's mean square, base features unstandardised. Energy is
+  measured in the site's anchors' units, so a corruption in the site's pipeline (a
+  wrong unit, gain or scanner setting that its copy of the anchors passes through
+  too) moves items and units alike and leaves energy alone; the anchors read through
+  a clean pipeline are the server's, to the last bit, so their level is the
+  server's. Its mean and spread are over the anchors, and the server takes their
+  standard errors from the anchor count. Public data only: it tells nothing of the
+  site's records.
 
 The server weighs each site against the other sites of its modality and against the
 public anchors themselves (one more peer, each anchor's energy taken against the
@@ -36,6 +45,11 @@ from typing import Callable, Mapping, Sequence
 import numpy as np
 
 ROUGH_KINDS = ("image", "signal")  # kinds whose items have an ordered last axis
+ANCHOR_STATISTICS = ("anchor_level",)  # statistics of the site's copy of the anchors: standard errors over anchors
+# The anchors through a clean pipeline are the server's to the last bit on one machine; a text trunk on another device
+# moves their level by far less. A difference under 1% of the level (0.01 in log units), in its mean or its spread over
+# the anchors, is none worth a site's say (anchors all of one level, whose spread is 0, would make any bit count).
+ANCHOR_TOLERANCE = 0.01
 # Clean sites' largest z per split: 1.1-1.9 on motion, up to 1.6 on xray, 0.7-2.6 on digits (188 items a site; a
 # clean site there keeps 0.56 of its say at worst); every corruption but a gain shift on motion (2.4-4.7) lies past 4.4.
 ALLOWED_Z = 2.0
@@ -101,31 +115,42 @@ def roughness(items: np.ndarray) -> np.ndarray:
     return np.log(np.maximum(steps, LOG_FLOOR) / np.maximum(spread, LOG_FLOOR))
 
 
+def anchor_level(anchor_base: np.ndarray) -> np.ndarray:
+    """Per anchor: log of its mean square, base features as they are (no standardising: the units are the point)."""
+    return np.log(np.maximum((_matrix(anchor_base, "anchor base features") ** 2).mean(1), LOG_FLOOR))
+
+
 def statistics_of(kind: str, item_shape: tuple[int, ...]) -> tuple[str, ...]:
     """The statistics a site of ``kind`` with items of ``item_shape`` reports: roughness needs a last axis of 2+."""
     rough = kind in ROUGH_KINDS and len(item_shape) >= 1 and item_shape[-1] >= 2
-    return ("energy", "roughness") if rough else ("energy",)
+    return ("energy", "roughness", *ANCHOR_STATISTICS) if rough else ("energy", *ANCHOR_STATISTICS)
 
 
 def item_statistics(kind: str, items, base: np.ndarray, anchor_base: np.ndarray) -> dict[str, np.ndarray]:
-    """Every statistic that applies to ``kind`` (``statistics_of``), per item."""
+    """Every per-item statistic that applies to ``kind`` (``statistics_of`` less the anchors' own), per item."""
     out = {"energy": energy(base, *anchor_units(anchor_base))}
     if "roughness" in statistics_of(kind, _item_shape(kind, items)):
         out["roughness"] = roughness(items)
     return out
 
 
-def summarize(per_item: Mapping[str, np.ndarray]) -> Summary:
+def summarize(per_item: Mapping[str, np.ndarray], per_anchor: Mapping[str, np.ndarray] | None = None) -> Summary:
+    """Mean and standard deviation of each statistic; ``items`` counts the items (the anchors' statistics are
+    summarised over the anchors, and their count is the server's to know)."""
     sizes = {len(v) for v in per_item.values()}
     if len(sizes) != 1 or min(sizes) < 2:
         raise ValueError(f"a typicality summary needs the same 2+ items under every statistic, got sizes {sorted(sizes)}")
-    return Summary({k: float(np.mean(v)) for k, v in per_item.items()},
-                   {k: float(np.std(v, ddof=1)) for k, v in per_item.items()}, sizes.pop())
+    values = {**per_item, **(per_anchor or {})}
+    if min(len(v) for v in values.values()) < 2:
+        raise ValueError("a typicality summary needs 2+ anchors under the anchors' statistics")
+    return Summary({k: float(np.mean(v)) for k, v in values.items()},
+                   {k: float(np.std(v, ddof=1)) for k, v in values.items()}, sizes.pop())
 
 
 def site_summary(kind: str, items, base: np.ndarray, anchor_base: np.ndarray) -> Summary:
-    """What a site sends: its items' statistics against its modality's anchors, summarised."""
-    return summarize(item_statistics(kind, items, base, anchor_base))
+    """What a site sends: its items' statistics against its modality's anchors, and the level of its own copy of the
+    anchors, summarised."""
+    return summarize(item_statistics(kind, items, base, anchor_base), {"anchor_level": anchor_level(anchor_base)})
 
 
 def anchor_summary(kind: str, anchor_items, anchor_base: np.ndarray) -> Summary:
@@ -143,7 +168,7 @@ def anchor_summary(kind: str, anchor_items, anchor_base: np.ndarray) -> Summary:
     per_item = {"energy": energy(centred, mean_without, scale_without)}  # row i against the other anchors' units
     if "roughness" in statistics_of(kind, _item_shape(kind, anchor_items)):
         per_item["roughness"] = roughness(anchor_items)
-    return summarize(per_item)
+    return summarize(per_item, {"anchor_level": anchor_level(anchors)})
 
 
 def typicality_z(sites: Mapping[str, Summary], reference: Summary) -> dict[str, float]:
@@ -157,10 +182,13 @@ def typicality_z(sites: Mapping[str, Summary], reference: Summary) -> dict[str, 
     typical_sd = {n: statistics.median(s.sd[n] for s in peers.values()) for n in names}
     z = dict.fromkeys(sites, 0.0)
     for name in names:
+        of_anchors = name in ANCHOR_STATISTICS
+        count = {p: reference.items if of_anchors else s.items for p, s in peers.items()}
+        tolerance = ANCHOR_TOLERANCE if of_anchors else 0.0
         means = _robust_z({p: s.mean[name] for p, s in peers.items()},
-                          {p: typical_sd[name] / math.sqrt(s.items) for p, s in peers.items()})
-        spreads = _robust_z({p: math.log(max(s.sd[name], LOG_FLOOR)) for p, s in peers.items()},
-                            {p: 1.0 / math.sqrt(2 * (s.items - 1)) for p, s in peers.items()})
+                          {p: max(typical_sd[name] / math.sqrt(count[p]), tolerance) for p in peers})
+        spreads = _robust_z({p: math.log(max(s.sd[name], tolerance, LOG_FLOOR)) for p, s in peers.items()},
+                            {p: 1.0 / math.sqrt(2 * (count[p] - 1)) for p in peers})
         z = {site: max(z[site], means[site], spreads[site]) for site in sites}
     return z
 

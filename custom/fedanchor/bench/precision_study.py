@@ -30,11 +30,12 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from ..config import FedAnchorConfig, with_overrides
+from ..config import AlignmentConfig, FedAnchorConfig, with_overrides
 from .noisy import PRECISION, RATIO_TARGET, UNIFORM, NoisyStudy, noisy_site_study, write_noisy
 from .runner import finite
 
 RECOVERY_TARGET = 0.75
+DEFAULT_READOUT_BLOCKS = AlignmentConfig().readout_blocks
 LEVELS = ("instance", "semantic")
 # Several sites per modality, so that a bad site has clean peers to be weighed against.
 STUDY_SITES: dict[str, dict[str, str]] = {
@@ -85,6 +86,7 @@ def precision_summary(studies: Sequence[NoisyStudy]) -> dict[str, Any]:
             "scenario": studies[0].scenario, "corruption": mode, "severity": figures[0]["severity"],
             "bad_site": studies[0].noisy_site, "modality": studies[0].modality,
             "anchors_corrupted": studies[0].anchors_corrupted,
+            "readout_blocks": list(studies[0].config.alignment.readout_blocks),
             "weight_ratio": ratio, "weight_ratio_per_split": [f["weight_ratio_final"] for f in figures],
             "recovery_instance": recovery["instance"], "recovery_semantic": recovery["semantic"],
             "uniform_hurt_instance": hurt["instance"], "uniform_hurt_semantic": hurt["semantic"],
@@ -108,6 +110,15 @@ def precision_summary(studies: Sequence[NoisyStudy]) -> dict[str, Any]:
             "local_steps": first.config.train.local_steps, "trunk": first.config.trunk.name}
 
 
+def _readout_sentence(cases: Sequence[dict[str, Any]]) -> str:
+    blocks = cases[0].get("readout_blocks") if cases else None
+    if not blocks or tuple(blocks) == DEFAULT_READOUT_BLOCKS:
+        return ""
+    return (f" Recall read through the readout over the {' and '.join(blocks)} block{'s' if len(blocks) > 1 else ''} "
+            "alone (`alignment.readout_blocks`): without the training-free base features to fall back on, the merged "
+            "model's own quality reaches recall.")
+
+
 def precision_markdown(summary: dict[str, Any], command: str = "") -> str:
     def f(x: float) -> str:
         return "nan" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.3f}"
@@ -119,7 +130,8 @@ def precision_markdown(summary: dict[str, Any], command: str = "") -> str:
               f"over both directions. Targets: weight ratio <= {RATIO_TARGET}, recovery >= {RECOVERY_TARGET}, and "
               "uniform averaging measurably hurt (else the case proves nothing)."
               + (" The bad site's corruption sat in its pipeline: its copy of the public anchors was corrupted too."
-                 if any(c.get("anchors_corrupted") for c in summary["cases"]) else "")), "",
+                 if any(c.get("anchors_corrupted") for c in summary["cases"]) else "")
+              + _readout_sentence(summary["cases"])), "",
              "| corruption | bad site | weight ratio | uniform hurt (inst / sem) | recovery (inst / sem) | clean only / uniform / precision, inst | targets (ratio, recovery, hurt) |",
              "|---|---|---|---|---|---|---|"]
     for c in summary["cases"]:
@@ -151,9 +163,10 @@ def load_splits(folders: Sequence[Path]) -> list[NoisyStudy]:
     seeds = [s.config.data.seed for s in studies]
     if len(set(seeds)) != len(seeds):
         raise ValueError(f"split seeds {seeds} repeat: summarise each split once")
-    if len({(s.scenario, s.noisy_site, tuple(s.runs), s.anchors_corrupted) for s in studies}) != 1:
-        raise ValueError("the splits ran different studies (scenario, bad site, corruptions or whether the anchors were "
-                         "corrupted differ); summarise like with like")
+    if len({(s.scenario, s.noisy_site, tuple(s.runs), s.anchors_corrupted, s.config.alignment.readout_blocks)
+            for s in studies}) != 1:
+        raise ValueError("the splits ran different studies (scenario, bad site, corruptions, whether the anchors were "
+                         "corrupted or the readout's blocks differ); summarise like with like")
     return studies
 
 

@@ -8,6 +8,9 @@ on motion and digits (minutes on xray, whose report features need the trunk):
 
     python -m fedanchor.bench.typicality_study --scenario motion --seeds 0 1 2 3 4 5 --out runs/typicality-motion
 
+``--noisy-anchors`` puts each corruption in the bad site's pipeline, so its copy of the public anchors passes through
+it too (as ``fedanchor bench --precision --noisy-anchors`` does).
+
 Per split and case (the clean federation, then each corruption of the first site of the first modality with 3+
 sites): the bad site's z and factor, and the largest z / smallest factor among the clean sites of its modality.
 Written: typicality.json, typicality.md and typicality_z.png (every split's z per case, the allowed z marked).
@@ -23,8 +26,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from ..data.corrupt import corrupt
-from ..federation.loop import make_split
+from ..federation.loop import make_split, site_inputs
 from ..model.base_features import base_features
 from ..model.homogeneous import build_model
 from ..plots import save_figure
@@ -37,9 +39,10 @@ CLEAN = "clean"
 
 
 def typicality_study(scenario: str, seeds: Sequence[int], modes: Sequence[str] | None = None,
-                     say: Callable[[str], None] = print) -> dict[str, Any]:
-    """{"scenario", "seeds", "bad_site", "modality", "allowed_z", "cases": {case: {"bad_z": [...], "bad_factor": [...],
-    "clean_max_z": [...], "clean_min_factor": [...]}}}, one value per split; the clean case has no bad site."""
+                     say: Callable[[str], None] = print, anchors_corrupted: bool = False) -> dict[str, Any]:
+    """{"scenario", "seeds", "bad_site", "modality", "allowed_z", "anchors_corrupted", "cases": {case: {"bad_z": [...],
+    "bad_factor": [...], "clean_max_z": [...], "clean_min_factor": [...]}}}, one value per split; the clean case has no
+    bad site. ``anchors_corrupted``: the bad site's copy of the anchors passes through its corruption too."""
     if not seeds or len(set(seeds)) != len(seeds):
         raise ValueError(f"seeds={list(seeds)}: give each split once, at least one")
     chosen = resolve_modes(modes)
@@ -65,12 +68,13 @@ def typicality_study(scenario: str, seeds: Sequence[int], modes: Sequence[str] |
         for case in cases:
             summaries = dict(clean)
             if case != CLEAN:
-                data = corrupt(split.private[bad], chosen[case].corruption, chosen[case].severity, seed=config.data.seed)
+                corruption = {bad: (chosen[case].corruption, chosen[case].severity)}
+                data, anchors = site_inputs(split, corruption, anchors_corrupted, config.data.seed)[bad]
                 if len(data) < config.alignment.codebook_min_cluster:  # too few items: the site sends nothing
                     summaries.pop(bad)
                 else:
                     summaries[bad] = site_summary(spec.kind, data.items, base_features(model, modality, data.items, tokens),
-                                                  anchor_base)
+                                                  base_features(model, modality, anchors.items, tokens))
             factors, zs = typicality_factors(summaries, dict.fromkeys(summaries, modality), lambda _: reference)
             judged_clean = [s for s in zs if s != bad or case == CLEAN]
             record = cases[case]
@@ -81,7 +85,8 @@ def typicality_study(scenario: str, seeds: Sequence[int], modes: Sequence[str] |
         say(f"split {seed}: " + " | ".join(
             f"{c} {_fmt(r['bad_z'][-1])}/{_fmt(r['clean_max_z'][-1])}" for c, r in cases.items()) + " (bad z / clean max z)")
     return {"scenario": scenario, "seeds": list(seeds), "bad_site": bad, "modality": modality, "sites": sites,
-            "allowed_z": ALLOWED_Z, "severities": {c: chosen[c].severity for c in chosen}, "cases": cases}
+            "allowed_z": ALLOWED_Z, "severities": {c: chosen[c].severity for c in chosen},
+            "anchors_corrupted": anchors_corrupted, "cases": cases}
 
 
 def typicality_markdown(study: dict[str, Any], command: str = "") -> str:
@@ -91,7 +96,9 @@ def typicality_markdown(study: dict[str, Any], command: str = "") -> str:
     lines += [f"Sites of {study['modality']}: {sorted(s for s, m in study['sites'].items() if m == study['modality'])}; "
               f"the bad site {study['bad_site']}, the anchors one more peer. A site keeps all its say up to z = "
               f"{study['allowed_z']:g}, then exp(-(z - {study['allowed_z']:g})). No training: these are the numbers a "
-              "federated run's server computes from the sites' first reports.", "",
+              "federated run's server computes from the sites' first reports."
+              + (" Each corruption sat in the bad site's pipeline: its copy of the public anchors passed through it too."
+                 if study.get("anchors_corrupted") else ""), "",
               "| case | bad site's z (per split) | its factor, mean | clean sites' largest z | clean sites' smallest factor |",
               "|---|---|---|---|---|"]
     for case, r in study["cases"].items():
@@ -159,9 +166,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], metavar="SEED")
     parser.add_argument("--noisy-mode", action="append", choices=sorted(NOISY_MODES),
                         help="a corruption to read (repeat; default: all of them)")
+    parser.add_argument("--noisy-anchors", action="store_true",
+                        help="the corruption sits in the bad site's pipeline: its copy of the public anchors too")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args(argv)
-    study = typicality_study(args.scenario, args.seeds, args.noisy_mode)
+    study = typicality_study(args.scenario, args.seeds, args.noisy_mode, anchors_corrupted=args.noisy_anchors)
     command = "python -m fedanchor.bench.typicality_study " + " ".join(argv if argv is not None else sys.argv[1:])
     for path in write_typicality(study, args.out, command).values():
         print(f"wrote {path}")
