@@ -103,7 +103,7 @@ FACTOR_CASES = [
 
 @pytest.mark.parametrize("case,sites,expected", FACTOR_CASES, ids=[c[0] for c in FACTOR_CASES])
 def test_typicality_factors_single_out_the_site_unlike_its_peers_and_the_anchors(case, sites, expected):
-    factors, zs = typicality_factors(sites, dict.fromkeys(sites, "accel"), {"accel": REFERENCE}.__getitem__)
+    factors, zs, _ = typicality_factors(sites, dict.fromkeys(sites, "accel"), {"accel": REFERENCE}.__getitem__)
     for site, want in expected.items():
         assert factors[site] == pytest.approx(math.exp(-max(0.0, zs[site] - ALLOWED_Z)))
         if want == "1":
@@ -117,7 +117,7 @@ def test_typicality_factors_single_out_the_site_unlike_its_peers_and_the_anchors
 def test_a_modality_with_too_few_reporting_sites_is_not_judged():
     sites = {"a": summary(0.0), "b": summary(5.0), "g": summary(9.0)}
     modality_of = {"a": "accel", "b": "accel", "g": "gyro"}
-    factors, zs = typicality_factors(sites, modality_of, {"accel": REFERENCE}.__getitem__, min_sites=2)  # gyro: never asked
+    factors, zs, _ = typicality_factors(sites, modality_of, {"accel": REFERENCE}.__getitem__, min_sites=2)  # gyro: never asked
     assert set(factors) == {"a", "b"} and set(zs) == {"a", "b"}
 
 
@@ -165,7 +165,7 @@ def test_a_site_whose_pipeline_rescales_everything_is_seen_through_its_copy_of_t
         "signal", items["bad"], items["bad"].reshape(4, -1), anchors.reshape(16, -1)).mean["energy"])
     assert sites["clean-1"].mean["anchor_level"] == reference.mean["anchor_level"]
     assert sites["clean-1"].sd["anchor_level"] == reference.sd["anchor_level"]
-    factors, zs = typicality_factors(sites, dict.fromkeys(sites, "accel"), {"accel": reference}.__getitem__)
+    factors, zs, _ = typicality_factors(sites, dict.fromkeys(sites, "accel"), {"accel": reference}.__getitem__)
     assert factors["bad"] < 0.05 and factors["clean-1"] == factors["clean-2"] == 1.0, zs
 
 
@@ -236,3 +236,9 @@ def test_with_the_defaults_the_typicality_check_leaves_a_bad_site_out_from_the_f
         assert weights["bad"] == 0.0 and weights["clean-1"] == pytest.approx(weights["clean-2"]), (record.round, weights)
         for site in ("clean-1", "clean-2", "gyro"):
             assert not any(k.endswith("/factor") and v < 1.0 for k, v in metrics[site].items()), (site, metrics[site])
+        # the report says which statistic gave the site away: the level of its copy of the anchors when the corruption
+        # sits in its pipeline, a statistic of its items otherwise
+        parts = {k.rsplit("/", 1)[1]: v for k, v in metrics["bad"].items() if k.startswith("typicality_check/z/")}
+        assert set(parts) == {"energy", "roughness", "anchor_level"}
+        assert max(parts.values()) == metrics["bad"]["typicality_check/z"]
+        assert (max(parts, key=parts.get) == "anchor_level") == in_pipeline, parts

@@ -171,16 +171,16 @@ def anchor_summary(kind: str, anchor_items, anchor_base: np.ndarray) -> Summary:
     return summarize(per_item, {"anchor_level": anchor_level(anchors)})
 
 
-def typicality_z(sites: Mapping[str, Summary], reference: Summary) -> dict[str, float]:
-    """Each site's largest robust z-score, over its statistics, among the sites and the reference (every one of them
-    must report the same statistics: the server refuses a site that does not)."""
+def typicality_z_by_statistic(sites: Mapping[str, Summary], reference: Summary) -> dict[str, dict[str, float]]:
+    """Each site's robust z-score per statistic (the larger of its mean's and its spread's), among the sites and the
+    reference (every one of them must report the same statistics: the server refuses a site that does not)."""
     peers = {**sites, _REFERENCE: reference}
     names = sorted(reference.mean)
     odd = sorted(site for site, s in sites.items() if sorted(s.mean) != names)
     if odd:
         raise ValueError(f"sites {odd} report other typicality statistics than the anchors' {names}")
     typical_sd = {n: statistics.median(s.sd[n] for s in peers.values()) for n in names}
-    z = dict.fromkeys(sites, 0.0)
+    z: dict[str, dict[str, float]] = {site: {} for site in sites}
     for name in names:
         of_anchors = name in ANCHOR_STATISTICS
         count = {p: reference.items if of_anchors else s.items for p, s in peers.items()}
@@ -189,25 +189,32 @@ def typicality_z(sites: Mapping[str, Summary], reference: Summary) -> dict[str, 
                           {p: max(typical_sd[name] / math.sqrt(count[p]), tolerance) for p in peers})
         spreads = _robust_z({p: math.log(max(s.sd[name], tolerance, LOG_FLOOR)) for p, s in peers.items()},
                             {p: 1.0 / math.sqrt(2 * (count[p] - 1)) for p in peers})
-        z = {site: max(z[site], means[site], spreads[site]) for site in sites}
+        for site in sites:
+            z[site][name] = max(means[site], spreads[site])
     return z
 
 
+def typicality_z(sites: Mapping[str, Summary], reference: Summary) -> dict[str, float]:
+    """Each site's largest robust z-score over its statistics (``typicality_z_by_statistic``)."""
+    return {site: max(parts.values()) for site, parts in typicality_z_by_statistic(sites, reference).items()}
+
+
 def typicality_factors(summaries: Mapping[str, Summary], modality_of: Mapping[str, str],
-                       reference_of: Callable[[str], Summary], min_sites: int = 3,
-                       allowed: float = ALLOWED_Z) -> tuple[dict[str, float], dict[str, float]]:
-    """(factor, z) of every site of a modality with at least ``min_sites`` reporting sites, judged against
-    ``reference_of(modality)`` (asked for those modalities only); sites of other modalities are left out (they keep
-    their say)."""
-    factors, zs = {}, {}
+                       reference_of: Callable[[str], Summary], min_sites: int = 3, allowed: float = ALLOWED_Z
+                       ) -> tuple[dict[str, float], dict[str, float], dict[str, dict[str, float]]]:
+    """(factor, z, z per statistic) of every site of a modality with at least ``min_sites`` reporting sites, judged
+    against ``reference_of(modality)`` (asked for those modalities only); sites of other modalities are left out (they
+    keep their say)."""
+    factors, zs, parts = {}, {}, {}
     for modality in sorted(set(modality_of[s] for s in summaries)):
         sites = {s: summaries[s] for s in sorted(summaries) if modality_of[s] == modality}
         if len(sites) < min_sites:
             continue
-        for site, z in typicality_z(sites, reference_of(modality)).items():
-            zs[site] = z
-            factors[site] = math.exp(-max(0.0, z - allowed))
-    return factors, zs
+        for site, by_statistic in typicality_z_by_statistic(sites, reference_of(modality)).items():
+            parts[site] = by_statistic
+            zs[site] = max(by_statistic.values())
+            factors[site] = math.exp(-max(0.0, zs[site] - allowed))
+    return factors, zs, parts
 
 
 def _robust_z(values: Mapping[str, float], floors: Mapping[str, float]) -> dict[str, float]:

@@ -75,7 +75,7 @@ def typicality_study(scenario: str, seeds: Sequence[int], modes: Sequence[str] |
                 else:
                     summaries[bad] = site_summary(spec.kind, data.items, base_features(model, modality, data.items, tokens),
                                                   base_features(model, modality, anchors.items, tokens))
-            factors, zs = typicality_factors(summaries, dict.fromkeys(summaries, modality), lambda _: reference)
+            factors, zs, _ = typicality_factors(summaries, dict.fromkeys(summaries, modality), lambda _: reference)
             judged_clean = [s for s in zs if s != bad or case == CLEAN]
             record = cases[case]
             record["bad_z"].append(zs.get(bad, math.nan) if case != CLEAN else math.nan)

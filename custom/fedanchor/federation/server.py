@@ -188,6 +188,7 @@ class FederatedServer:
         self.typicality_reports: dict[str, tuple[str, Summary]] = {}  # site -> (modality, summary)
         self.typicality_factors: dict[str, float] = {}
         self.typicality_z: dict[str, float] = {}
+        self.typicality_z_by_statistic: dict[str, dict[str, float]] = {}  # site -> statistic -> z: what drove its z
         self._typicality_checked: dict[str, Summary] = {}  # what check() read, for accept() to keep
         self._typicality_references: dict[str, Summary] = {}  # modality -> the anchors as a peer, made once
         # Sites the checks left out of the latest judgement (SILENCED_BELOW), with the checks' figures that did it; when
@@ -569,7 +570,8 @@ class FederatedServer:
         if site in self.information_factors:
             out["information_check/factor"] = self.information_factors[site]
         if site in self.typicality_factors:
-            out.update({"typicality_check/z": self.typicality_z[site], "typicality_check/factor": self.typicality_factors[site]})
+            out.update({"typicality_check/z": self.typicality_z[site], "typicality_check/factor": self.typicality_factors[site],
+                        **{f"typicality_check/z/{name}": z for name, z in self.typicality_z_by_statistic[site].items()}})
         return out
 
     def anchor_check_enabled(self) -> bool:
@@ -727,10 +729,12 @@ class FederatedServer:
         sites of its modality and the modality's anchors; a modality with fewer than anchor_check_min_sites reporting
         sites is not judged."""
         kept = {s: report for s, report in self.typicality_reports.items() if s not in exclude}
-        factors, zs = typicality_factors({s: summary for s, (_, summary) in kept.items()}, {s: m for s, (m, _) in kept.items()},
-                                         self._typicality_reference, self.config.precision.anchor_check_min_sites)
+        factors, zs, parts = typicality_factors({s: summary for s, (_, summary) in kept.items()},
+                                                {s: m for s, (m, _) in kept.items()}, self._typicality_reference,
+                                                self.config.precision.anchor_check_min_sites)
         self.typicality_factors = factors
         self.typicality_z = zs
+        self.typicality_z_by_statistic = parts
 
     def _typicality_reference(self, modality: str) -> Summary:
         """The modality's anchors as one more peer of the typicality check: public, so computed here, once."""
