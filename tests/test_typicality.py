@@ -8,10 +8,12 @@ import pytest
 
 from conftest import tiny_config
 from fedanchor.federation import SiteTrainer, make_split, run_in_process
-from fedanchor.typicality import (ALLOWED_Z, Summary, anchor_summary, anchor_units, energy, roughness, site_summary,
-                                  statistics_of, typicality_factors, typicality_z)
+from fedanchor.typicality import (ALLOWED_Z, ANCHOR_STATISTICS, Summary, anchor_summary, anchor_units, energy,
+                                  roughness, site_summary, statistics_of, typicality_factors, typicality_z)
 
 RNG = np.random.default_rng(0)
+SIGNAL_METRICS = sorted(f"typicality/{name}/{part}" for name in ("energy", "roughness", *ANCHOR_STATISTICS)
+                        for part in ("mean", "sd"))
 SMOOTH = np.sin(np.linspace(0, 4 * np.pi, 100))[None, None, :] * RNG.uniform(0.5, 2.0, size=(20, 3, 1))
 
 
@@ -64,16 +66,15 @@ def test_each_anchors_energy_is_taken_against_the_other_anchors():
     by_hand = [energy(anchors[i:i + 1], *anchor_units(np.delete(anchors, i, 0)))[0] for i in range(len(anchors))]
     assert reference.mean["energy"] == pytest.approx(np.mean(by_hand))
     assert reference.sd["energy"] == pytest.approx(np.std(by_hand, ddof=1))
-    assert set(reference.mean) == {"energy", "anchor_level"} and reference.items == 12
+    assert set(reference.mean) == {"energy", *ANCHOR_STATISTICS} and reference.items == 12
     assert set(anchor_summary("signal", SMOOTH[:12], SMOOTH[:12].reshape(12, -1)).mean) == {"energy", "roughness",
-                                                                                            "anchor_level"}
+                                                                                            *ANCHOR_STATISTICS}
 
 
-def test_a_summary_travels_as_six_site_metrics_and_back():
+def test_a_summary_travels_as_eight_site_metrics_and_back():
     summary = site_summary("signal", SMOOTH, SMOOTH.reshape(20, -1), SMOOTH.reshape(20, -1))
     metrics = summary.metrics()
-    assert sorted(metrics) == ["typicality/anchor_level/mean", "typicality/anchor_level/sd", "typicality/energy/mean",
-                               "typicality/energy/sd", "typicality/roughness/mean", "typicality/roughness/sd"]
+    assert sorted(metrics) == SIGNAL_METRICS
     assert Summary.from_metrics({**metrics, "loss/private": 1.0}, 20) == summary
     assert Summary.from_metrics({"loss/private": 1.0}, 20) is None
     with pytest.raises(ValueError, match="mean/sd pairs; missing .*typicality/energy/sd"):
@@ -130,9 +131,10 @@ def test_every_site_must_report_the_anchors_statistics():
 
 
 @pytest.mark.parametrize("kind,shape,expected", [
-    ("signal", (3, 100), ("energy", "roughness", "anchor_level")), ("image", (16, 15), ("energy", "roughness", "anchor_level")),
-    ("signal", (3, 1), ("energy", "anchor_level")), ("vector", (40,), ("energy", "anchor_level")),
-    ("text", (), ("energy", "anchor_level")), ("codes", (), ("energy", "anchor_level")),
+    ("signal", (3, 100), ("energy", "roughness", *ANCHOR_STATISTICS)),
+    ("image", (16, 15), ("energy", "roughness", *ANCHOR_STATISTICS)),
+    ("signal", (3, 1), ("energy", *ANCHOR_STATISTICS)), ("vector", (40,), ("energy", *ANCHOR_STATISTICS)),
+    ("text", (), ("energy", *ANCHOR_STATISTICS)), ("codes", (), ("energy", *ANCHOR_STATISTICS)),
 ])
 def test_roughness_is_read_only_where_items_have_an_ordered_axis_of_two_or_more(kind, shape, expected):
     assert statistics_of(kind, shape) == expected
@@ -163,8 +165,8 @@ def test_a_site_whose_pipeline_rescales_everything_is_seen_through_its_copy_of_t
                                 copies[name].reshape(16, -1)) for name, x in items.items()}
     assert sites["bad"].mean["energy"] == pytest.approx(site_summary(
         "signal", items["bad"], items["bad"].reshape(4, -1), anchors.reshape(16, -1)).mean["energy"])
-    assert sites["clean-1"].mean["anchor_level"] == reference.mean["anchor_level"]
-    assert sites["clean-1"].sd["anchor_level"] == reference.sd["anchor_level"]
+    for name in ANCHOR_STATISTICS:
+        assert sites["clean-1"].mean[name] == reference.mean[name] and sites["clean-1"].sd[name] == reference.sd[name]
     factors, zs, _ = typicality_factors(sites, dict.fromkeys(sites, "accel"), {"accel": reference}.__getitem__)
     assert factors["bad"] < 0.05 and factors["clean-1"] == factors["clean-2"] == 1.0, zs
 
@@ -210,8 +212,7 @@ def test_a_site_sends_its_numbers_only_with_enough_items_and_never_under_dp():
                               split.feature_stats)
         return trainer.typicality_metrics()
     sent = numbers(config)
-    assert sorted(sent) == ["typicality/anchor_level/mean", "typicality/anchor_level/sd", "typicality/energy/mean",
-                            "typicality/energy/sd", "typicality/roughness/mean", "typicality/roughness/sd"]
+    assert sorted(sent) == SIGNAL_METRICS
     assert all(math.isfinite(v) for v in sent.values())
     assert numbers(tiny_config(privacy={"dp": True})) == {}
     assert numbers(tiny_config(precision={"method": "uniform"})) == {}
@@ -239,6 +240,6 @@ def test_with_the_defaults_the_typicality_check_leaves_a_bad_site_out_from_the_f
         # the report says which statistic gave the site away: the level of its copy of the anchors when the corruption
         # sits in its pipeline, a statistic of its items otherwise
         parts = {k.rsplit("/", 1)[1]: v for k, v in metrics["bad"].items() if k.startswith("typicality_check/z/")}
-        assert set(parts) == {"energy", "roughness", "anchor_level"}
+        assert set(parts) == {"energy", "roughness", *ANCHOR_STATISTICS}
         assert max(parts.values()) == metrics["bad"]["typicality_check/z"]
-        assert (max(parts, key=parts.get) == "anchor_level") == in_pipeline, parts
+        assert (max(parts, key=parts.get) in ANCHOR_STATISTICS) == in_pipeline, parts

@@ -14,14 +14,17 @@ standard deviation over its items (four numbers; only with at least
   axis, the mean squared difference of neighbouring values over their variance. It
   tells structure from its absence: shuffled, noisy or random values are rough,
   blurred ones smooth; no rescaling moves it.
-- **anchor level**, of the site's own copy of the public anchors rather than of its
-  items: log of each anchor's mean square, base features unstandardised. Energy is
+- **anchor level** and **anchor dispersion**, of the site's own copy of the public
+  anchors rather than of its items: log of each anchor's mean square, and of its
+  mean squared deviation from the copy's mean, base features unstandardised (the
+  level sees offsets, the dispersion what a mean-pooled text embedding shows of
+  replaced words). Energy is
   measured in the site's anchors' units, so a corruption in the site's pipeline (a
   wrong unit, gain or scanner setting that its copy of the anchors passes through
   too) moves items and units alike and leaves energy alone; the anchors read through
   a clean pipeline are the server's, to the last bit, so their level is the
-  server's. Its mean and spread are over the anchors, and the server takes their
-  standard errors from the anchor count. Public data only: it tells nothing of the
+  server's. Their means and spreads are over the anchors, and the server takes
+  their standard errors from the anchor count. Public data only: it tells nothing of the
   site's records.
 
 The server weighs each site against the other sites of its modality and against the
@@ -45,7 +48,8 @@ from typing import Callable, Mapping, Sequence
 import numpy as np
 
 ROUGH_KINDS = ("image", "signal")  # kinds whose items have an ordered last axis
-ANCHOR_STATISTICS = ("anchor_level",)  # statistics of the site's copy of the anchors: standard errors over anchors
+# Statistics of the site's copy of the anchors (anchor_view), not of its items: their standard errors are over anchors.
+ANCHOR_STATISTICS = ("anchor_dispersion", "anchor_level")
 # The anchors through a clean pipeline are the server's to the last bit on one machine; a text trunk on another device
 # moves their level by far less. A difference under 1% of the level (0.01 in log units), in its mean or its spread over
 # the anchors, is none worth a site's say (anchors all of one level, whose spread is 0, would make any bit count).
@@ -115,9 +119,12 @@ def roughness(items: np.ndarray) -> np.ndarray:
     return np.log(np.maximum(steps, LOG_FLOOR) / np.maximum(spread, LOG_FLOOR))
 
 
-def anchor_level(anchor_base: np.ndarray) -> np.ndarray:
-    """Per anchor: log of its mean square, base features as they are (no standardising: the units are the point)."""
-    return np.log(np.maximum((_matrix(anchor_base, "anchor base features") ** 2).mean(1), LOG_FLOOR))
+def anchor_view(anchor_base: np.ndarray) -> dict[str, np.ndarray]:
+    """Per anchor of a copy of the anchors: its level, log of its mean square, and its dispersion, log of its mean
+    squared deviation from the copy's mean; base features as they are (no standardising: the units are the point)."""
+    anchors = _matrix(anchor_base, "anchor base features")
+    return {"anchor_level": np.log(np.maximum((anchors ** 2).mean(1), LOG_FLOOR)),
+            "anchor_dispersion": np.log(np.maximum(((anchors - anchors.mean(0)) ** 2).mean(1), LOG_FLOOR))}
 
 
 def statistics_of(kind: str, item_shape: tuple[int, ...]) -> tuple[str, ...]:
@@ -150,7 +157,7 @@ def summarize(per_item: Mapping[str, np.ndarray], per_anchor: Mapping[str, np.nd
 def site_summary(kind: str, items, base: np.ndarray, anchor_base: np.ndarray) -> Summary:
     """What a site sends: its items' statistics against its modality's anchors, and the level of its own copy of the
     anchors, summarised."""
-    return summarize(item_statistics(kind, items, base, anchor_base), {"anchor_level": anchor_level(anchor_base)})
+    return summarize(item_statistics(kind, items, base, anchor_base), anchor_view(anchor_base))
 
 
 def anchor_summary(kind: str, anchor_items, anchor_base: np.ndarray) -> Summary:
@@ -168,7 +175,7 @@ def anchor_summary(kind: str, anchor_items, anchor_base: np.ndarray) -> Summary:
     per_item = {"energy": energy(centred, mean_without, scale_without)}  # row i against the other anchors' units
     if "roughness" in statistics_of(kind, _item_shape(kind, anchor_items)):
         per_item["roughness"] = roughness(anchor_items)
-    return summarize(per_item, {"anchor_level": anchor_level(anchors)})
+    return summarize(per_item, anchor_view(anchors))
 
 
 def typicality_z_by_statistic(sites: Mapping[str, Summary], reference: Summary) -> dict[str, dict[str, float]]:
