@@ -2,9 +2,10 @@
 
 Every estimate a site builds from its own training fades as its self-supervision
 learns its noise. What a site's raw items look like does not fade. Each site
-computes, once, two statistics of every private item and sends their mean and
-standard deviation over its items (four numbers; only with at least
-``alignment.codebook_min_cluster`` items, never under differential privacy):
+computes, once, statistics of every private item and of its own copy of the public
+anchors, and sends their means and standard deviations (six or eight numbers; only
+with at least ``alignment.codebook_min_cluster`` items, never under differential
+privacy):
 
 - **energy**, log of the item's mean squared deviation from its modality's public
   anchors, feature by feature in the anchors' own units (standardised on the
@@ -14,18 +15,16 @@ standard deviation over its items (four numbers; only with at least
   axis, the mean squared difference of neighbouring values over their variance. It
   tells structure from its absence: shuffled, noisy or random values are rough,
   blurred ones smooth; no rescaling moves it.
-- **anchor level** and **anchor dispersion**, of the site's own copy of the public
-  anchors rather than of its items: log of each anchor's mean square, and of its
-  mean squared deviation from the copy's mean, base features unstandardised (the
-  level sees offsets, the dispersion what a mean-pooled text embedding shows of
-  replaced words). Energy is
-  measured in the site's anchors' units, so a corruption in the site's pipeline (a
-  wrong unit, gain or scanner setting that its copy of the anchors passes through
-  too) moves items and units alike and leaves energy alone; the anchors read through
-  a clean pipeline are the server's, to the last bit, so their level is the
-  server's. Their means and spreads are over the anchors, and the server takes
-  their standard errors from the anchor count. Public data only: it tells nothing of the
-  site's records.
+- **anchor level** and **anchor dispersion**, per anchor of the site's own copy of
+  the anchors: log of its mean square, and of its mean squared deviation from the
+  copy's mean, base features unstandardised. Energy is read in the site's anchors'
+  units, so a corruption in the site's pipeline (a wrong unit, gain or scanner
+  setting, a loader that mangles text) that its copy of the anchors passes through
+  too moves items and units alike and leaves energy alone. Through a clean pipeline
+  the anchors are the server's to the last bit, and so are these two; the level sees
+  offsets and gains, the dispersion also what a mean-pooled text embedding shows of
+  replaced words. Their standard errors are over the anchors. Public data only:
+  they tell nothing of the site's records.
 
 The server weighs each site against the other sites of its modality and against the
 public anchors themselves (one more peer, each anchor's energy taken against the
@@ -34,7 +33,7 @@ error of a mean of that many items) and of every log standard deviation (at leas
 its own standard error), the largest of them is the site's z, and its factor is
 exp(-max(0, z - ``ALLOWED_Z``)). On motion (3 accelerometer sites of 10 recordings, 6
 splits) clean sites reached z 1.1-1.9; noisy, shuffled, blurred and random sites
-4.4-11.7, gain-shifted ones 2.4-4.7.
+4.4-11.7, gain-shifted ones 2.4-4.7, and 4.7-5.7 with the gain in their pipeline.
 
 Pure numpy: no model, no FLARE.
 """
@@ -155,8 +154,8 @@ def summarize(per_item: Mapping[str, np.ndarray], per_anchor: Mapping[str, np.nd
 
 
 def site_summary(kind: str, items, base: np.ndarray, anchor_base: np.ndarray) -> Summary:
-    """What a site sends: its items' statistics against its modality's anchors, and the level of its own copy of the
-    anchors, summarised."""
+    """What a site sends: its items' statistics against its modality's anchors, and those of its own copy of the
+    anchors (``anchor_view``), summarised."""
     return summarize(item_statistics(kind, items, base, anchor_base), anchor_view(anchor_base))
 
 
