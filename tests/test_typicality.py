@@ -154,8 +154,8 @@ PIPELINE_CASES = [
 @pytest.mark.parametrize("case,pipeline", PIPELINE_CASES, ids=[c[0] for c in PIPELINE_CASES])
 def test_a_site_whose_pipeline_rescales_everything_is_seen_through_its_copy_of_the_anchors(case, pipeline):
     """Items and anchors shifted alike keep their energy (it is measured in the site's own anchors' units); the
-    level of the site's copy of the anchors is what gives the site away, while clean sites match the server's to
-    the last bit."""
+    level and dispersion of the site's copy of the anchors give the site away, while clean sites match the server's
+    to the last bit."""
     anchors = SMOOTH[:16]
     reference = anchor_summary("signal", anchors, anchors.reshape(16, -1))
     items = {name: SMOOTH[16:] * RNG.uniform(0.8, 1.2, size=(4, 1, 1)) for name in ("clean-1", "clean-2", "bad")}
