@@ -222,8 +222,8 @@ def test_the_readout_blocks_travel_with_each_split_and_splits_must_agree(tmp_pat
     from fedanchor.config import with_overrides
 
     default = _study(0, 0.75, 0.6, 0.8, 0.03)
-    model_alone = dataclasses.replace(_study(1, 0.75, 0.6, 0.8, 0.03), config=with_overrides(
-        _study(1, 0.75, 0.6, 0.8, 0.03).config, {"alignment.readout_blocks": ("model",)}))
+    second = _study(1, 0.75, 0.6, 0.8, 0.03)
+    model_alone = dataclasses.replace(second, config=with_overrides(second.config, {"alignment.readout_blocks": ("model",)}))
     assert precision_summary([default])["cases"][0]["readout_blocks"] == ["base", "codebook", "model"]
     assert "block alone" not in precision_markdown(precision_summary([default]))
     summary = precision_summary([model_alone])

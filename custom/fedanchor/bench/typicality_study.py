@@ -73,8 +73,10 @@ def typicality_study(scenario: str, seeds: Sequence[int], modes: Sequence[str] |
                 if len(data) < config.alignment.codebook_min_cluster:  # too few items: the site sends nothing
                     summaries.pop(bad)
                 else:
+                    copy_base = (anchor_base if anchors is split.anchors[modality]  # records only: the public anchors
+                                 else base_features(model, modality, anchors.items, tokens))
                     summaries[bad] = site_summary(spec.kind, data.items, base_features(model, modality, data.items, tokens),
-                                                  base_features(model, modality, anchors.items, tokens))
+                                                  copy_base)
             factors, zs, _ = typicality_factors(summaries, dict.fromkeys(summaries, modality), lambda _: reference)
             judged_clean = [s for s in zs if s != bad or case == CLEAN]
             record = cases[case]
