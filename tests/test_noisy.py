@@ -234,3 +234,20 @@ def test_the_readout_blocks_travel_with_each_split_and_splits_must_agree(tmp_pat
     with pytest.raises(ValueError, match="readout's blocks"):
         load_splits([tmp_path / "a", tmp_path / "b"])
     assert [s.config.alignment.readout_blocks for s in load_splits([tmp_path / "b"])] == [("model",)]
+
+
+def test_a_study_run_by_worker_processes_has_the_figures_of_one_process(one_thread):
+    """`--workers`: the study's federations run side by side in spawned processes, each seeded as the single process
+    seeds it, so every run's weights and recall are those of the study run one federation after another."""
+    config = bench_config("motion", quick=True, trunk="tiny", overrides={"data.sites": SITES, "train.local_steps": 4,
+                                                                         "alignment.readout_repeats": 1})
+    alone = noisy_site_study(config, modes=["garbage"], say=lambda _m: None, clean_only=True)
+    side_by_side = noisy_site_study(config, modes=["garbage"], say=lambda _m: None, clean_only=True, workers=2)
+    pairs = [(alone.reference, side_by_side.reference), (alone.clean_only, side_by_side.clean_only),
+             (alone.reference_uniform, side_by_side.reference_uniform),
+             *((alone.runs["garbage"][w], side_by_side.runs["garbage"][w]) for w in ("precision", "uniform"))]
+    for one, other in pairs:
+        assert (one.mode, one.weighting) == (other.mode, other.weighting)
+        assert one.site_weights == other.site_weights and one.metrics == other.metrics
+    with pytest.raises(ValueError, match="workers=0"):
+        noisy_site_study(config, modes=["garbage"], say=lambda _m: None, workers=0)

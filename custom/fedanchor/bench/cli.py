@@ -110,6 +110,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--method", action="append", choices=METHODS, help="run only these methods (repeatable)")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch CPU threads (1 avoids oversubscription on a busy small machine)")
+    parser.add_argument("--workers", type=int, default=1,
+                        help="with --noisy or --precision: run the study's federations in this many processes side by "
+                             "side (a GPU machine's cores; each uses --threads torch threads)")
     parser.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key for every method")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
@@ -157,7 +160,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         def study() -> dict:
             configs = [bench_config(args.scenario, args.quick, seed, args.trunk, _parse_set(args.set or [])) for seed in args.seeds]
-            studies = precision_study(configs, modes=args.noisy_mode, anchors_corrupted=args.noisy_anchors)
+            studies = precision_study(configs, modes=args.noisy_mode, anchors_corrupted=args.noisy_anchors,
+                                      workers=args.workers)
             write_splits(studies, out)
             return precision_summary(studies)
         return _study(out, "precision", study, lambda summary: precision_markdown(summary, command))
@@ -183,7 +187,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             print((out / "spread.md").read_text())
         if args.noisy:
             config = bench_config(args.scenario, args.quick, args.seeds[0], args.trunk, _parse_set(args.set or []))
-            study = noisy_site_study(config, modes=args.noisy_mode, anchors_corrupted=args.noisy_anchors)
+            study = noisy_site_study(config, modes=args.noisy_mode, anchors_corrupted=args.noisy_anchors,
+                                     workers=args.workers)
             paths = write_noisy(study, out)
             print(paths["md"].read_text())
     except (ValueError, FileNotFoundError, ModuleNotFoundError, RuntimeError) as err:

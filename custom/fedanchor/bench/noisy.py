@@ -26,8 +26,10 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import multiprocessing
 import time
 from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -348,10 +350,58 @@ def _record(result: RunResult, mode: str | None, severity: float, weighting: str
                                   for site, m in r.site_metrics.items()} for r in result.rounds])
 
 
+@dataclass(frozen=True)
+class _StudyRun:
+    """One federation of a study: what differs between its runs (corruption, weighting, sites), all picklable so
+    that a worker process can run it."""
+
+    config: FedAnchorConfig
+    split: FederatedSplit
+    mode: str | None  # None: a clean run
+    severity: float
+    weighting: str
+    noisy_site: str
+    anchors_corrupted: bool
+    label: str
+
+
+def _run_study_run(job: _StudyRun) -> NoisyRun:
+    # Same torch seed for every run (as the bench does), so runs differ only by corruption and weighting.
+    torch.manual_seed(job.config.train.seed)
+    started = time.perf_counter()
+    corruptions = {job.noisy_site: (NOISY_MODES[job.mode].corruption, job.severity)} if job.mode is not None else None
+    result = run_in_process(job.config, progress=None, corruptions=corruptions, split=job.split,
+                            evaluate_each_round=False, corrupt_anchors=job.anchors_corrupted)
+    return _record(result, job.mode, job.severity, job.weighting, time.perf_counter() - started)
+
+
+def _init_worker(threads: int) -> None:
+    torch.set_num_threads(threads)
+
+
+def _run_all(jobs: Sequence[_StudyRun], workers: int, say: Callable[[str], None]) -> list[NoisyRun]:
+    """Every job's run, in order; with ``workers`` > 1 that many processes run them side by side (a GPU machine's
+    cores), each with this process's torch thread count."""
+    def report(job: _StudyRun, run: NoisyRun) -> NoisyRun:
+        weights = " ".join(f"{s}:{w:.2f}" for s, w in (run.site_weights[-1] if run.site_weights else {}).items())
+        say(f"== {job.label} ==\n   final weights {weights} | mean R@10 inst {_fmt(run.recall['instance'])} sem "
+            f"{_fmt(run.recall['semantic'])} ({run.seconds:.1f}s)")
+        return run
+
+    if workers <= 1:
+        return [report(job, _run_study_run(job)) for job in jobs]
+    # spawn, not fork: a forked child would inherit this process's CUDA context and thread pools.
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(max_workers=workers, mp_context=context, initializer=_init_worker,
+                             initargs=(torch.get_num_threads(),)) as pool:
+        futures = [pool.submit(_run_study_run, job) for job in jobs]
+        return [report(job, future.result()) for job, future in zip(jobs, futures)]
+
+
 def noisy_site_study(config: FedAnchorConfig, split: FederatedSplit | None = None, site: str | None = None,
                      modes: Sequence[str] | Mapping[str, float] | None = None,
                      say: Callable[[str], None] = print, clean_only: bool = False,
-                     anchors_corrupted: bool = False) -> NoisyStudy:
+                     anchors_corrupted: bool = False, workers: int = 1) -> NoisyStudy:
     """Run the clean reference and, per mode, the corrupted split under precision and under uniform weighting.
 
     ``config.precision.method`` is the precision weighting (it must not be "uniform"); ``split`` defaults to
@@ -360,50 +410,41 @@ def noisy_site_study(config: FedAnchorConfig, split: FederatedSplit | None = Non
     default severities) or {name: severity}. ``clean_only`` adds the federation without the noisy site and the clean
     federation under uniform weighting (the precision study's references). ``anchors_corrupted`` puts the corruption
     in the noisy site's pipeline (a broken loader, a scanner setting), so the site's copy of the public anchors passes
-    through it too; a small site's anchors stay whole.
+    through it too; a small site's anchors stay whole. ``workers`` > 1 runs the study's federations in that many
+    processes side by side; the figures are those of one process.
     """
     if config.precision.method == UNIFORM:
         raise ValueError("config.precision.method is 'uniform', so there is no precision weighting to compare; "
                          "set precision.method to 'iterate_variance' (the default)")
     if config.rounds < 1:
         raise ValueError(f"rounds={config.rounds}: the study needs at least one round")
+    if workers < 1:
+        raise ValueError(f"workers={workers}: give 1 (one run after another) or more processes")
     chosen = resolve_modes(modes)
     started = time.perf_counter()
     split = split or make_split(config)
     sites = {name: data.spec.name for name, data in split.private.items()}
     noisy = pick_noisy_site(sites, site)
     uniform_config = with_overrides(config, {"precision.method": UNIFORM})
-    seed = config.train.seed
 
-    def one(cfg: FedAnchorConfig, mode: str | None, severity: float, weighting: str,
-            run_split: FederatedSplit | None = None) -> NoisyRun:
-        # Same torch seed for every run (as the bench does), so runs differ only by corruption and weighting.
-        torch.manual_seed(seed)
-        t0 = time.perf_counter()
-        corruptions = {noisy: (chosen[mode].corruption, severity)} if mode is not None else None
-        result = run_in_process(cfg, progress=None, corruptions=corruptions, split=run_split or split,
-                                evaluate_each_round=False, corrupt_anchors=anchors_corrupted)
-        run = _record(result, mode, severity, weighting, time.perf_counter() - t0)
-        weights = " ".join(f"{s}:{w:.2f}" for s, w in (run.site_weights[-1] if run.site_weights else {}).items())
-        say(f"   final weights {weights} | mean R@10 inst {_fmt(run.recall['instance'])} sem "
-            f"{_fmt(run.recall['semantic'])} ({run.seconds:.1f}s)")
-        return run
+    def job(cfg: FedAnchorConfig, mode: str | None, weighting: str, label: str,
+            run_split: FederatedSplit | None = None) -> _StudyRun:
+        severity = chosen[mode].severity if mode is not None else 0.0
+        return _StudyRun(cfg, run_split or split, mode, severity, weighting, noisy, anchors_corrupted, label)
 
-    say(f"== clean reference ({config.precision.method}); noisy site will be {noisy} ({sites[noisy]}) ==")
-    reference = one(config, None, 0.0, PRECISION)
-    without, reference_uniform = None, None
+    say(f"== noisy-site study ({config.precision.method}); noisy site will be {noisy} ({sites[noisy]}) ==")
+    jobs = [job(config, None, PRECISION, "clean reference")]
     if clean_only:
-        say("== clean, uniform weighting ==")
-        reference_uniform = one(uniform_config, None, 0.0, UNIFORM)
-        say(f"== clean only: the federation without {noisy} ==")
         rest = split.without(noisy)
-        without = one(with_overrides(config, {"data.sites": rest.site_modality}), None, 0.0, PRECISION, rest)
-    runs: dict[str, dict[str, NoisyRun]] = {}
-    for mode, spec in chosen.items():
-        runs[mode] = {}
-        for weighting, cfg in ((PRECISION, config), (UNIFORM, uniform_config)):
-            say(f"== {mode} (severity {spec.severity:g}) on {noisy}, {weighting} weighting ==")
-            runs[mode][weighting] = one(cfg, mode, spec.severity, weighting)
+        jobs += [job(uniform_config, None, UNIFORM, "clean, uniform weighting"),
+                 job(with_overrides(config, {"data.sites": rest.site_modality}), None, PRECISION,
+                     f"clean only: the federation without {noisy}", rest)]
+    jobs += [job(cfg, mode, weighting, f"{mode} (severity {spec.severity:g}) on {noisy}, {weighting} weighting")
+             for mode, spec in chosen.items() for weighting, cfg in ((PRECISION, config), (UNIFORM, uniform_config))]
+    done = iter(_run_all(jobs, workers, say))
+    reference = next(done)
+    reference_uniform, without = (next(done), next(done)) if clean_only else (None, None)
+    runs = {mode: {PRECISION: next(done), UNIFORM: next(done)} for mode in chosen}
     study = NoisyStudy(scenario=config.data.scenario, config=config, noisy_site=noisy, modality=sites[noisy], sites=sites,
                        reference=reference, runs=runs, seconds=time.perf_counter() - started, modes=chosen,
                        clean_only=without, reference_uniform=reference_uniform, anchors_corrupted=anchors_corrupted)

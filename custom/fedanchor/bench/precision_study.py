@@ -53,14 +53,15 @@ def study_config(config: FedAnchorConfig) -> FedAnchorConfig:
 
 
 def precision_study(configs: Sequence[FedAnchorConfig], modes: Sequence[str] | None = None,
-                    say: Callable[[str], None] = print, anchors_corrupted: bool = False) -> list[NoisyStudy]:
+                    say: Callable[[str], None] = print, anchors_corrupted: bool = False,
+                    workers: int = 1) -> list[NoisyStudy]:
     """One noisy-site study with its clean references per split (one config per split seed); ``anchors_corrupted``:
-    the bad site's copy of the anchors passes through its corruption too."""
+    the bad site's copy of the anchors passes through its corruption too; ``workers``: processes per split's study."""
     studies = []
     for config in configs:
         say(f"== precision study, split seed {config.data.seed} ==")
         studies.append(noisy_site_study(study_config(config), modes=modes, say=say, clean_only=True,
-                                        anchors_corrupted=anchors_corrupted))
+                                        anchors_corrupted=anchors_corrupted, workers=workers))
     return studies
 
 
