@@ -134,13 +134,38 @@ def test_every_site_must_report_the_anchors_statistics():
     ("signal", (3, 100), ("energy", "roughness", *ANCHOR_STATISTICS)),
     ("image", (16, 15), ("energy", "roughness", *ANCHOR_STATISTICS)),
     ("signal", (3, 1), ("energy", *ANCHOR_STATISTICS)), ("vector", (40,), ("energy", *ANCHOR_STATISTICS)),
-    ("text", (), ("energy", *ANCHOR_STATISTICS)), ("codes", (), ("energy", *ANCHOR_STATISTICS)),
+    ("text", (), ("energy", "coherence", *ANCHOR_STATISTICS)), ("codes", (), ("energy", *ANCHOR_STATISTICS)),
 ])
-def test_roughness_is_read_only_where_items_have_an_ordered_axis_of_two_or_more(kind, shape, expected):
+def test_order_is_read_where_items_have_one_roughness_on_an_axis_of_two_or_more_coherence_in_text(kind, shape, expected):
     assert statistics_of(kind, shape) == expected
     if kind in ("signal", "image", "vector"):
         items = RNG.normal(size=(6, *shape))
         assert sorted(site_summary(kind, items, items.reshape(6, -1), items.reshape(6, -1)).mean) == sorted(expected)
+
+
+TEXTS = ["no acute disease", "the heart is normal in size", "lungs are clear", "no effusion"]
+
+
+@pytest.mark.parametrize("coherence,match", [
+    (None, "needs the coherence of each of its 4 items .*text_coherence.*got none"),
+    (np.ones(3), "needs the coherence of each of its 4 items .*got 3"),
+])
+def test_a_text_summary_needs_each_items_coherence(coherence, match):
+    base = RNG.normal(size=(4, 5))
+    with pytest.raises(ValueError, match=match):
+        site_summary("text", TEXTS, base, base, coherence)
+    with pytest.raises(ValueError, match=match):
+        anchor_summary("text", TEXTS, base, coherence)
+
+
+def test_a_text_sites_coherence_is_summarised_with_its_other_statistics():
+    base = RNG.normal(size=(4, 5))
+    coherence = np.array([0.30, 0.34, 0.36, 0.40])
+    summary = site_summary("text", TEXTS, base, base, coherence)
+    assert sorted(summary.mean) == sorted(statistics_of("text", ()))
+    assert summary.mean["coherence"] == pytest.approx(0.35) and summary.sd["coherence"] == pytest.approx(np.std(coherence, ddof=1))
+    assert anchor_summary("text", TEXTS, base, coherence).mean["coherence"] == pytest.approx(0.35)
+    assert "coherence" not in site_summary("vector", base, base, base).mean  # no order to read in a vector
 
 
 # (case, what the bad site's pipeline does to everything it reads: its items and its copy of the anchors alike)
@@ -243,3 +268,29 @@ def test_with_the_defaults_the_typicality_check_leaves_a_bad_site_out_from_the_f
         assert set(parts) == {"energy", "roughness", *ANCHOR_STATISTICS}
         assert max(parts.values()) == metrics["bad"]["typicality_check/z"]
         assert (max(parts, key=parts.get) in ANCHOR_STATISTICS) == in_pipeline, parts
+
+
+@pytest.mark.slow
+def test_the_minilm_trunk_reads_reports_with_shuffled_words_as_less_coherent():
+    """Real IU X-ray reports through the real MiniLM trunk: shuffling the words of each report lowers its coherence
+    (what a mean-pooled embedding barely sees), for most reports and on average by over 4 standard errors (a report of
+    a few words has little order to lose); a report's coherence does not depend on the batch
+    it was padded in (a site and the server batch differently); a code modality has none."""
+    from fedanchor.bench.runner import bench_config
+    from fedanchor.model.base_features import text_coherence
+    from fedanchor.model.homogeneous import build_model
+
+    config = bench_config("xray", overrides={"data.n_anchors": 8, "data.n_test": 8, "data.max_private_per_site": 40,
+                                             "data.sites": {"r1": "report", "f1": "findings"}})
+    split = make_split(config)
+    model = build_model(config, {m: d.spec for m, d in split.anchors.items()}, split.feature_stats)
+    reports = list(split.private["r1"].items)
+    rng = np.random.default_rng(0)
+    shuffled = [" ".join(rng.permutation(r.split())) for r in reports]
+    clean, mixed = text_coherence(model, "report", reports), text_coherence(model, "report", shuffled)
+    assert clean.shape == mixed.shape == (40,)
+    drop = clean - mixed
+    assert np.mean(drop > 0) >= 0.7 and drop.mean() > 4 * drop.std(ddof=1) / math.sqrt(len(drop)), drop
+    alone = np.concatenate([text_coherence(model, "report", [r]) for r in reports[:5]])
+    np.testing.assert_allclose(alone, clean[:5], atol=1e-5)
+    assert text_coherence(model, "findings", split.private["f1"].items) is None

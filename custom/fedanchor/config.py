@@ -105,12 +105,12 @@ class PrecisionConfig:
     # released).
     information_check: bool = True
     # The server's typicality check (typicality.py): each site sends, once it holds alignment.codebook_min_cluster
-    # private items or more, the mean and spread over its items of two statistics of its raw data measured against
-    # its modality's public anchors (energy; for images and signals, roughness), and over the anchors of the level and
-    # dispersion of its own copy of them (a pipeline that rescales what the site reads shows there); a site far from its
-    # peers and the anchors (robust z-score over 2) weighs less, from the round its report arrives on, and adds no
-    # centres to the codebook. Static: local steps do not wash it out. Needs anchor_check_min_sites sites of the
-    # modality; nothing under DP.
+    # private items or more, the mean and spread over its items of statistics of its raw data measured against its
+    # modality's public anchors (energy; for images and signals, roughness; for text, coherence, the word order the
+    # frozen trunk reads), and over the anchors of the level and dispersion of its own copy of them (a pipeline that
+    # rescales what the site reads shows there); a site far from its peers and the anchors (robust z-score over 2)
+    # weighs less, from the round its report arrives on, and adds no centres to the codebook. Static: local steps do
+    # not wash it out. Needs anchor_check_min_sites sites of the modality; nothing under DP.
     typicality_check: bool = True
     # What the information check reads: "training", the mean loss of the round's own steps; or "received", the
     # two-view loss of the model the site received, before its local steps, averaged over information_draws batches

@@ -15,6 +15,10 @@ privacy):
   axis, the mean squared difference of neighbouring values over their variance. It
   tells structure from its absence: shuffled, noisy or random values are rough,
   blurred ones smooth; no rescaling moves it.
+- **coherence**, for text: the mean cosine of neighbouring tokens' contextual states
+  through the frozen trunk (model/base_features.py). Words in their order make
+  neighbouring states alike; a loader that shuffles words leaves a mean-pooled
+  embedding, and so energy, nearly where it was, and lowers coherence.
 - **anchor level** and **anchor dispersion**, per anchor of the site's own copy of
   the anchors: log of its mean square, and of its mean squared deviation from the
   copy's mean, base features unstandardised. Energy is read in the site's anchors'
@@ -47,6 +51,7 @@ from typing import Callable, Mapping, Sequence
 import numpy as np
 
 ROUGH_KINDS = ("image", "signal")  # kinds whose items have an ordered last axis
+COHERENT_KINDS = ("text",)  # kinds whose items are read in order by the trunk
 # Statistics of the site's copy of the anchors (anchor_view), not of its items: their standard errors are over anchors.
 ANCHOR_STATISTICS = ("anchor_dispersion", "anchor_level")
 # The anchors through a clean pipeline are the server's to the last bit on one machine; a text trunk on another device
@@ -127,16 +132,23 @@ def anchor_view(anchor_base: np.ndarray) -> dict[str, np.ndarray]:
 
 
 def statistics_of(kind: str, item_shape: tuple[int, ...]) -> tuple[str, ...]:
-    """The statistics a site of ``kind`` with items of ``item_shape`` reports: roughness needs a last axis of 2+."""
+    """The statistics a site of ``kind`` with items of ``item_shape`` reports: roughness needs a last axis of 2+,
+    coherence a text."""
     rough = kind in ROUGH_KINDS and len(item_shape) >= 1 and item_shape[-1] >= 2
-    return ("energy", "roughness", *ANCHOR_STATISTICS) if rough else ("energy", *ANCHOR_STATISTICS)
+    ordered = ("roughness",) if rough else ("coherence",) if kind in COHERENT_KINDS else ()
+    return ("energy", *ordered, *ANCHOR_STATISTICS)
 
 
-def item_statistics(kind: str, items, base: np.ndarray, anchor_base: np.ndarray) -> dict[str, np.ndarray]:
-    """Every per-item statistic that applies to ``kind`` (``statistics_of`` less the anchors' own), per item."""
+def item_statistics(kind: str, items, base: np.ndarray, anchor_base: np.ndarray,
+                    coherence: np.ndarray | None = None) -> dict[str, np.ndarray]:
+    """Every per-item statistic that applies to ``kind`` (``statistics_of`` less the anchors' own), per item;
+    ``coherence``: a text's per-item coherence (model/base_features.text_coherence), which needs the trunk."""
     out = {"energy": energy(base, *anchor_units(anchor_base))}
-    if "roughness" in statistics_of(kind, _item_shape(kind, items)):
+    names = statistics_of(kind, _item_shape(kind, items))
+    if "roughness" in names:
         out["roughness"] = roughness(items)
+    if "coherence" in names:
+        out["coherence"] = _per_item_coherence(kind, coherence, len(out["energy"]))
     return out
 
 
@@ -153,15 +165,16 @@ def summarize(per_item: Mapping[str, np.ndarray], per_anchor: Mapping[str, np.nd
                    {k: float(np.std(v, ddof=1)) for k, v in values.items()}, sizes.pop())
 
 
-def site_summary(kind: str, items, base: np.ndarray, anchor_base: np.ndarray) -> Summary:
+def site_summary(kind: str, items, base: np.ndarray, anchor_base: np.ndarray,
+                 coherence: np.ndarray | None = None) -> Summary:
     """What a site sends: its items' statistics against its modality's anchors, and those of its own copy of the
-    anchors (``anchor_view``), summarised."""
-    return summarize(item_statistics(kind, items, base, anchor_base), anchor_view(anchor_base))
+    anchors (``anchor_view``), summarised; ``coherence`` as for ``item_statistics``."""
+    return summarize(item_statistics(kind, items, base, anchor_base, coherence), anchor_view(anchor_base))
 
 
-def anchor_summary(kind: str, anchor_items, anchor_base: np.ndarray) -> Summary:
+def anchor_summary(kind: str, anchor_items, anchor_base: np.ndarray, coherence: np.ndarray | None = None) -> Summary:
     """The anchors as one more peer: each anchor's energy against the other anchors' units (an anchor is not
-    measured by the units it helped set), its roughness as any item's."""
+    measured by the units it helped set), its roughness and coherence as any item's."""
     anchors = _matrix(anchor_base, "anchor base features")
     n = len(anchors)
     if n < 3:
@@ -174,6 +187,8 @@ def anchor_summary(kind: str, anchor_items, anchor_base: np.ndarray) -> Summary:
     per_item = {"energy": energy(centred, mean_without, scale_without)}  # row i against the other anchors' units
     if "roughness" in statistics_of(kind, _item_shape(kind, anchor_items)):
         per_item["roughness"] = roughness(anchor_items)
+    if "coherence" in statistics_of(kind, _item_shape(kind, anchor_items)):
+        per_item["coherence"] = _per_item_coherence(kind, coherence, n)
     return summarize(per_item, anchor_view(anchors))
 
 
@@ -227,6 +242,13 @@ def _robust_z(values: Mapping[str, float], floors: Mapping[str, float]) -> dict[
     median = statistics.median(values.values())
     spread = 1.4826 * statistics.median(abs(v - median) for v in values.values())
     return {p: abs(v - median) / max(spread, floors[p], SPREAD_FLOOR) for p, v in values.items()}
+
+
+def _per_item_coherence(kind: str, coherence: np.ndarray | None, items: int) -> np.ndarray:
+    if coherence is None or len(coherence) != items:
+        raise ValueError(f"the typicality of {kind} items needs the coherence of each of its {items} items "
+                         f"(model/base_features.text_coherence), got {'none' if coherence is None else len(coherence)}")
+    return np.asarray(coherence, dtype=np.float64)
 
 
 def _item_shape(kind: str, items) -> tuple[int, ...]:

@@ -26,7 +26,7 @@ from ..config import FedAnchorConfig
 from ..data.augment import augment
 from ..data.scenario import ModalityData, ModalitySpec
 from ..evaluation import cross_modal_metrics
-from ..model.base_features import base_features
+from ..model.base_features import base_features, text_coherence
 from ..model.homogeneous import HomogeneousTransformer, build_model, take_items
 from ..precision import (PrecisionWeightedMerge, data_distance, information_factors, peer_factors, sample_weight,
                          view_information)
@@ -739,8 +739,10 @@ class FederatedServer:
     def _typicality_reference(self, modality: str) -> Summary:
         """The modality's anchors as one more peer of the typicality check: public, so computed here, once."""
         if modality not in self._typicality_references:
+            items = self.anchors[modality].items
+            coherence = text_coherence(self.model, modality, items, self.config.alignment.readout_text_tokens)
             self._typicality_references[modality] = anchor_summary(
-                self.modalities[modality].kind, self.anchors[modality].items, self.base_of("anchors")[modality])
+                self.modalities[modality].kind, items, self.base_of("anchors")[modality], coherence)
         return self._typicality_references[modality]
 
     def _measure_information(self) -> None:

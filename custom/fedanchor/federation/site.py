@@ -24,7 +24,7 @@ from ..alignment.losses import anchor_info_nce, cka_loss, two_view_contrastive
 from ..config import FedAnchorConfig
 from ..data.augment import augment
 from ..data.scenario import ModalityData, ModalitySpec
-from ..model.base_features import base_features
+from ..model.base_features import base_features, text_coherence
 from ..model.homogeneous import HomogeneousTransformer, build_model, take_items
 from ..dp import fresh_generator, gaussian_release, privacy_spent, privatize_change
 from ..precision import PrecisionTracker
@@ -171,8 +171,10 @@ class SiteTrainer:
                 and len(self.private) >= cfg.alignment.codebook_min_cluster):
             return {}
         if self._typicality is None:  # the items and the anchors are fixed: measure once
+            coherence = text_coherence(self.model, self.modality, self.private.items,
+                                       cfg.alignment.readout_text_tokens)
             summary = site_summary(self.spec.kind, self.private.items, self.private_base_features(),
-                                   self.anchor_base_features())
+                                   self.anchor_base_features(), coherence)
             self._typicality = summary.metrics()
             log.info("site %s: typicality of its %d private items against the anchors %s", self.site, summary.items,
                      {k: round(v, 3) for k, v in self._typicality.items()})

@@ -9,10 +9,12 @@ They feed the readout's ``base`` block beside the global model's embedding, so t
 scored space keeps what the inputs carry whatever the adapters learn, and they are
 the features of the anchors-only rivals. None of them depends on trained weights:
 a site, the server and the bench compute the same values from the same items.
+``text_coherence`` reads the same frozen pass for the typicality check's word order.
 """
 from __future__ import annotations
 
-from typing import Any, Sequence
+from contextlib import contextmanager
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -31,21 +33,57 @@ def multi_hot(items: Sequence[Sequence[int]], n_codes: int) -> np.ndarray:
     return out
 
 
+@contextmanager
+def _evaluating(model: HomogeneousTransformer) -> Iterator[None]:
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
+
+
 @torch.no_grad()
-def _frozen_text(model: HomogeneousTransformer, modality: str, items: Sequence[str], text_tokens: int) -> np.ndarray:
+def _frozen_text_states(model: HomogeneousTransformer, modality: str, items: Sequence[str],
+                        text_tokens: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """(contextual token states, attention mask) of each batch of texts through the frozen trunk, in eval mode."""
     hf_tokenizer = getattr(model.tokenizer(modality), "hf_tokenizer", None)
     if hf_tokenizer is None:
         raise ValueError(f"modality {modality!r} is not a text modality of this model")
+    if isinstance(items, str):
+        raise TypeError("items must be a sequence of texts, not one string")
     device = model.head.weight.device
-    chunks = []
-    with frozen_base(model.trunk):
+    with _evaluating(model), frozen_base(model.trunk):
         for start in range(0, len(items), TEXT_BATCH):
             batch = hf_tokenizer(list(take_items(items, slice(start, start + TEXT_BATCH))), padding=True, truncation=True,
                                  max_length=text_tokens, return_tensors="pt").to(device)
             hidden = model.trunk(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
-            weights = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
-            chunks.append(((hidden * weights).sum(1) / weights.sum(1).clamp_min(1.0)).double().cpu().numpy())
+            yield hidden, batch["attention_mask"].to(hidden.dtype)
+
+
+def _frozen_text(model: HomogeneousTransformer, modality: str, items: Sequence[str], text_tokens: int) -> np.ndarray:
+    chunks = []
+    for hidden, mask in _frozen_text_states(model, modality, items, text_tokens):
+        weights = mask.unsqueeze(-1)
+        chunks.append(((hidden * weights).sum(1) / weights.sum(1).clamp_min(1.0)).double().cpu().numpy())
     return np.concatenate(chunks) if chunks else np.zeros((0, model.trunk.config.hidden_size))
+
+
+def text_coherence(model: HomogeneousTransformer, modality: str, items: Sequence[str],
+                   text_tokens: int = TEXT_TOKENS) -> np.ndarray | None:
+    """Per text: the mean cosine of neighbouring tokens' contextual states through the frozen trunk (the typicality
+    check's word-order statistic); None for a modality that is not text. A trunk reads each word in its context, so
+    words in their order make neighbouring states alike; shuffled words, which leave a mean-pooled embedding nearly
+    where it was, make them less so."""
+    if model.tokenizer(modality).spec.kind != "text":
+        return None
+    chunks = []
+    for hidden, mask in _frozen_text_states(model, modality, items, text_tokens):
+        unit = torch.nn.functional.normalize(hidden.double(), dim=-1)
+        cosine = (unit[:, 1:] * unit[:, :-1]).sum(-1)
+        pairs = (mask[:, 1:] * mask[:, :-1]).double()
+        chunks.append(((cosine * pairs).sum(1) / pairs.sum(1).clamp_min(1.0)).cpu().numpy())
+    return np.concatenate(chunks) if chunks else np.zeros(0)
 
 
 def base_features(model: HomogeneousTransformer, modality: str, items: Any, text_tokens: int = TEXT_TOKENS) -> np.ndarray:
@@ -56,11 +94,6 @@ def base_features(model: HomogeneousTransformer, modality: str, items: Any, text
     if spec.kind == "codes":
         return multi_hot(items, len(spec.vocab))
     if spec.kind == "text":
-        was_training = model.training
-        model.eval()
-        try:
-            return _frozen_text(model, modality, items, text_tokens)
-        finally:
-            model.train(was_training)
+        return _frozen_text(model, modality, items, text_tokens)
     x = np.asarray(items, dtype=np.float64)
     return x.reshape(len(x), -1)
