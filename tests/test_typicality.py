@@ -246,6 +246,21 @@ def test_a_site_sends_its_numbers_only_with_enough_items_and_never_under_dp():
     assert numbers(config, data.subset(np.arange(few))) == {}
 
 
+def test_a_report_site_sends_its_reports_coherence_and_a_code_site_none():
+    config = tiny_config(data={"scenario": "xray", "n_anchors": 8, "n_test": 8, "max_private_per_site": 30,
+                               "sites": {"r1": "report", "f1": "findings"}})
+    split = make_split(config)
+    modalities = {m: d.spec for m, d in split.anchors.items()}
+
+    def numbers(site: str, modality: str) -> dict[str, float]:
+        return SiteTrainer(config, site, split.private[site], split.anchors[modality], split.anchor_fingerprint,
+                           modalities, split.feature_stats).typicality_metrics()
+    report, findings = numbers("r1", "report"), numbers("f1", "findings")
+    assert {k.split("/")[1] for k in report} == set(statistics_of("text", ())) and "coherence" in statistics_of("text", ())
+    assert {k.split("/")[1] for k in findings} == set(statistics_of("codes", ())) and "coherence" not in statistics_of("codes", ())
+    assert -1.0 <= report["typicality/coherence/mean"] <= 1.0 and report["typicality/coherence/sd"] > 0
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("mode,severity,in_pipeline", [("garbage", 1.0, False), ("noise", 3.0, False), ("gain", 1.0, True)])
 def test_with_the_defaults_the_typicality_check_leaves_a_bad_site_out_from_the_first_round(mode, severity, in_pipeline):
