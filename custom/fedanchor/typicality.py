@@ -33,8 +33,10 @@ privacy):
 The server weighs each site against the other sites of its modality and against the
 public anchors themselves (one more peer, each anchor's energy taken against the
 other anchors): a robust z-score of every mean (its spread at least the standard
-error of a mean of that many items) and of every log standard deviation (at least
-its own standard error), the largest of them is the site's z, and its factor is
+error of a mean of that many items, or of as many as there are anchors where they
+are fewer: the median a site is weighed against is known no better) and of every
+log standard deviation (at least its own standard error, counted alike), the
+largest of them is the site's z, and its factor is
 exp(-max(0, z - ``ALLOWED_Z``)). On motion (3 accelerometer sites of 10 recordings, 6
 splits) clean sites reached z 1.1-1.9; noisy, shuffled, blurred and random sites
 4.4-11.7, gain-shifted ones 2.4-4.7, and 4.7-5.7 with the gain in their pipeline.
@@ -204,7 +206,10 @@ def typicality_z_by_statistic(sites: Mapping[str, Summary], reference: Summary) 
     z: dict[str, dict[str, float]] = {site: {} for site in sites}
     for name in names:
         of_anchors = name in ANCHOR_STATISTICS
-        count = {p: reference.items if of_anchors else s.items for p, s in peers.items()}
+        # A site is weighed against a median the reference helps set, known to the anchors' count only: no site's mean
+        # or spread is read more finely than that (a site of 800 reports beside 200 anchors would otherwise be judged
+        # at half the reference's own standard error).
+        count = {p: reference.items if of_anchors else min(s.items, reference.items) for p, s in peers.items()}
         tolerance = ANCHOR_TOLERANCE if of_anchors else 0.0
         means = _robust_z({p: s.mean[name] for p, s in peers.items()},
                           {p: max(typical_sd[name] / math.sqrt(count[p]), tolerance) for p in peers})
