@@ -154,7 +154,7 @@ TEXTS = ["no acute disease", "the heart is normal in size", "lungs are clear", "
 
 
 @pytest.mark.parametrize("coherence,match", [
-    (None, "needs the coherence of each of its 4 items .*text_coherence.*got none"),
+    (None, "needs the coherence of each of its 4 items .*base_features_and_coherence.*got none"),
     (np.ones(3), "needs the coherence of each of its 4 items .*got 3"),
 ])
 def test_a_text_summary_needs_each_items_coherence(coherence, match):
@@ -299,7 +299,7 @@ def test_the_minilm_trunk_reads_reports_with_shuffled_words_as_less_coherent():
     a few words has little order to lose); a report's coherence does not depend on the batch
     it was padded in (a site and the server batch differently); a code modality has none."""
     from fedanchor.bench.runner import bench_config
-    from fedanchor.model.base_features import text_coherence
+    from fedanchor.model.base_features import base_features_and_coherence
     from fedanchor.model.homogeneous import build_model
 
     config = bench_config("xray", overrides={"data.n_anchors": 8, "data.n_test": 8, "data.max_private_per_site": 40,
@@ -309,10 +309,13 @@ def test_the_minilm_trunk_reads_reports_with_shuffled_words_as_less_coherent():
     reports = list(split.private["r1"].items)
     rng = np.random.default_rng(0)
     shuffled = [" ".join(rng.permutation(r.split())) for r in reports]
-    clean, mixed = text_coherence(model, "report", reports), text_coherence(model, "report", shuffled)
+
+    def text_coherence(items):
+        return base_features_and_coherence(model, "report", items)[1]
+    clean, mixed = text_coherence(reports), text_coherence(shuffled)
     assert clean.shape == mixed.shape == (40,)
     drop = clean - mixed
     assert np.mean(drop > 0) >= 0.7 and drop.mean() > 4 * drop.std(ddof=1) / math.sqrt(len(drop)), drop
-    alone = np.concatenate([text_coherence(model, "report", [r]) for r in reports[:5]])
+    alone = np.concatenate([text_coherence([r]) for r in reports[:5]])
     np.testing.assert_allclose(alone, clean[:5], atol=1e-5)
-    assert text_coherence(model, "findings", split.private["f1"].items) is None
+    assert base_features_and_coherence(model, "findings", split.private["f1"].items)[1] is None

@@ -144,7 +144,7 @@ def statistics_of(kind: str, item_shape: tuple[int, ...]) -> tuple[str, ...]:
 def item_statistics(kind: str, items, base: np.ndarray, anchor_base: np.ndarray,
                     coherence: np.ndarray | None = None) -> dict[str, np.ndarray]:
     """Every per-item statistic that applies to ``kind`` (``statistics_of`` less the anchors' own), per item;
-    ``coherence``: a text's per-item coherence (model/base_features.text_coherence), which needs the trunk."""
+    ``coherence``: a text's per-item coherence (model/base_features.base_features_and_coherence), which needs the trunk."""
     out = {"energy": energy(base, *anchor_units(anchor_base))}
     names = statistics_of(kind, _item_shape(kind, items))
     if "roughness" in names:
@@ -187,9 +187,10 @@ def anchor_summary(kind: str, anchor_items, anchor_base: np.ndarray, coherence: 
     scale_without = np.sqrt(np.maximum((squares - centred ** 2) / (n - 1) - mean_without ** 2, 0.0))
     scale_without[scale_without < SCALE_FLOOR] = 1.0
     per_item = {"energy": energy(centred, mean_without, scale_without)}  # row i against the other anchors' units
-    if "roughness" in statistics_of(kind, _item_shape(kind, anchor_items)):
+    names = statistics_of(kind, _item_shape(kind, anchor_items))
+    if "roughness" in names:
         per_item["roughness"] = roughness(anchor_items)
-    if "coherence" in statistics_of(kind, _item_shape(kind, anchor_items)):
+    if "coherence" in names:
         per_item["coherence"] = _per_item_coherence(kind, coherence, n)
     return summarize(per_item, anchor_view(anchors))
 
@@ -252,7 +253,7 @@ def _robust_z(values: Mapping[str, float], floors: Mapping[str, float]) -> dict[
 def _per_item_coherence(kind: str, coherence: np.ndarray | None, items: int) -> np.ndarray:
     if coherence is None or len(coherence) != items:
         raise ValueError(f"the typicality of {kind} items needs the coherence of each of its {items} items "
-                         f"(model/base_features.text_coherence), got {'none' if coherence is None else len(coherence)}")
+                         f"(model/base_features.base_features_and_coherence), got {'none' if coherence is None else len(coherence)}")
     return np.asarray(coherence, dtype=np.float64)
 
 

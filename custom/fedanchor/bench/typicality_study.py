@@ -27,7 +27,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from ..federation.loop import make_split, site_inputs
-from ..model.base_features import base_features, text_coherence
+from ..model.base_features import base_features, base_features_and_coherence
 from ..model.homogeneous import build_model
 from ..plots import save_figure
 from ..typicality import ALLOWED_Z, anchor_summary, site_summary, typicality_factors
@@ -60,13 +60,13 @@ def typicality_study(scenario: str, seeds: Sequence[int], modes: Sequence[str] |
         if model is None:  # the trunk only matters for text; every kind's base features go through the model
             model = build_model(config, {m: d.spec for m, d in split.anchors.items()}, split.feature_stats)
         tokens = config.alignment.readout_text_tokens
-        anchor_base = base_features(model, modality, split.anchors[modality].items, tokens)
-        reference = anchor_summary(spec.kind, split.anchors[modality].items, anchor_base,
-                                   text_coherence(model, modality, split.anchors[modality].items, tokens))
-        clean = {s: site_summary(spec.kind, split.private[s].items,
-                                 base_features(model, modality, split.private[s].items, tokens), anchor_base,
-                                 text_coherence(model, modality, split.private[s].items, tokens))
-                 for s in peers}
+
+        def summary_of(items, copy_base: np.ndarray):
+            base, coherence = base_features_and_coherence(model, modality, items, tokens)
+            return site_summary(spec.kind, items, base, copy_base, coherence)
+        anchor_base, anchor_coherence = base_features_and_coherence(model, modality, split.anchors[modality].items, tokens)
+        reference = anchor_summary(spec.kind, split.anchors[modality].items, anchor_base, anchor_coherence)
+        clean = {s: summary_of(split.private[s].items, anchor_base) for s in peers}
         for case in cases:
             summaries = dict(clean)
             if case != CLEAN:
@@ -77,8 +77,7 @@ def typicality_study(scenario: str, seeds: Sequence[int], modes: Sequence[str] |
                 else:
                     copy_base = (anchor_base if anchors is split.anchors[modality]  # records only: the public anchors
                                  else base_features(model, modality, anchors.items, tokens))
-                    summaries[bad] = site_summary(spec.kind, data.items, base_features(model, modality, data.items, tokens),
-                                                  copy_base, text_coherence(model, modality, data.items, tokens))
+                    summaries[bad] = summary_of(data.items, copy_base)
             factors, zs, _ = typicality_factors(summaries, dict.fromkeys(summaries, modality), lambda _: reference)
             judged_clean = [s for s in zs if s != bad or case == CLEAN]
             record = cases[case]

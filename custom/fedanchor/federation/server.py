@@ -26,7 +26,7 @@ from ..config import FedAnchorConfig
 from ..data.augment import augment
 from ..data.scenario import ModalityData, ModalitySpec
 from ..evaluation import cross_modal_metrics
-from ..model.base_features import base_features, text_coherence
+from ..model.base_features import base_features_and_coherence
 from ..model.homogeneous import HomogeneousTransformer, build_model, take_items
 from ..precision import (PrecisionWeightedMerge, data_distance, information_factors, peer_factors, sample_weight,
                          view_information)
@@ -167,6 +167,7 @@ class FederatedServer:
         self.bytes_down: dict[str, int] = {}  # what state_for sent each site in the round it last sent
         self._digest_of: tuple[int, str | None] = (-1, None)  # (round, basis digest) of the state state_for sends
         self._base: dict[str, dict[str, np.ndarray]] = {}  # "anchors"/"test" -> modality -> base features (fixed)
+        self._coherence: dict[str, dict[str, np.ndarray | None]] = {}  # the same, each text's coherence (text only)
         self.readout_choice: ReadoutChoice | None = None  # what anchor cross-validation picked for the latest state
         self._choice_round = -1  # the round of the state readout_choice was made for
         self._anchors_only: dict[str, float] | None = None  # anchors_only_eval(), made once
@@ -739,10 +740,9 @@ class FederatedServer:
     def _typicality_reference(self, modality: str) -> Summary:
         """The modality's anchors as one more peer of the typicality check: public, so computed here, once."""
         if modality not in self._typicality_references:
-            items = self.anchors[modality].items
-            coherence = text_coherence(self.model, modality, items, self.config.alignment.readout_text_tokens)
             self._typicality_references[modality] = anchor_summary(
-                self.modalities[modality].kind, items, self.base_of("anchors")[modality], coherence)
+                self.modalities[modality].kind, self.anchors[modality].items, self.base_of("anchors")[modality],
+                self._coherence["anchors"][modality])
         return self._typicality_references[modality]
 
     def _measure_information(self) -> None:
@@ -869,7 +869,9 @@ class FederatedServer:
         if which not in self._base:
             items = self.anchors if which == "anchors" else self.test
             tokens = self.config.alignment.readout_text_tokens
-            self._base[which] = {m: base_features(self.model, m, d.items, tokens) for m, d in items.items()}
+            features = {m: base_features_and_coherence(self.model, m, d.items, tokens) for m, d in items.items()}
+            self._base[which] = {m: base for m, (base, _) in features.items()}
+            self._coherence[which] = {m: coherence for m, (_, coherence) in features.items()}
         return self._base[which]
 
     def _anchor_embeddings(self) -> dict[str, torch.Tensor]:

@@ -24,7 +24,7 @@ from ..alignment.losses import anchor_info_nce, cka_loss, two_view_contrastive
 from ..config import FedAnchorConfig
 from ..data.augment import augment
 from ..data.scenario import ModalityData, ModalitySpec
-from ..model.base_features import base_features, text_coherence
+from ..model.base_features import base_features, base_features_and_coherence
 from ..model.homogeneous import HomogeneousTransformer, build_model, take_items
 from ..dp import fresh_generator, gaussian_release, privacy_spent, privatize_change
 from ..precision import PrecisionTracker
@@ -145,6 +145,7 @@ class SiteTrainer:
         self._anchor_base: np.ndarray | None = None  # base features of the anchors, made on first use
         self._codebook_upload: tuple[torch.Tensor, torch.Tensor] | None = None  # (centroids, counts), made on first use
         self._private_base: np.ndarray | None = None  # base features of the private items, made on first use
+        self._private_coherence: np.ndarray | None = None  # each private text's coherence, made with them (text only)
         self._typicality: dict[str, float] | None = None  # the typicality check's numbers, made on first use
 
     def anchor_base_features(self) -> np.ndarray:
@@ -158,8 +159,8 @@ class SiteTrainer:
         """Base features of this site's private items: fixed, so computed once (the codebook and the typicality
         check both read them)."""
         if self._private_base is None:
-            self._private_base = base_features(self.model, self.modality, self.private.items,
-                                               self.config.alignment.readout_text_tokens)
+            self._private_base, self._private_coherence = base_features_and_coherence(
+                self.model, self.modality, self.private.items, self.config.alignment.readout_text_tokens)
         return self._private_base
 
     def typicality_metrics(self) -> dict[str, float]:
@@ -171,10 +172,9 @@ class SiteTrainer:
                 and len(self.private) >= cfg.alignment.codebook_min_cluster):
             return {}
         if self._typicality is None:  # the items and the anchors are fixed: measure once
-            coherence = text_coherence(self.model, self.modality, self.private.items,
-                                       cfg.alignment.readout_text_tokens)
-            summary = site_summary(self.spec.kind, self.private.items, self.private_base_features(),
-                                   self.anchor_base_features(), coherence)
+            base = self.private_base_features()  # with the texts' coherence, from the same pass
+            summary = site_summary(self.spec.kind, self.private.items, base, self.anchor_base_features(),
+                                   self._private_coherence)
             self._typicality = summary.metrics()
             log.info("site %s: typicality of its %d private items against the anchors %s", self.site, summary.items,
                      {k: round(v, 3) for k, v in self._typicality.items()})
