@@ -262,6 +262,12 @@ def test_bench_precision_writes_the_cases_in_the_documented_shape(tmp_path):
         assert set(noisy["clean_only"]["site_weights"][-1]) == {"site-a2", "site-a3", "site-g1"}  # without the bad site
         assert noisy["reference_uniform"]["method"] == "uniform"
     assert "| garbage (s=1) | site-a1 |" in (tmp_path / "precision.md").read_text()
+    # Each federation was kept as it ended; the same command again reads all five back and writes the same summary.
+    assert len(list((tmp_path / "seed-0" / "federations").glob("*.json"))) == 5
+    assert bench_cli("--scenario", "motion", "--trunk", "tiny", "--quick", "--precision", "--seeds", "0",
+                     "--noisy-mode", "garbage", "--set", "train.local_steps=8", "--out", str(tmp_path)) == 0
+    again = json.loads((tmp_path / "precision.json").read_text())
+    assert again["cases"] == summary["cases"] and again["clean"] == summary["clean"]
 
 
 def test_the_typicality_study_reads_each_corruptions_verdict_without_training(tmp_path):

@@ -251,3 +251,33 @@ def test_a_study_run_by_worker_processes_has_the_figures_of_one_process(one_thre
         assert one.site_weights == other.site_weights and one.metrics == other.metrics
     with pytest.raises(ValueError, match="workers=0"):
         noisy_site_study(config, modes=["garbage"], say=lambda _m: None, workers=0)
+
+
+def test_a_cut_off_study_resumes_from_the_federations_it_kept(tmp_path, one_thread):
+    """Each federation is saved as it ends; a second start over the same folder reads back the runs whose fingerprint
+    matches (bit for bit the same figures) and trains only what is missing or ran under another configuration."""
+    from fedanchor.bench.noisy import RECORDS, record_name
+    from fedanchor.config import with_overrides
+
+    config = bench_config("motion", quick=True, trunk="tiny", overrides={"data.sites": SITES, "train.local_steps": 4,
+                                                                         "alignment.readout_repeats": 1})
+    records = tmp_path / RECORDS
+    first = noisy_site_study(config, modes=["garbage"], say=lambda _m: None, records=records)
+    kept = sorted(p.name for p in records.iterdir())
+    assert kept == sorted(record_name(label) for label in (
+        "clean reference", "garbage (severity 1) on accel-1, precision weighting",
+        "garbage (severity 1) on accel-1, uniform weighting"))
+
+    (records / record_name("garbage (severity 1) on accel-1, uniform weighting")).unlink()  # cut off before it ended
+    messages: list[str] = []
+    resumed = noisy_site_study(config, modes=["garbage"], say=messages.append, records=records)
+    assert sum("ran earlier, read from" in m for m in messages) == 2
+    assert any("2 of 3 federations ran earlier" in m for m in messages)
+    for one, other in [(first.reference, resumed.reference),
+                       *((first.runs["garbage"][w], resumed.runs["garbage"][w]) for w in ("precision", "uniform"))]:
+        assert one.site_weights == other.site_weights and one.metrics == other.metrics
+
+    other_config = with_overrides(config, {"train.local_steps": 5})  # another run: nothing saved counts for it
+    messages.clear()
+    noisy_site_study(other_config, modes=["garbage"], say=messages.append, records=records)
+    assert not any("ran earlier" in m for m in messages)

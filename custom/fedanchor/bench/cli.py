@@ -21,7 +21,7 @@ import sys
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from .noisy import NOISY_MODES, noisy_site_study, write_noisy
+from .noisy import NOISY_MODES, RECORDS, noisy_site_study, write_noisy
 from .runner import METHODS, bench_config, finite, run_bench, spread, spread_markdown, write_bench
 from .summary import scenario_summary
 
@@ -82,7 +82,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--noisy", action="store_true", help="also run the noisy-site study on the first split")
     parser.add_argument("--precision", action="store_true",
                         help="only the precision study on every split: several sites per modality, each corruption under "
-                             "precision and uniform weighting, and the federation without the bad site (precision.json)")
+                             "precision and uniform weighting, and the federation without the bad site (precision.json); "
+                             "each federation is kept as it ends, so the same command over the same --out resumes")
     parser.add_argument("--scale", action="store_true",
                         help="only the scale figures: server peak memory for 0/2/4/8/16 sites, and FLARE's cost (scale.md)")
     parser.add_argument("--job", default="jobs/motion", help="with --scale: the job run in the simulator and in process")
@@ -156,13 +157,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             return study
         return _study(out, "anchors", budget, anchors_markdown)
     if args.precision:
-        from .precision_study import precision_markdown, precision_study, precision_summary, write_splits
+        from .precision_study import precision_markdown, precision_study, precision_summary
 
         def study() -> dict:
             configs = [bench_config(args.scenario, args.quick, seed, args.trunk, _parse_set(args.set or [])) for seed in args.seeds]
             studies = precision_study(configs, modes=args.noisy_mode, anchors_corrupted=args.noisy_anchors,
-                                      workers=args.workers)
-            write_splits(studies, out)
+                                      workers=args.workers, out=out)
             return precision_summary(studies)
         return _study(out, "precision", study, lambda summary: precision_markdown(summary, command))
     if args.speed:
@@ -188,7 +188,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.noisy:
             config = bench_config(args.scenario, args.quick, args.seeds[0], args.trunk, _parse_set(args.set or []))
             study = noisy_site_study(config, modes=args.noisy_mode, anchors_corrupted=args.noisy_anchors,
-                                     workers=args.workers)
+                                     workers=args.workers, records=out / RECORDS)
             paths = write_noisy(study, out)
             print(paths["md"].read_text())
     except (ValueError, FileNotFoundError, ModuleNotFoundError, RuntimeError) as err:

@@ -19,14 +19,21 @@ Two figures per mode, each with its target:
 - **recall** = mean recall@10 over both directions, instance and semantic, under
   precision vs uniform weighting (target: precision >= uniform).
 
-``write_noisy`` writes noisy.json, noisy.md and noisy_weights.png.
+``write_noisy`` writes noisy.json, noisy.md and noisy_weights.png. Given a ``records``
+folder, each federation is saved there the moment it finishes, with a fingerprint of
+what it ran (config, corruption, weighting, package version); the same study started
+again over that folder reads those federations back instead of training them, so a
+study cut off by a time limit or a lost machine resumes where it stopped.
 """
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import math
 import multiprocessing
+import os
+import re
 import time
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ProcessPoolExecutor
@@ -37,6 +44,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from .. import __version__
 from ..config import FedAnchorConfig, config_from_dict, config_to_dict, with_overrides
 from ..data.corrupt import CORRUPTIONS
 from ..data.scenario import FederatedSplit
@@ -48,6 +56,7 @@ from .runner import json_default, mean_recall
 PRECISION = "precision"
 UNIFORM = "uniform"
 RATIO_TARGET = 0.5  # the noisy site's final weight must be at most half a clean site's
+RECORDS = "federations"  # the folder, beside noisy.json, where each finished federation of a study is kept
 CHECK_PREFIXES = ("anchor_check/", "data_check/", "information_check/", "typicality_check/", LEFT_OUT)  # the server's figures behind a site's weight
 
 
@@ -363,6 +372,42 @@ class _StudyRun:
     noisy_site: str
     anchors_corrupted: bool
     label: str
+    record: Path | None = None  # where the finished run is saved (and read back from, if it ran before)
+
+    def fingerprint(self) -> str:
+        """What decides this run's figures: a saved run counts as this one only if its fingerprint is the same."""
+        ran = {"config": config_to_dict(self.config), "mode": self.mode, "severity": self.severity,
+               "weighting": self.weighting, "noisy_site": self.noisy_site, "anchors_corrupted": self.anchors_corrupted,
+               "fedanchor": __version__}
+        return hashlib.sha256(json.dumps(ran, sort_keys=True, default=json_default).encode()).hexdigest()
+
+
+def record_name(label: str) -> str:
+    """A run's file name in the records folder, from its label."""
+    return re.sub(r"[^a-z0-9]+", "-", label.lower()).strip("-") + ".json"
+
+
+def _saved_run(job: _StudyRun) -> NoisyRun | None:
+    """The run saved at ``job.record`` by an earlier start of the same study, if it ran exactly this federation."""
+    if job.record is None or not job.record.is_file():
+        return None
+    try:
+        saved = json.loads(job.record.read_text())
+    except json.JSONDecodeError:  # cut off while being written by hand or copied; the run is simply done again
+        return None
+    if saved.get("fingerprint") != job.fingerprint():
+        return None
+    return NoisyRun.from_dict(saved["run"])
+
+
+def _save_run(job: _StudyRun, run: NoisyRun) -> None:
+    if job.record is None:
+        return
+    job.record.parent.mkdir(parents=True, exist_ok=True)
+    partial = job.record.with_suffix(".partial")
+    partial.write_text(json.dumps({"fingerprint": job.fingerprint(), "label": job.label, "run": run.as_dict()},
+                                  indent=1, default=json_default))
+    os.replace(partial, job.record)  # a run killed mid-write leaves no half file under the record's name
 
 
 def _run_study_run(job: _StudyRun) -> NoisyRun:
@@ -372,7 +417,9 @@ def _run_study_run(job: _StudyRun) -> NoisyRun:
     corruptions = {job.noisy_site: (NOISY_MODES[job.mode].corruption, job.severity)} if job.mode is not None else None
     result = run_in_process(job.config, progress=None, corruptions=corruptions, split=job.split,
                             evaluate_each_round=False, corrupt_anchors=job.anchors_corrupted)
-    return _record(result, job.mode, job.severity, job.weighting, time.perf_counter() - started)
+    run = _record(result, job.mode, job.severity, job.weighting, time.perf_counter() - started)
+    _save_run(job, run)  # in the worker: a run is kept as soon as it ends, whatever happens to the others
+    return run
 
 
 def _init_worker(threads: int) -> None:
@@ -380,28 +427,37 @@ def _init_worker(threads: int) -> None:
 
 
 def _run_all(jobs: Sequence[_StudyRun], workers: int, say: Callable[[str], None]) -> list[NoisyRun]:
-    """Every job's run, in order; with ``workers`` > 1 that many processes run them side by side (a GPU machine's
-    cores), each with this process's torch thread count."""
-    def report(job: _StudyRun, run: NoisyRun) -> NoisyRun:
+    """Every job's run, in order: read back where its record holds the same run, else trained; with ``workers`` > 1
+    that many processes train them side by side (a GPU machine's cores), each with this process's torch thread count."""
+    def report(job: _StudyRun, run: NoisyRun, saved: bool = False) -> NoisyRun:
         weights = " ".join(f"{s}:{w:.2f}" for s, w in (run.site_weights[-1] if run.site_weights else {}).items())
+        source = f"ran earlier, read from {job.record}" if saved else f"{run.seconds:.1f}s"
         say(f"== {job.label} ==\n   final weights {weights} | mean R@10 inst {_fmt(run.recall['instance'])} sem "
-            f"{_fmt(run.recall['semantic'])} ({run.seconds:.1f}s)")
+            f"{_fmt(run.recall['semantic'])} ({source})")
         return run
 
-    if workers <= 1:
-        return [report(job, _run_study_run(job)) for job in jobs]
+    saved = [_saved_run(job) for job in jobs]
+    to_run = [job for job, run in zip(jobs, saved) if run is None]
+    if len(to_run) < len(jobs):
+        say(f"   {len(jobs) - len(to_run)} of {len(jobs)} federations ran earlier (same fingerprint); "
+            f"{len(to_run)} to run")
+    if workers <= 1 or len(to_run) <= 1:
+        fresh = iter(to_run)
+        return [report(job, run, saved=True) if run is not None else report(job, _run_study_run(next(fresh)))
+                for job, run in zip(jobs, saved)]
     # spawn, not fork: a forked child would inherit this process's CUDA context and thread pools.
     context = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(max_workers=workers, mp_context=context, initializer=_init_worker,
                              initargs=(torch.get_num_threads(),)) as pool:
-        futures = [pool.submit(_run_study_run, job) for job in jobs]
-        return [report(job, future.result()) for job, future in zip(jobs, futures)]
+        futures = iter([pool.submit(_run_study_run, job) for job in to_run])
+        return [report(job, run, saved=True) if run is not None else report(job, next(futures).result())
+                for job, run in zip(jobs, saved)]
 
 
 def noisy_site_study(config: FedAnchorConfig, split: FederatedSplit | None = None, site: str | None = None,
                      modes: Sequence[str] | Mapping[str, float] | None = None,
                      say: Callable[[str], None] = print, clean_only: bool = False,
-                     anchors_corrupted: bool = False, workers: int = 1) -> NoisyStudy:
+                     anchors_corrupted: bool = False, workers: int = 1, records: Path | None = None) -> NoisyStudy:
     """Run the clean reference and, per mode, the corrupted split under precision and under uniform weighting.
 
     ``config.precision.method`` is the precision weighting (it must not be "uniform"); ``split`` defaults to
@@ -411,7 +467,8 @@ def noisy_site_study(config: FedAnchorConfig, split: FederatedSplit | None = Non
     federation under uniform weighting (the precision study's references). ``anchors_corrupted`` puts the corruption
     in the noisy site's pipeline (a broken loader, a scanner setting), so the site's copy of the public anchors passes
     through it too; a small site's anchors stay whole. ``workers`` > 1 runs the study's federations in that many
-    processes side by side; the figures are those of one process.
+    processes side by side; the figures are those of one process. ``records``: a folder where each federation is
+    saved when it ends, and from which a run with the same fingerprint is read back instead of trained again.
     """
     if config.precision.method == UNIFORM:
         raise ValueError("config.precision.method is 'uniform', so there is no precision weighting to compare; "
@@ -430,7 +487,8 @@ def noisy_site_study(config: FedAnchorConfig, split: FederatedSplit | None = Non
     def job(cfg: FedAnchorConfig, mode: str | None, weighting: str, label: str,
             run_split: FederatedSplit | None = None) -> _StudyRun:
         severity = chosen[mode].severity if mode is not None else 0.0
-        return _StudyRun(cfg, run_split or split, mode, severity, weighting, noisy, anchors_corrupted, label)
+        record = Path(records) / record_name(label) if records is not None else None
+        return _StudyRun(cfg, run_split or split, mode, severity, weighting, noisy, anchors_corrupted, label, record)
 
     say(f"== noisy-site study ({config.precision.method}); noisy site will be {noisy} ({sites[noisy]}) ==")
     jobs = [job(config, None, PRECISION, "clean reference")]

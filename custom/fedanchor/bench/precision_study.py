@@ -14,7 +14,7 @@ each corruption under both weightings. Per corruption, over the splits:
 
 And the clean check: precision minus uniform on the clean federation, against one
 split standard deviation. ``fedanchor bench --precision`` writes precision.json (the
-cases in the documented shape) and precision.md; ``write_splits`` each split's noisy.*.
+cases in the documented shape) and precision.md, each split's noisy.* under seed-N/ as the split ends.
 Splits run apart (one ``--seeds N`` process each, side by side) are summarised together by
 
     python -m fedanchor.bench.precision_study runs/prec-s0 runs/prec-s1 runs/prec-s2 --out runs/prec
@@ -31,7 +31,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from ..config import AlignmentConfig, FedAnchorConfig, with_overrides
-from .noisy import PRECISION, RATIO_TARGET, UNIFORM, NoisyStudy, noisy_site_study, write_noisy
+from .noisy import PRECISION, RATIO_TARGET, RECORDS, UNIFORM, NoisyStudy, noisy_site_study, write_noisy
 from .runner import finite
 
 RECOVERY_TARGET = 0.75
@@ -54,14 +54,21 @@ def study_config(config: FedAnchorConfig) -> FedAnchorConfig:
 
 def precision_study(configs: Sequence[FedAnchorConfig], modes: Sequence[str] | None = None,
                     say: Callable[[str], None] = print, anchors_corrupted: bool = False,
-                    workers: int = 1) -> list[NoisyStudy]:
+                    workers: int = 1, out: Path | None = None) -> list[NoisyStudy]:
     """One noisy-site study with its clean references per split (one config per split seed); ``anchors_corrupted``:
-    the bad site's copy of the anchors passes through its corruption too; ``workers``: processes per split's study."""
+    the bad site's copy of the anchors passes through its corruption too; ``workers``: processes per split's study.
+    With ``out``, each split's noisy.* goes to ``out``/seed-N/ as soon as the split ends, and each federation to
+    ``out``/seed-N/federations/ as soon as it ends: the same call over the same ``out`` resumes a cut-off study."""
     studies = []
     for config in configs:
         say(f"== precision study, split seed {config.data.seed} ==")
-        studies.append(noisy_site_study(study_config(config), modes=modes, say=say, clean_only=True,
-                                        anchors_corrupted=anchors_corrupted, workers=workers))
+        folder = Path(out) / f"seed-{config.data.seed}" if out is not None else None
+        study = noisy_site_study(study_config(config), modes=modes, say=say, clean_only=True,
+                                 anchors_corrupted=anchors_corrupted, workers=workers,
+                                 records=folder / RECORDS if folder is not None else None)
+        if folder is not None:
+            write_noisy(study, folder)
+        studies.append(study)
     return studies
 
 
@@ -149,13 +156,8 @@ def precision_markdown(summary: dict[str, Any], command: str = "") -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_splits(studies: Sequence[NoisyStudy], out: Path) -> list[Path]:
-    """Each split's noisy-site study (noisy.json, noisy.md, noisy_weights.png) under ``out``/seed-N/."""
-    return [write_noisy(study, Path(out) / f"seed-{study.config.data.seed}")["md"] for study in studies]
-
-
 def load_splits(folders: Sequence[Path]) -> list[NoisyStudy]:
-    """Every split's study under ``folders`` (each holds seed-N/noisy.json, as ``write_splits`` left it), by seed."""
+    """Every split's study under ``folders`` (each holds seed-N/noisy.json, as ``precision_study`` left it), by seed."""
     paths = sorted({p for folder in folders for p in Path(folder).glob("seed-*/noisy.json")})
     if not paths:
         raise FileNotFoundError(f"no seed-N/noisy.json under {[str(f) for f in folders]}: pass the --out folders of "
@@ -183,7 +185,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         folder = next(f for f in args.folders if (f / f"seed-{study.config.data.seed}" / "noisy.json").exists())
         if folder.resolve() != args.out.resolve():
             shutil.copytree(folder / f"seed-{study.config.data.seed}", args.out / f"seed-{study.config.data.seed}",
-                            dirs_exist_ok=True)
+                            dirs_exist_ok=True, ignore=shutil.ignore_patterns(RECORDS))
     summary = precision_summary(studies)
     (args.out / "precision.json").write_text(json.dumps(finite(summary), indent=2))
     command = "python -m fedanchor.bench.precision_study " + " ".join(str(f) for f in args.folders) + f" --out {args.out}"
