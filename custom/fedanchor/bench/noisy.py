@@ -393,11 +393,11 @@ def _saved_run(job: _StudyRun) -> NoisyRun | None:
         return None
     try:
         saved = json.loads(job.record.read_text())
-    except json.JSONDecodeError:  # cut off while being written by hand or copied; the run is simply done again
+        if saved.get("fingerprint") != job.fingerprint():
+            return None
+        return NoisyRun.from_dict(saved["run"])
+    except (json.JSONDecodeError, KeyError, TypeError, AttributeError):  # a damaged record: the run is done again
         return None
-    if saved.get("fingerprint") != job.fingerprint():
-        return None
-    return NoisyRun.from_dict(saved["run"])
 
 
 def _save_run(job: _StudyRun, run: NoisyRun) -> None:
@@ -442,8 +442,7 @@ def _run_all(jobs: Sequence[_StudyRun], workers: int, say: Callable[[str], None]
         say(f"   {len(jobs) - len(to_run)} of {len(jobs)} federations ran earlier (same fingerprint); "
             f"{len(to_run)} to run")
     if workers <= 1 or len(to_run) <= 1:
-        fresh = iter(to_run)
-        return [report(job, run, saved=True) if run is not None else report(job, _run_study_run(next(fresh)))
+        return [report(job, run, saved=True) if run is not None else report(job, _run_study_run(job))
                 for job, run in zip(jobs, saved)]
     # spawn, not fork: a forked child would inherit this process's CUDA context and thread pools.
     context = multiprocessing.get_context("spawn")
