@@ -239,7 +239,7 @@ def test_the_demo_lines_compare_with_the_anchors_only_cca_and_flag_chance():
     assert lines[-1].startswith("at or below chance: a->b semantic R@10")
 
 
-def test_bench_precision_writes_the_cases_in_the_documented_shape(tmp_path):
+def test_bench_precision_writes_the_cases_in_the_documented_shape(tmp_path, capsys):
     """`--precision`: per corruption the bad site's weight ratio (a garbage site: 0, left out, and precision scores
     what the federation without it scores), what uniform averaging lost against the federation without it, what
     precision weighting recovered, and the clean check (one split: no split sd, so null in the JSON); each split's
@@ -264,8 +264,10 @@ def test_bench_precision_writes_the_cases_in_the_documented_shape(tmp_path):
     assert "| garbage (s=1) | site-a1 |" in (tmp_path / "precision.md").read_text()
     # Each federation was kept as it ended; the same command again reads all five back and writes the same summary.
     assert len(list((tmp_path / "seed-0" / "federations").glob("*.json"))) == 5
+    capsys.readouterr()
     assert bench_cli("--scenario", "motion", "--trunk", "tiny", "--quick", "--precision", "--seeds", "0",
                      "--noisy-mode", "garbage", "--set", "train.local_steps=8", "--out", str(tmp_path)) == 0
+    assert "5 of 5 federations ran earlier" in capsys.readouterr().out
     again = json.loads((tmp_path / "precision.json").read_text())
     assert again["cases"] == summary["cases"] and again["clean"] == summary["clean"]
 
