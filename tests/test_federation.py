@@ -14,6 +14,7 @@ from fedanchor.config import config_from_dict, with_overrides
 from fedanchor.federation import (ContributionRejected, FederatedServer, GlobalState, RoundFailed, SiteTrainer, SiteUpdate,
                                   make_split, run_in_process)
 from fedanchor.federation.messages import CONSENSUS_KEY, adapter_key, is_core_or_magnitude
+from fedanchor.federation.server import SILENCED_BELOW
 from fedanchor.federation.state import core_params, projector_params, shared_tensors
 from fedanchor.model.homogeneous import build_model
 
@@ -840,6 +841,31 @@ def test_the_checks_leave_out_bad_sites_the_worst_first_and_judge_the_rest_witho
             torch.testing.assert_close(merged.tensors[key].double(), expected[key], rtol=1e-5, atol=1e-6)
         with pytest.raises(RoundFailed, match=r"left out every site that contributed \(\['far'\]"):
             run_round(server, state, [sent[3]])  # alone in a round, still judged against the reports it is kept with
+    finally:
+        server.typicality_reports, server.typicality_factors, server.silenced, server.information_factors = {}, {}, {}, {}
+
+
+def test_a_site_whose_peers_are_too_few_to_judge_again_keeps_its_verdict(setup):
+    """Three accel sites: a1 clean but its two views share nothing (the information check's worst case), "far"
+    reporting items far more energetic than its peers and the anchors. a1 is left out first; a2 and "far" are then
+    too few to be judged again, and a check that cannot judge has not cleared anyone: "far" keeps the typicality
+    verdict it had beside a1 and is left out too, and a2 keeps its say. (Before, the clean site silenced by one check
+    freed the bad site another check had found.)"""
+    config, _, server, _, state, updates = setup
+    accel, gyro = (without_codebook(next(u for u in updates.values() if u.modality == m)) for m in ("accel", "gyro"))
+    batch = min(config.train.batch_size, accel.n_samples)
+    blind = math.log(2 * batch - 1) + 1.0  # a two-view loss above chance: no information
+    a1 = variant(accel, state, "a1", move=1.0)
+    sent = [dataclasses.replace(a1, metrics={**a1.metrics, "loss/private": blind}),
+            variant(accel, state, "a2", move=1.4), far_off(variant(accel, state, "far", move=1.8), 6.0), gyro]
+    server.information_factors, server.typicality_reports = {}, {}
+    try:
+        assert server.holds_round()
+        run_round(server, state, sent)
+        assert list(server.silenced) == ["a1", "far"], server.silenced
+        assert server.silenced["far"]["typicality_check/factor"] < SILENCED_BELOW, server.silenced
+        assert server.report.site_weights["far"] == 0.0 == server.report.site_weights["a1"]
+        assert server.report.site_weights["a2"] > 0
     finally:
         server.typicality_reports, server.typicality_factors, server.silenced, server.information_factors = {}, {}, {}, {}
 

@@ -11,7 +11,7 @@ import logging
 import math
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Collection, Mapping
+from typing import Any, Collection, Mapping
 
 import numpy as np
 import torch
@@ -129,6 +129,11 @@ LEFT_OUT = "checks/left_out"  # the site metric (1) that says the checks left a 
 
 def _unit_mean(precision: torch.Tensor) -> torch.Tensor:
     return precision / precision.mean().clamp_min(1e-300)
+
+
+# What each check says of a site: its factor, then the figures behind it that the round report shows.
+_VERDICTS = (("anchor_factors",), ("data_factors",), ("information_factors",),
+             ("typicality_factors", "typicality_z", "typicality_z_by_statistic"))
 
 
 def _judged(factors: Mapping[str, float], modality_of: Mapping[str, str], least: int) -> dict[str, float]:
@@ -596,13 +601,19 @@ class FederatedServer:
         weigh every site against the peers of its modality. A site one check leaves under SILENCED_BELOW of its say is
         silenced, the worst first and one at a time, and the others are weighed again without it: its numbers no
         longer set its peers' median and spread. Every check needs anchor_check_min_sites sites, so each judged
-        modality keeps at least that many less one."""
+        modality keeps at least that many less one; a site a check had already left under SILENCED_BELOW keeps that
+        verdict when its peers are now too few to judge it again, since a check that cannot judge has not cleared it
+        (else a clean peer silenced first by one check would free a bad site another check had found)."""
         self._measure_anchor_check()
         self._measure_data_check()
         self._measure_information()
         self.silenced = {}
+        earlier: dict[str, dict] | None = None
         while True:
             self._weigh_sites(exclude=self.silenced)
+            if earlier is not None:
+                self._keep_verdicts_of_the_unjudged(earlier)
+            earlier = {name: dict(getattr(self, name)) for check in _VERDICTS for name in check}
             checks = (self.anchor_factors, self.data_factors, self.information_factors, self.typicality_factors)
             factors = {s: min(c.get(s, 1.0) for c in checks) for s in sorted(set().union(*checks)) if s not in self.silenced}
             worst = min(factors, key=factors.get, default=None)
@@ -610,6 +621,18 @@ class FederatedServer:
                 break
             self.silenced[worst] = self._factor_metrics(worst)
         self._log_checks()
+
+    def _keep_verdicts_of_the_unjudged(self, earlier: Mapping[str, Mapping[str, Any]]) -> None:
+        """Put back each check's verdict of the pass before on a site it left under SILENCED_BELOW and could not judge
+        again (its modality fell under anchor_check_min_sites once a peer was silenced). A milder verdict is not kept:
+        it was read beside the silenced peer, whose numbers may have set it."""
+        for factors, *figures in _VERDICTS:
+            now = getattr(self, factors)
+            for site, factor in earlier[factors].items():
+                if factor < SILENCED_BELOW and site not in now and site not in self.silenced:
+                    now[site] = factor
+                    for name in figures:
+                        getattr(self, name)[site] = earlier[name][site]
 
     def _weigh_sites(self, exclude: Collection[str] = ()) -> None:
         """Every check's factors over the sites not in ``exclude``: the anchor and information checks from this round's
