@@ -35,7 +35,7 @@ import multiprocessing
 import os
 import re
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -441,16 +441,18 @@ def _run_all(jobs: Sequence[_StudyRun], workers: int, say: Callable[[str], None]
     if len(to_run) < len(jobs):
         say(f"   {len(jobs) - len(to_run)} of {len(jobs)} federations ran earlier (same fingerprint); "
             f"{len(to_run)} to run")
-    if workers <= 1 or len(to_run) <= 1:
-        return [report(job, run, saved=True) if run is not None else report(job, _run_study_run(job))
+    def in_order(fresh: Iterator[NoisyRun]) -> list[NoisyRun]:
+        return [report(job, run, saved=True) if run is not None else report(job, next(fresh))
                 for job, run in zip(jobs, saved)]
+
+    if workers <= 1 or len(to_run) <= 1:
+        return in_order(_run_study_run(job) for job in to_run)
     # spawn, not fork: a forked child would inherit this process's CUDA context and thread pools.
     context = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(max_workers=workers, mp_context=context, initializer=_init_worker,
                              initargs=(torch.get_num_threads(),)) as pool:
-        futures = iter([pool.submit(_run_study_run, job) for job in to_run])
-        return [report(job, run, saved=True) if run is not None else report(job, next(futures).result())
-                for job, run in zip(jobs, saved)]
+        futures = [pool.submit(_run_study_run, job) for job in to_run]
+        return in_order(future.result() for future in futures)
 
 
 def noisy_site_study(config: FedAnchorConfig, split: FederatedSplit | None = None, site: str | None = None,

@@ -614,7 +614,7 @@ class FederatedServer:
             if earlier is not None:
                 self._keep_verdicts_of_the_unjudged(earlier)
             earlier = {name: dict(getattr(self, name)) for check in _VERDICTS for name in check}
-            checks = (self.anchor_factors, self.data_factors, self.information_factors, self.typicality_factors)
+            checks = [getattr(self, name) for name, *_ in _VERDICTS]
             factors = {s: min(c.get(s, 1.0) for c in checks) for s in sorted(set().union(*checks)) if s not in self.silenced}
             worst = min(factors, key=factors.get, default=None)
             if worst is None or factors[worst] >= SILENCED_BELOW:
