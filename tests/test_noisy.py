@@ -281,3 +281,19 @@ def test_a_cut_off_study_resumes_from_the_federations_it_kept(tmp_path, one_thre
     messages.clear()
     noisy_site_study(other_config, modes=["garbage"], say=messages.append, records=records)
     assert not any("ran earlier" in m for m in messages)
+
+
+def test_worker_processes_start_the_bad_sites_precision_runs_first():
+    """A study cut off by a machine's time limit should have finished the runs it exists for: the bad site's precision
+    runs start first, its uniform runs next, the clean references last; each group keeps the study's order."""
+    from fedanchor.bench.noisy import _StudyRun
+
+    def run(mode: str | None, weighting: str) -> _StudyRun:
+        return _StudyRun(config=None, split=None, mode=mode, severity=1.0, weighting=weighting, noisy_site="accel-1",
+                         anchors_corrupted=False, label=f"{mode} {weighting}")
+
+    study = [run(None, "precision"), run(None, "uniform"), run("blur", "precision"), run("blur", "uniform"),
+             run("garbage", "precision"), run("garbage", "uniform")]
+    started = [job.label for job in sorted(study, key=_StudyRun.start_rank)]
+    assert started == ["blur precision", "garbage precision", "blur uniform", "garbage uniform",
+                       "None precision", "None uniform"]
