@@ -120,7 +120,8 @@ def _run(weighting: str, weights: dict[str, float], instance: float, semantic: f
                     site_weights=[weights], site_uncertainty=[{}], rejected=[{}], metrics=metrics, seconds=1.0)
 
 
-def _study(seed: int, precision: float, uniform: float, clean_only: float, bad_weight: float):
+def _study(seed: int, precision: float, uniform: float, clean_only: float, bad_weight: float,
+           uniform_semantic: float = 0.8):
     from fedanchor.bench.noisy import NoisyStudy
     from fedanchor.config import with_overrides
 
@@ -131,7 +132,7 @@ def _study(seed: int, precision: float, uniform: float, clean_only: float, bad_w
     return NoisyStudy(scenario="motion", config=config, noisy_site="p1", modality="a", sites=sites,
                       reference=_run("precision", clean, 0.9 + seed / 100, 0.8), modes=dict(resolve_modes(["garbage"])),
                       runs={"garbage": {"precision": _run("precision", bad, precision, 0.8),
-                                        "uniform": _run("uniform", clean, uniform, 0.8)}},
+                                        "uniform": _run("uniform", clean, uniform, uniform_semantic)}},
                       clean_only=_run("precision", {"p2": 0.3, "p3": 0.3, "z1": 0.4}, clean_only, 0.8),
                       reference_uniform=_run("uniform", clean, 0.9, 0.8))
 
@@ -145,12 +146,39 @@ def test_precision_summary_reports_ratio_hurt_and_recovery_from_the_split_means(
     assert case["corruption"] == "garbage" and case["bad_site"] == "p1" and case["splits"] == 2
     assert case["weight_ratio"] == pytest.approx((0.1 + 0.3) / 2)  # bad / mean clean peer (0.3) per split, then mean
     assert case["uniform_hurt_instance"] == pytest.approx(0.15) and case["uniform_hurt_semantic"] == pytest.approx(0.0)
+    assert case["uniform_hurt_per_split"]["instance"] == pytest.approx([0.2, 0.1])
     assert case["recovery_instance"] == pytest.approx(0.1 / 0.15)
     assert case["recovery_semantic"] != case["recovery_semantic"]  # nan: nothing was lost, so nothing to recover
     assert case["targets_met"] == {"weight_ratio": True, "recovery": False, "uniform_hurt": False}
     clean = summary["clean"]["instance"]
     assert clean["difference"] == pytest.approx(0.005) and clean["split_sd"] == pytest.approx(0.00707, abs=1e-4)
     assert clean["within_one_sd"] is True
+
+
+@pytest.mark.parametrize("per_split, hurt", [
+    ([0.2, 0.1], True),  # mean 0.15, standard error 0.05
+    ([0.06, -0.002, -0.002], False),  # one split's loss, the others' noise: mean 0.019, standard error 0.021
+    ([0.01, 0.01, 0.01], True),  # small, but the same on every split
+    ([0.05], False),  # one split: no spread to weigh it against
+    ([-0.1, -0.2], False),
+    ([0.1, float("nan")], False),
+])
+def test_uniform_is_measurably_hurt_only_beyond_the_splits_spread(per_split, hurt):
+    from fedanchor.bench.precision_study import measurably_hurt
+
+    assert measurably_hurt(per_split) is hurt
+
+
+def test_a_recovery_counts_only_where_uniform_is_measurably_hurt():
+    from fedanchor.bench.precision_study import precision_summary
+
+    # one split loses 0.2 under uniform and precision wins it back; the other two gain a little: no measurable loss
+    summary = precision_summary([_study(seed, 0.8, uniform, 0.8, 0.0, uniform_semantic=uniform)
+                                 for seed, uniform in enumerate((0.6, 0.81, 0.82))])
+    case, = summary["cases"]
+    assert case["uniform_hurt_instance"] > 0 and case["uniform_hurt_semantic"] > 0
+    assert case["recovery_instance"] >= 0.75 and case["recovery_semantic"] >= 0.75
+    assert case["targets_met"] == {"weight_ratio": True, "recovery": False, "uniform_hurt": False}
 
 
 def test_precision_study_needs_a_study():

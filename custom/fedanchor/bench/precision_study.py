@@ -8,9 +8,10 @@ each corruption under both weightings. Per corruption, over the splits:
 - ``weight_ratio``: the bad site's final weight / the mean final weight of the clean
   sites of its modality, under precision weighting (target <= 0.5);
 - ``uniform_hurt_*``: clean only minus uniform (mean R@10): what a bad site costs
-  FedAvg; a case where it is not positive proves nothing about recovery;
+  FedAvg; measurably hurt when, at both levels, the mean over splits exceeds twice its
+  standard error (at least 2 splits): a case where it does not proves nothing about recovery;
 - ``recovery_*``: (precision - uniform) / (clean only - uniform), from the split means
-  (target >= 0.75).
+  (target >= 0.75, counted as met only where uniform is measurably hurt).
 
 And the clean check: precision minus uniform on the clean federation, against one
 split standard deviation. ``fedanchor bench --precision`` writes precision.json (the
@@ -37,6 +38,8 @@ from .runner import finite
 RECOVERY_TARGET = 0.75
 DEFAULT_READOUT_BLOCKS = AlignmentConfig().readout_blocks
 LEVELS = ("instance", "semantic")
+# A loss smaller than twice its standard error over splits is the splits' spread, not the bad site's doing.
+HURT_STANDARD_ERRORS = 2.0
 # Several sites per modality, so that a bad site has clean peers to be weighed against.
 STUDY_SITES: dict[str, dict[str, str]] = {
     "digits": {**{f"hospital-p{i}": "pixels" for i in range(1, 5)}, **{f"hospital-z{i}": "zernike" for i in range(1, 5)}},
@@ -77,6 +80,16 @@ def _mean(values: Sequence[float]) -> float:
     return float(np.mean(finite)) if finite else math.nan
 
 
+def measurably_hurt(per_split: Sequence[float]) -> bool:
+    """Whether uniform averaging's losses against clean only, one per split, add up to more than the splits' spread:
+    their mean is positive and over HURT_STANDARD_ERRORS standard errors (needs two splits or more)."""
+    losses = [x for x in per_split if not math.isnan(x)]
+    if len(losses) < 2:
+        return False
+    mean = float(np.mean(losses))
+    return mean > 0 and mean > HURT_STANDARD_ERRORS * float(np.std(losses, ddof=1)) / math.sqrt(len(losses))
+
+
 def precision_summary(studies: Sequence[NoisyStudy]) -> dict[str, Any]:
     """The cases (one per corruption, means over splits) and the clean check, as precision.json holds them."""
     if not studies:
@@ -87,6 +100,9 @@ def precision_summary(studies: Sequence[NoisyStudy]) -> dict[str, Any]:
         recall = {w: {lvl: _mean([f["mean_recall@10"][w][lvl] for f in figures]) for lvl in LEVELS} for w in (PRECISION, UNIFORM)}
         clean = {lvl: _mean([s.clean_only.recall[lvl] for s in studies]) for lvl in LEVELS}
         hurt = {lvl: clean[lvl] - recall[UNIFORM][lvl] for lvl in LEVELS}
+        hurt_per_split = {lvl: [s.clean_only.recall[lvl] - f["mean_recall@10"][UNIFORM][lvl]
+                                for s, f in zip(studies, figures)] for lvl in LEVELS}
+        hurt_measured = all(measurably_hurt(hurt_per_split[lvl]) for lvl in LEVELS)
         recovery = {lvl: (recall[PRECISION][lvl] - recall[UNIFORM][lvl]) / hurt[lvl] if hurt[lvl] > 0 else math.nan
                     for lvl in LEVELS}
         ratio = _mean([f["weight_ratio_final"] for f in figures])
@@ -98,10 +114,11 @@ def precision_summary(studies: Sequence[NoisyStudy]) -> dict[str, Any]:
             "weight_ratio": ratio, "weight_ratio_per_split": [f["weight_ratio_final"] for f in figures],
             "recovery_instance": recovery["instance"], "recovery_semantic": recovery["semantic"],
             "uniform_hurt_instance": hurt["instance"], "uniform_hurt_semantic": hurt["semantic"],
+            "uniform_hurt_per_split": hurt_per_split,
             "recall_precision": recall[PRECISION], "recall_uniform": recall[UNIFORM], "recall_clean_only": clean,
             "targets_met": {"weight_ratio": bool(ratio <= RATIO_TARGET),
-                            "recovery": bool(all(recovery[lvl] >= RECOVERY_TARGET for lvl in LEVELS)),
-                            "uniform_hurt": bool(all(hurt[lvl] > 0 for lvl in LEVELS))},
+                            "recovery": bool(hurt_measured and all(recovery[lvl] >= RECOVERY_TARGET for lvl in LEVELS)),
+                            "uniform_hurt": bool(hurt_measured)},
             "splits": len(studies),
         })
     clean_check = {}
@@ -136,7 +153,8 @@ def precision_markdown(summary: dict[str, Any], command: str = "") -> str:
               f"`precision.method={summary['method']}` against uniform; {summary['rounds']} rounds x "
               f"{summary['local_steps']} local steps, trunk {summary['trunk']}; splits {summary['seeds']}. Recall: mean R@10 "
               f"over both directions. Targets: weight ratio <= {RATIO_TARGET}, recovery >= {RECOVERY_TARGET}, and "
-              "uniform averaging measurably hurt (else the case proves nothing)."
+              f"uniform averaging measurably hurt (its mean loss over {HURT_STANDARD_ERRORS:g} standard errors over "
+              "splits at both levels; else the case proves nothing)."
               + (" The bad site's corruption sat in its pipeline: its copy of the public anchors was corrupted too."
                  if any(c.get("anchors_corrupted") for c in summary["cases"]) else "")
               + _readout_sentence(summary["cases"])), "",
