@@ -608,6 +608,33 @@ def test_the_information_check_weighs_sites_by_what_their_views_share_and_the_me
     server.information_factors = {}
 
 
+@pytest.mark.parametrize("kind, spec, judged", [
+    ("signal", {}, True), ("image", {"shape": (8, 8)}, True), ("text", {"shape": ()}, False),
+    ("codes", {"shape": (), "vocab": ("a", "b")}, False), ("vector", {"shape": (8,)}, False)])
+def test_the_information_check_judges_only_kinds_whose_views_move_an_item(setup, kind, spec, judged):
+    """The same three sites, a3's views sharing 0.3 of the median's nats, read as each kind: a shifted image or a
+    rolled signal leaves random items' views nothing in common, so a3 keeps 0.6 of its say; a text, codes or vector
+    view keeps most of an item in place (random reports' views share more than real ones'), so nobody is judged."""
+    config, _, server, _, state, updates = setup
+    accel, gyro = (without_codebook(next(u for u in updates.values() if u.modality == m)) for m in ("accel", "gyro"))
+    sent = [sharing(config, accel, state, "a1", 1.0, move=1.0), sharing(config, accel, state, "a2", 1.2, move=1.4),
+            sharing(config, accel, state, "a3", 0.3, move=1.8), gyro]
+    # what a site measures of its items depends on their kind: the typicality check (off here) reads no statistics
+    sent = [dataclasses.replace(u, metrics={k: v for k, v in u.metrics.items() if not k.startswith("typicality/")})
+            for u in sent]
+    modalities = server.modalities
+    server.modalities = {**modalities, "accel": dataclasses.replace(modalities["accel"], kind=kind, **spec)}
+    server.config = with_overrides(config, {"precision.typicality_check": False})  # it reads items of the true kind
+    server.information_factors = {}
+    try:
+        run_round(server, state, sent)
+    finally:
+        server.modalities, server.config = modalities, config
+    assert ("information_check/nats" in server.report.site_metrics["a3"]) is judged
+    assert server.information_factors.get("a3", 1.0) == pytest.approx(0.6 if judged else 1.0)
+    server.information_factors = {}
+
+
 @pytest.mark.parametrize("reading", ["received", "training"])
 def test_the_information_check_reads_the_loss_its_reading_names(setup, reading):
     """Sites report two private losses: the received model's (loss/private_received) and the round's mean

@@ -28,8 +28,8 @@ from ..data.scenario import ModalityData, ModalitySpec
 from ..evaluation import cross_modal_metrics
 from ..model.base_features import base_features_and_coherence
 from ..model.homogeneous import HomogeneousTransformer, build_model, take_items
-from ..precision import (PrecisionWeightedMerge, data_distance, information_factors, peer_factors, sample_weight,
-                         view_information)
+from ..precision import (INFORMATION_CHECK_KINDS, PrecisionWeightedMerge, data_distance, information_factors,
+                         peer_factors, sample_weight, view_information)
 from ..typicality import Summary, anchor_summary, statistics_of, typicality_factors
 from ..adapters.refresh import augment_basis, refresh_phase, truncate
 from .messages import (CODEBOOK_PREFIX, CONSENSUS_KEY, READOUT_PREFIX, TARGET_PREFIX, WIRE_STATISTICS, GlobalState, SiteUpdate,
@@ -772,11 +772,13 @@ class FederatedServer:
         """From the private losses the round's held updates report: how much each site's two views share
         (precision.view_information), weighed against the median of its modality (precision.information_factors) in
         this very round (holds_round). A site that sent no private loss (under DP), whose batches hold fewer than 2
-        items, or alone with fewer than anchor_check_min_sites sites of its modality, is not judged and keeps its say."""
+        items, alone with fewer than anchor_check_min_sites sites of its modality, or of a kind whose views keep an item
+        in place (text, codes, vectors: INFORMATION_CHECK_KINDS), is not judged and keeps its say."""
         if not self.information_check_enabled():  # the round may be held for the typicality check alone
             return
         reading = self.information_metric()
-        reported = [u for u in self._held if reading in u.metrics and u.n_samples >= 2]
+        reported = [u for u in self._held if reading in u.metrics and u.n_samples >= 2
+                    and self.modalities[u.modality].kind in INFORMATION_CHECK_KINDS]
         sites_of = Counter(u.modality for u in reported)
         for update in reported:
             if sites_of[update.modality] >= self.config.precision.anchor_check_min_sites:
