@@ -101,8 +101,8 @@ class PrecisionConfig:
     # modality's median (at most 1), in the same round: the server holds the round's updates to its end (their bytes
     # up, per site) and folds them there. A site under half its say when the codebook is built adds no centres to it.
     # Random or noise-drowned items teach the model nothing, so their site's loss stays near chance whatever the
-    # number of local steps. Needs anchor_check_min_sites sites of the modality; nothing under DP (the loss is not
-    # released).
+    # number of local steps. Needs anchor_check_min_sites sites of the modality; judges images and signals only (a
+    # text, codes or vector view keeps a random item matchable); nothing under DP (the loss is not released).
     information_check: bool = True
     # The server's typicality check (typicality.py): each site sends, once it holds alignment.codebook_min_cluster
     # private items or more, the mean and spread over its items of statistics of its raw data measured against its
