@@ -270,7 +270,10 @@ def test_a_study_run_by_worker_processes_has_the_figures_of_one_process(one_thre
     config = bench_config("motion", quick=True, trunk="tiny", overrides={"data.sites": SITES, "train.local_steps": 4,
                                                                          "alignment.readout_repeats": 1})
     alone = noisy_site_study(config, modes=["garbage"], say=lambda _m: None, clean_only=True)
-    side_by_side = noisy_site_study(config, modes=["garbage"], say=lambda _m: None, clean_only=True, workers=2)
+    messages: list[str] = []
+    side_by_side = noisy_site_study(config, modes=["garbage"], say=messages.append, clean_only=True, workers=2)
+    ended = [m for m in messages if "] ended: " in m]  # each end is said as it comes, the report follows in order
+    assert len(ended) == 5 and ended[-1].startswith("   [5/5] ended: ")
     pairs = [(alone.reference, side_by_side.reference), (alone.clean_only, side_by_side.clean_only),
              (alone.reference_uniform, side_by_side.reference_uniform),
              *((alone.runs["garbage"][w], side_by_side.runs["garbage"][w]) for w in ("precision", "uniform"))]

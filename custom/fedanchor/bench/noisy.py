@@ -36,7 +36,7 @@ import os
 import re
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -457,6 +457,11 @@ def _run_all(jobs: Sequence[_StudyRun], workers: int, say: Callable[[str], None]
     with ProcessPoolExecutor(max_workers=workers, mp_context=context, initializer=_init_worker,
                              initargs=(torch.get_num_threads(),)) as pool:
         futures = {id(job): pool.submit(_run_study_run, job) for job in sorted(to_run, key=_StudyRun.start_rank)}
+        # The full report follows the study's order, which ends on the runs started last: say each end as it comes.
+        label_of = {futures[id(job)]: job.label for job in to_run}
+        for ended, future in enumerate(as_completed(label_of), 1):
+            took = f" ({future.result().seconds:.0f}s)" if future.exception() is None else ", failed"
+            say(f"   [{ended}/{len(to_run)}] ended: {label_of[future]}{took}")
         return in_order(futures[id(job)].result() for job in to_run)
 
 
