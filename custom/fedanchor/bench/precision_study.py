@@ -87,7 +87,7 @@ def measurably_hurt(per_split: Sequence[float]) -> bool:
     if len(losses) < 2:
         return False
     mean = float(np.mean(losses))
-    return mean > 0 and mean > HURT_STANDARD_ERRORS * float(np.std(losses, ddof=1)) / math.sqrt(len(losses))
+    return mean > HURT_STANDARD_ERRORS * float(np.std(losses, ddof=1)) / math.sqrt(len(losses))  # so also > 0
 
 
 def precision_summary(studies: Sequence[NoisyStudy]) -> dict[str, Any]:
