@@ -14,7 +14,7 @@ from fedanchor.config import config_from_dict, with_overrides
 from fedanchor.federation import (ContributionRejected, FederatedServer, GlobalState, RoundFailed, SiteTrainer, SiteUpdate,
                                   make_split, run_in_process)
 from fedanchor.federation.messages import CONSENSUS_KEY, adapter_key, is_core_or_magnitude
-from fedanchor.federation.server import SILENCED_BELOW
+from fedanchor.federation.server import SILENCED_BELOW, VOUCHED
 from fedanchor.federation.state import core_params, projector_params, shared_tensors
 from fedanchor.model.homogeneous import build_model
 
@@ -517,6 +517,10 @@ def test_in_process_loop_reports_every_round():
     ({"train": {"local_steps": 2}, "precision": {"window": 8}}, "raise local_steps"),
     ({"precision": {"information_reading": "first_step"}}, "information_reading='first_step' is unknown; use 'received'"),
     ({"precision": {"information_draws": 0}}, "information_draws=0 must be at least 1"),
+    ({"precision": {"vouched_sites": "site-1"}}, r"'precision.vouched_sites' is a list; got 'site-1': write e.g. \['site-1'\]"),
+    ({"precision": {"vouched_sites": ["a", "a"]}}, "name each site once"),
+    ({"data": {"sites": {"a": "accel", "b": "gyro"}}, "precision": {"vouched_sites": ["c"]}},
+     r"names \['c'\], not sites of data.sites \(a, b\)"),
 ])
 def test_config_errors_name_the_key_and_the_fix(values, match):
     with pytest.raises(ValueError, match=match):
@@ -806,6 +810,8 @@ def test_a_silenced_site_leaves_the_federation_it_would_be_without_it_to_the_las
     ({"typicality_check/factor": 0.002, "typicality_check/z": 8.2}, "a:0.50 (typicality check 0.002) b:0.50"),
     ({"typicality_check/factor": 0.002, "information_check/factor": 0.5, "checks/left_out": 1.0},
      "a:0.50 (left out: information check 0.5, typicality check 0.002) b:0.50"),
+    ({"typicality_check/factor": 0.002, "checks/vouched": 1.0}, "a:0.50 (vouched for: typicality check 0.002) b:0.50"),
+    ({"typicality_check/factor": 1.0, "checks/vouched": 1.0}, "a:0.50 b:0.50"),
 ])
 def test_the_round_line_says_which_check_took_say_from_a_site(metrics, shown):
     from fedanchor.federation.loop import RoundRecord, format_round
@@ -870,6 +876,36 @@ def test_the_checks_leave_out_bad_sites_the_worst_first_and_judge_the_rest_witho
             run_round(server, state, [sent[3]])  # alone in a round, still judged against the reports it is kept with
     finally:
         server.typicality_reports, server.typicality_factors, server.silenced, server.information_factors = {}, {}, {}, {}
+
+
+def test_a_site_vouched_for_keeps_its_say_and_the_report_shows_what_the_checks_read(setup):
+    """Three clean accel sites and one reporting items far more energetic than its peers (a known other scanner),
+    which the consortium vouches for (precision.vouched_sites). The typicality check reads it as far off as ever and
+    the round report says so, but it is not left out and keeps its whole say: the merge is that of every site, as the
+    design's coefficients say with its factor 1. Without the voucher the same round leaves it out."""
+    config, _, server, _, state, updates = setup
+    accel, gyro = (without_codebook(next(u for u in updates.values() if u.modality == m)) for m in ("accel", "gyro"))
+    clean = [variant(accel, state, f"a{i}", move=1.0 + 0.2 * i) for i in range(1, 4)]
+    sent = [*clean, far_off(variant(accel, state, "far", move=1.9), 6.0), gyro]
+    server.information_factors, server.typicality_reports = {}, {}
+    try:
+        run_round(server, state, sent)
+        assert list(server.silenced) == ["far"], "the voucher, not the data, must be what keeps the site in"
+        server.config = with_overrides(config, {"precision.vouched_sites": ["far"]})
+        server.typicality_reports, server.silenced = {}, {}
+        merged = run_round(server, state, sent)
+        assert server.silenced == {} and server.check_factor("far") == 1.0
+        assert server.typicality_factors["far"] < SILENCED_BELOW, server.typicality_factors
+        shown = server.report.site_metrics["far"]
+        assert shown[VOUCHED] == 1.0 and shown["typicality_check/factor"] < SILENCED_BELOW, shown
+        factors = {u.site: server.check_factor(u.site) for u in sent}
+        expected = weighted_cores(sent, merge_coefficients(sent, config.precision.sample_exponent, factors))
+        for key in [k for k in state.tensors if is_core_or_magnitude(k)]:
+            torch.testing.assert_close(merged.tensors[key].double(), expected[key], rtol=1e-5, atol=1e-6)
+        assert server.report.site_weights["far"] > 0
+    finally:
+        server.config, server.typicality_reports, server.typicality_factors, server.silenced = config, {}, {}, {}
+        server.information_factors = {}
 
 
 def test_a_site_whose_peers_are_too_few_to_judge_again_keeps_its_verdict(setup):

@@ -17,7 +17,7 @@ from ..data.pack import AnchorPack, bundled_pack, load_pack
 from ..data.scenario import FederatedSplit, ModalityData
 from ..model.homogeneous import build_model
 from .messages import GlobalState
-from .server import LEFT_OUT, ContributionRejected, FederatedServer
+from .server import LEFT_OUT, VOUCHED, ContributionRejected, FederatedServer
 from .progress import local_step_bar
 from .site import SiteTrainer
 
@@ -165,11 +165,13 @@ CHECK_FACTORS = {"anchor_check/factor": "anchor check", "data_check/factor": "da
 
 def _checked(metrics: Mapping[str, float]) -> str:
     """Why a site weighs less than its share: the checks that took say from it this round, e.g. " (data check 0.02)",
-    or left it out, e.g. " (left out: typicality check 0.001)"."""
+    or left it out, e.g. " (left out: typicality check 0.001)"; for a site vouched for, what the checks read though
+    it keeps its say, e.g. " (vouched for: data check 0.02)"."""
     taken = [f"{name} {metrics[key]:.2g}" for key, name in CHECK_FACTORS.items() if metrics.get(key, 1.0) < 1.0]
     if not taken:
         return ""
-    return f" ({'left out: ' if metrics.get(LEFT_OUT) else ''}{', '.join(taken)})"
+    verdict = "left out: " if metrics.get(LEFT_OUT) else "vouched for: " if metrics.get(VOUCHED) else ""
+    return f" ({verdict}{', '.join(taken)})"
 
 
 def format_round(record: RoundRecord) -> str:

@@ -125,6 +125,7 @@ DATA_CHECK_SPREAD_FLOOR = 0.1
 # check, not the product of all: two mild doubts about a clean site do not add up to a verdict.
 SILENCED_BELOW = math.exp(-2.0)
 LEFT_OUT = "checks/left_out"  # the site metric (1) that says the checks left a site out of the round
+VOUCHED = "checks/vouched"  # the site metric (1) that says the site keeps its say whatever the checks read (precision.vouched_sites)
 
 
 def _unit_mean(precision: torch.Tensor) -> torch.Tensor:
@@ -559,7 +560,10 @@ class FederatedServer:
 
     # -- the checks that weigh sites against their peers ---------------------------
     def check_factor(self, site: str) -> float:
-        """What the anchor, data, information and typicality checks leave of a site's say (1: all of it)."""
+        """What the anchor, data, information and typicality checks leave of a site's say (1: all of it, and always for a
+        site the consortium vouches for)."""
+        if site in self.config.precision.vouched_sites:
+            return 1.0
         return max(FACTOR_FLOOR, self.anchor_factors.get(site, 1.0) * self.data_factors.get(site, 1.0)
                    * self.information_factors.get(site, 1.0) * self.typicality_factors.get(site, 1.0))
 
@@ -568,7 +572,7 @@ class FederatedServer:
         site, those that left it out, and LEFT_OUT = 1."""
         if site in self.silenced:
             return {**self.silenced[site], LEFT_OUT: 1.0}
-        out = {}
+        out = {VOUCHED: 1.0} if site in self.config.precision.vouched_sites else {}
         if self.anchor_check_enabled():
             out["anchor_check/factor"] = self.anchor_factors.get(site, 1.0)
         if site in self.data_distances:
@@ -603,7 +607,8 @@ class FederatedServer:
         longer set its peers' median and spread. Every check needs anchor_check_min_sites sites, so each judged
         modality keeps at least that many less one; a site a check had already left under SILENCED_BELOW keeps that
         verdict when its peers are now too few to judge it again, since a check that cannot judge has not cleared it
-        (else a clean peer silenced first by one check would free a bad site another check had found)."""
+        (else a clean peer silenced first by one check would free a bad site another check had found). A site in
+        precision.vouched_sites is measured and judged like any other, but never silenced."""
         self._measure_anchor_check()
         self._measure_data_check()
         self._measure_information()
@@ -615,7 +620,8 @@ class FederatedServer:
                 self._keep_verdicts_of_the_unjudged(earlier)
             earlier = {name: dict(getattr(self, name)) for check in _VERDICTS for name in check}
             checks = [getattr(self, name) for name, *_ in _VERDICTS]
-            factors = {s: min(c.get(s, 1.0) for c in checks) for s in sorted(set().union(*checks)) if s not in self.silenced}
+            factors = {s: min(c.get(s, 1.0) for c in checks) for s in sorted(set().union(*checks))
+                       if s not in self.silenced and s not in self.config.precision.vouched_sites}
             worst = min(factors, key=factors.get, default=None)
             if worst is None or factors[worst] >= SILENCED_BELOW:
                 break
@@ -671,6 +677,11 @@ class FederatedServer:
             log.info("round %d typicality check: how far each site's data lie from its peers' and the anchors' (robust "
                      "z) %s -> factors %s", round_, {s: round(z, 2) for s, z in self.typicality_z.items()},
                      {s: round(f, 3) for s, f in self.typicality_factors.items()})
+        for site in self.config.precision.vouched_sites:
+            doubts = {k: round(v, 3) for k, v in self._factor_metrics(site).items() if k.endswith("/factor") and v < 1.0}
+            if doubts:
+                log.info("round %d: site %r keeps its whole say, vouched for by precision.vouched_sites, though the "
+                         "checks read %s", round_, site, doubts)
         for site, figures in self.silenced.items():
             log.warning("round %d: site %r is left out of the round, its update not merged: a check left it under %.3f "
                         "of its say (%s); its peers were judged again without it", round_, site, SILENCED_BELOW,
@@ -836,7 +847,7 @@ class FederatedServer:
         judged = {"data check": self.data_factors, "information check": self.information_factors,
                   "typicality check": self.typicality_factors}
         reasons = {s: [check for check, factors in judged.items() if factors.get(s, 1.0) < CODEBOOK_FACTOR_FLOOR]
-                   for parts in self._codebook_parts.values() for s in parts}
+                   for parts in self._codebook_parts.values() for s in parts if s not in self.config.precision.vouched_sites}
         left_out = sorted(s for s, checks in reasons.items() if checks)
         if left_out:
             log.info("round %d: the codebook leaves out the centroids of %s (%s: their data far from their peers', or "
