@@ -517,7 +517,7 @@ def test_in_process_loop_reports_every_round():
     ({"train": {"local_steps": 2}, "precision": {"window": 8}}, "raise local_steps"),
     ({"precision": {"information_reading": "first_step"}}, "information_reading='first_step' is unknown; use 'received'"),
     ({"precision": {"information_draws": 0}}, "information_draws=0 must be at least 1"),
-    ({"precision": {"vouched_sites": "site-1"}}, r"'precision.vouched_sites' is a list; got 'site-1': write e.g. \['site-1'\]"),
+    ({"precision": {"vouched_sites": "site-1"}}, r"'precision.vouched_sites' is a list; got 'site-1': write e.g. \[\"site-1\"\]"),
     ({"precision": {"vouched_sites": ["a", "a"]}}, "name each site once"),
     ({"data": {"sites": {"a": "accel", "b": "gyro"}}, "precision": {"vouched_sites": ["c"]}},
      r"names \['c'\], not sites of data.sites \(a, b\)"),

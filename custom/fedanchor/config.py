@@ -7,6 +7,7 @@ or a value that is out of range fails in one place with a message that names it.
 from __future__ import annotations
 
 import dataclasses
+import json
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
 
@@ -294,7 +295,7 @@ def _build(cls: type, values: Mapping[str, Any], path: str) -> Any:
             kwargs[name] = _build(type(default), value, path=f"{path}{name}.")
         elif isinstance(default, tuple):
             if isinstance(value, str) or not isinstance(value, Sequence):
-                raise ValueError(f"config key {path + name!r} is a list; got {value!r}: write e.g. [{value!r}]")
+                raise ValueError(f"config key {path + name!r} is a list; got {value!r}: write e.g. {json.dumps([value])}")
             kwargs[name] = tuple(value)
         else:
             kwargs[name] = value
