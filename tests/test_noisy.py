@@ -92,6 +92,23 @@ def test_noisy_study_on_motion_writes_weights_for_every_site_and_round(tmp_path,
     assert_png_drawn(paths["png"], (6.0, 4.2))  # one mode: one panel
 
 
+def test_the_federation_without_the_bad_site_drops_its_voucher_and_keeps_the_others():
+    """A study of a site the consortium vouches for (precision.vouched_sites) still builds its clean-only federation:
+    the voucher of the site left out goes with it, a voucher of another site stays."""
+    from fedanchor.bench.noisy import without_site
+    from fedanchor.config import with_overrides
+    from fedanchor.federation.loop import make_split
+
+    config = bench_config("motion", quick=True, trunk="tiny", overrides={"data.sites": SITES})
+    config = with_overrides(config, {"precision.vouched_sites": ["accel-1", "gyro-2"]})
+    rest = make_split(config).without("accel-1")
+    with pytest.raises(ValueError, match=r"names \['accel-1'\], not sites of data.sites"):
+        with_overrides(config, {"data.sites": rest.site_modality})
+    clean_only = without_site(config, rest, "accel-1")
+    assert clean_only.data.sites == {"accel-2": "accel", "gyro-1": "gyro", "gyro-2": "gyro"}
+    assert clean_only.precision.vouched_sites == ("gyro-2",)
+
+
 def test_a_study_needs_a_modality_with_two_sites():
     with pytest.raises(ValueError, match="set data.sites so that some modality has two sites"):
         pick_noisy_site({"site-1": "accel", "site-2": "gyro"})

@@ -465,6 +465,13 @@ def _run_all(jobs: Sequence[_StudyRun], workers: int, say: Callable[[str], None]
         return in_order(futures[id(job)].result() for job in to_run)
 
 
+def without_site(config: FedAnchorConfig, rest: FederatedSplit, site: str) -> FedAnchorConfig:
+    """``config`` for the federation of ``rest``, the split without ``site``: its sites, and no voucher for a site that
+    is not there."""
+    return with_overrides(config, {"data.sites": rest.site_modality, "precision.vouched_sites":
+                                   [s for s in config.precision.vouched_sites if s != site]})
+
+
 def noisy_site_study(config: FedAnchorConfig, split: FederatedSplit | None = None, site: str | None = None,
                      modes: Sequence[str] | Mapping[str, float] | None = None,
                      say: Callable[[str], None] = print, clean_only: bool = False,
@@ -506,8 +513,8 @@ def noisy_site_study(config: FedAnchorConfig, split: FederatedSplit | None = Non
     if clean_only:
         rest = split.without(noisy)
         jobs += [job(uniform_config, None, UNIFORM, "clean, uniform weighting"),
-                 job(with_overrides(config, {"data.sites": rest.site_modality}), None, PRECISION,
-                     f"clean only: the federation without {noisy}", rest)]
+                 job(without_site(config, rest, noisy), None, PRECISION, f"clean only: the federation without {noisy}",
+                     rest)]
     jobs += [job(cfg, mode, weighting, f"{mode} (severity {spec.severity:g}) on {noisy}, {weighting} weighting")
              for mode, spec in chosen.items() for weighting, cfg in ((PRECISION, config), (UNIFORM, uniform_config))]
     done = iter(_run_all(jobs, workers, say))
