@@ -345,3 +345,15 @@ def test_worker_processes_start_the_bad_sites_precision_runs_first():
     started = [job.label for job in sorted(study, key=_StudyRun.start_rank)]
     assert started == ["blur precision", "garbage precision", "blur uniform", "garbage uniform",
                        "None precision", "None uniform"]
+
+
+@pytest.mark.parametrize("checks, shown", [
+    ({}, "- / - / - / -"),
+    ({"data_check/factor": 0.0123, "typicality_check/factor": 1.0}, "- / 0.012 / - / 1"),
+    ({"typicality_check/factor": 2e-9, "checks/left_out": 1.0}, "- / - / - / 2e-09 (left out)"),
+    ({"typicality_check/factor": 2e-9, "checks/vouched": 1.0}, "- / - / - / 2e-09 (vouched for)"),
+])
+def test_the_study_table_says_what_each_check_read_and_whether_the_site_was_left_out_or_vouched_for(checks, shown):
+    from fedanchor.bench.noisy import _factors
+
+    assert _factors(checks) == shown

@@ -50,14 +50,14 @@ from ..data.corrupt import CORRUPTIONS
 from ..data.scenario import FederatedSplit
 from ..plots import save_figure
 from ..federation.loop import CHECK_FACTORS, RunResult, make_split, run_in_process
-from ..federation.server import LEFT_OUT
+from ..federation.server import LEFT_OUT, VOUCHED
 from .runner import json_default, mean_recall
 
 PRECISION = "precision"
 UNIFORM = "uniform"
 RATIO_TARGET = 0.5  # the noisy site's final weight must be at most half a clean site's
 RECORDS = "federations"  # the folder, beside noisy.json, where each finished federation of a study is kept
-CHECK_PREFIXES = ("anchor_check/", "data_check/", "information_check/", "typicality_check/", LEFT_OUT)  # the server's figures behind a site's weight
+CHECK_PREFIXES = ("anchor_check/", "data_check/", "information_check/", "typicality_check/", LEFT_OUT, VOUCHED)  # the server's figures behind a site's weight
 
 
 @dataclass(frozen=True)
@@ -288,7 +288,7 @@ class NoisyStudy:
 
 def _factors(checks: Mapping[str, float]) -> str:
     shown = " / ".join(f"{checks[k]:.2g}" if k in checks else "-" for k in CHECK_FACTORS)
-    return f"{shown} (left out)" if checks.get(LEFT_OUT) else shown
+    return f"{shown} (left out)" if checks.get(LEFT_OUT) else f"{shown} (vouched for)" if checks.get(VOUCHED) else shown
 
 
 def _fmt(x: float) -> str:
