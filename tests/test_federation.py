@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 
 import numpy as np
@@ -878,7 +879,7 @@ def test_the_checks_leave_out_bad_sites_the_worst_first_and_judge_the_rest_witho
         server.typicality_reports, server.typicality_factors, server.silenced, server.information_factors = {}, {}, {}, {}
 
 
-def test_a_site_vouched_for_keeps_its_say_and_the_report_shows_what_the_checks_read(setup):
+def test_a_site_vouched_for_keeps_its_say_and_the_report_shows_what_the_checks_read(setup, caplog):
     """Three clean accel sites and one reporting items far more energetic than its peers (a known other scanner),
     which the consortium vouches for (precision.vouched_sites). The typicality check reads it as far off as ever and
     the round report says so, but it is not left out and keeps its whole say: the merge is that of every site, as the
@@ -891,9 +892,12 @@ def test_a_site_vouched_for_keeps_its_say_and_the_report_shows_what_the_checks_r
     try:
         run_round(server, state, sent)
         assert list(server.silenced) == ["far"], "the voucher, not the data, must be what keeps the site in"
-        server.config = with_overrides(config, {"precision.vouched_sites": ["far"]})
+        server.config = with_overrides(config, {"precision.vouched_sites": ["far", "farr"]})
         server.typicality_reports, server.silenced = {}, {}
-        merged = run_round(server, state, sent)
+        with caplog.at_level(logging.WARNING, logger="fedanchor"):
+            merged = run_round(server, state, sent)
+        assert "precision.vouched_sites names 'farr', which sent no accepted update" in caplog.text
+        assert "names 'far'," not in caplog.text
         assert server.silenced == {} and server.check_factor("far") == 1.0
         assert server.typicality_factors["far"] < SILENCED_BELOW, server.typicality_factors
         shown = server.report.site_metrics["far"]

@@ -678,6 +678,11 @@ class FederatedServer:
                      "z) %s -> factors %s", round_, {s: round(z, 2) for s, z in self.typicality_z.items()},
                      {s: round(f, 3) for s, f in self.typicality_factors.items()})
         for site in self.config.precision.vouched_sites:
+            if site not in self.report.accepted:
+                log.warning("round %d: precision.vouched_sites names %r, which sent no accepted update this round (heard "
+                            "from: %s); if the name is misspelt, the voucher does nothing", round_, site,
+                            ", ".join(self.report.accepted))
+                continue
             doubts = {k: round(v, 3) for k, v in self._factor_metrics(site).items() if k.endswith("/factor") and v < 1.0}
             if doubts:
                 log.info("round %d: site %r keeps its whole say, vouched for by precision.vouched_sites, though the "
